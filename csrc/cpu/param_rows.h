@@ -1,0 +1,69 @@
+// Per-call parameter handling for the CPU kernels:
+//  - EffectiveParam: the weight (plus weight_offset) or bias as one contiguous row of the
+//    accumulation type, built once per call so the per-row hot loops read a single dtype
+//    and the Gemma-style offset is added in fp32, never in bf16.
+//  - RowChunks / sum_partials: parameter gradients reduced without atomics. Rows are split
+//    into a fixed number of contiguous chunks (one per thread); each chunk accumulates its
+//    own fp32 partial row and the partial rows are then added in chunk order, so the result
+//    is bitwise reproducible for a given thread count.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace rmsnorm_ext::cpu {
+
+template <typename A>
+class EffectiveParam {
+ public:
+  template <typename W>
+  EffectiveParam(const W* w, int64_t N, double offset) {
+    if (w == nullptr) return;
+    if constexpr (std::is_same_v<W, A>) {
+      if (offset == 0.0) {  // already the right type: use it in place
+        ptr_ = w;
+        return;
+      }
+    }
+    storage_.resize(static_cast<size_t>(N));
+    const A off = static_cast<A>(offset);
+    for (int64_t j = 0; j < N; ++j) storage_[j] = off + static_cast<A>(w[j]);
+    ptr_ = storage_.data();
+  }
+  EffectiveParam(const EffectiveParam&) = delete;
+  EffectiveParam& operator=(const EffectiveParam&) = delete;
+
+  const A* get() const { return ptr_; }
+
+ private:
+  const A* ptr_ = nullptr;
+  std::vector<A> storage_;
+};
+
+struct RowChunks {
+  int64_t M;
+  int64_t count;
+  explicit RowChunks(int64_t rows)
+      : M(rows), count(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows))) {}
+  int64_t begin(int64_t c) const { return c * M / count; }
+  int64_t end(int64_t c) const { return (c + 1) * M / count; }
+};
+
+// out[j] = sum over chunks c (in order) of partials[c * stride + j], cast to W.
+template <typename A, typename W>
+void sum_partials(const A* partials, int64_t chunks, int64_t stride, int64_t N, W* out) {
+  at::parallel_for(0, N, 2048, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      A s = partials[j];
+      for (int64_t c = 1; c < chunks; ++c) s += partials[c * stride + j];
+      out[j] = static_cast<W>(s);
+    }
+  });
+}
+
+}  // namespace rmsnorm_ext::cpu

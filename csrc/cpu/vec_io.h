@@ -1,0 +1,94 @@
+// Vectorized row I/O for the CPU kernels.
+//
+// Every kernel walks a row in "steps" of two accumulator vectors (2 x 16 floats with
+// AVX-512, 2 x 8 with AVX2): one step of a bfloat16/float16 row is exactly one
+// Vectorized<T>, so loads convert to fp32 with a single instruction sequence and the
+// two halves double as two independent accumulators. The last, partial step goes
+// through a small zero-padded stack buffer so it is vectorized too and never reads
+// or writes past the row.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstring>
+#include <type_traits>
+
+namespace rmsnorm_ext::cpu {
+
+using at::vec::Vectorized;
+
+// Accumulation type: fp32, or fp64 for fp64 data.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+template <typename T>
+struct RowIO {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  static constexpr int64_t kLanes = V::size();
+  static constexpr int64_t kStep = 2 * kLanes;
+  static_assert(std::is_same_v<T, A> || Vectorized<T>::size() == kStep,
+                "a reduced-precision vector must hold two fp32 vectors");
+
+  static inline void load(const T* p, V& a, V& b) {
+    if constexpr (std::is_same_v<T, A>) {
+      a = V::loadu(p);
+      b = V::loadu(p + kLanes);
+    } else {
+      at::vec::load_to_float<T>(p, a, b);
+    }
+  }
+
+  static inline void store(T* p, const V& a, const V& b) {
+    if constexpr (std::is_same_v<T, A>) {
+      a.store(p);
+      b.store(p + kLanes);
+    } else {
+      at::vec::convert_from_float<T>(a, b).store(p);
+    }
+  }
+
+  // n < kStep elements; the missing lanes read as zero.
+  static inline void load_tail(const T* p, int64_t n, V& a, V& b) {
+    alignas(64) T buf[kStep];
+    std::memset(static_cast<void*>(buf), 0, sizeof(buf));
+    std::memcpy(static_cast<void*>(buf), p, n * sizeof(T));
+    load(buf, a, b);
+  }
+
+  static inline void store_tail(T* p, int64_t n, const V& a, const V& b) {
+    alignas(64) T buf[kStep];
+    store(buf, a, b);
+    std::memcpy(static_cast<void*>(p), buf, n * sizeof(T));
+  }
+};
+
+// Zero the lanes at and past n (n < kStep) of a step (a, b): used where a padded lane
+// would not be zero after arithmetic, e.g. (x - mean) in LayerNorm's variance.
+template <typename A>
+inline void zero_tail(Vectorized<A>& a, Vectorized<A>& b, int64_t n) {
+  constexpr int64_t L = Vectorized<A>::size();
+  const Vectorized<A> z(A(0));
+  if (n < L) {
+    a = Vectorized<A>::set(z, a, n);
+    b = z;
+  } else {
+    b = Vectorized<A>::set(z, b, n - L);
+  }
+}
+
+template <typename A>
+inline A reduce_add(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v);
+}
+
+}  // namespace rmsnorm_ext::cpu

@@ -1,0 +1,98 @@
+// Op schemas for the rmsnorm_ext library, and the Python module `_C` that loads them.
+//
+// The schemas live here, in C++, so the ops exist as soon as `_C` is imported; the
+// CPU kernels register in csrc/cpu/, the CUDA kernels in csrc/cuda/, and the Python
+// package adds fake (meta) kernels and autograd on top.
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#ifdef RMSNORM_EXT_WITH_CUDA
+namespace rmsnorm_ext {
+std::string cuda_build_info();  // csrc/cuda/build_info.cu
+}
+#endif
+
+#ifndef RMSNORM_EXT_CPU_ISA
+#define RMSNORM_EXT_CPU_ISA "default"
+#endif
+
+TORCH_LIBRARY(rmsnorm_ext, m) {
+  // RMSNorm: y = x * rstd * (weight_offset + weight), rstd = 1 / sqrt(mean(x^2) + eps).
+  // Returns (y, rstd); rstd has the input's leading (non-normalized) shape.
+  m.def(
+      "rms_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, float eps, "
+      "float weight_offset) -> (Tensor, Tensor)");
+  // Returns (grad_input, grad_weight). grad_residual, when given, is added to
+  // grad_input (the gradient that reaches a fused residual sum from its own output).
+  // grad_weight is an empty tensor when compute_weight_grad is false or there is no weight.
+  m.def(
+      "rms_norm_bwd(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight, "
+      "int[] normalized_shape, float weight_offset, Tensor? grad_residual, "
+      "bool compute_weight_grad) -> (Tensor, Tensor)");
+  // LayerNorm: y = (x - mean) * rstd * weight + bias. Returns (y, mean, rstd).
+  m.def(
+      "layer_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "float eps) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_input, grad_weight, grad_bias); the parameter gradients are empty
+  // tensors when not requested.
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
+      "int[] normalized_shape, bool compute_weight_grad, bool compute_bias_grad) "
+      "-> (Tensor, Tensor, Tensor)");
+  // h = input + residual (in residual's dtype), y = rms_norm(h) (in input's dtype).
+  // Returns (y, h, rstd). residual may be float32 while input is bfloat16/float16.
+  m.def(
+      "fused_add_rms_norm_fwd(Tensor input, Tensor residual, int[] normalized_shape, "
+      "Tensor? weight, float eps, float weight_offset) -> (Tensor, Tensor, Tensor)");
+  // In-place inference variant: residual <- input + residual, input <- rms_norm(residual).
+  m.def(
+      "fused_add_rms_norm_inplace(Tensor(a!) input, Tensor(b!) residual, int[] normalized_shape, "
+      "Tensor? weight, float eps, float weight_offset) -> ()");
+}
+
+namespace {
+
+// What this binary was really built with (not what setup.py meant to build).
+PyObject* build_info(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (!d) return nullptr;
+  auto put = [&](const char* k, PyObject* v) {
+    PyDict_SetItemString(d, k, v);
+    Py_DECREF(v);
+  };
+  put("torch_version", PyUnicode_FromString(TORCH_VERSION));
+#if defined(__clang__)
+  put("compiler", PyUnicode_FromString("clang " __clang_version__));
+#elif defined(__GNUC__)
+  put("compiler", PyUnicode_FromString("gcc " __VERSION__));
+#else
+  put("compiler", PyUnicode_FromString("unknown"));
+#endif
+#ifdef _OPENMP
+  put("openmp", PyLong_FromLong(_OPENMP));
+#else
+  put("openmp", Py_NewRef(Py_None));
+#endif
+  put("cpu_isa", PyUnicode_FromString(RMSNORM_EXT_CPU_ISA));
+#ifdef RMSNORM_EXT_WITH_CUDA
+  put("cuda", Py_NewRef(Py_True));
+  put("cuda_info", PyUnicode_FromString(rmsnorm_ext::cuda_build_info().c_str()));
+#else
+  put("cuda", Py_NewRef(Py_False));
+  put("cuda_info", PyUnicode_FromString(""));
+#endif
+  return d;
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "Facts about how this extension was compiled."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,62 @@
+"""Loads the compiled extension `_C`, turning the usual failures into instructions.
+
+Must run before any torch.library call of this package: the op schemas are defined in
+C++ (csrc/ops.cpp) and exist only once `_C` is loaded.
+"""
+import os
+import re
+
+import torch
+
+_REBUILD = ("rebuild it against the torch you run with: "
+            "pip install --no-build-isolation -e . (from the rmsnorm_ext checkout)")
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^flags\s*:(.*)$", f.read(), re.M)
+        return set(m.group(1).split()) if m else None
+    except OSError:
+        return None
+
+
+def _check_cpu_isa():
+    """Refuse to load a build whose vector ISA this CPU lacks (it would die of SIGILL)."""
+    try:
+        from ._build_config import CPU_ISA
+    except ImportError:
+        return
+    need = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+            "avx2": {"avx2", "fma", "f16c"}}.get(CPU_ISA)
+    flags = _cpu_flags()
+    if need and flags is not None and not need <= flags:
+        raise ImportError(
+            f"rmsnorm_ext was built for {CPU_ISA.upper()} but this CPU lacks "
+            f"{sorted(need - flags)}; rebuild here, or build a portable one with "
+            f"RMSNORM_EXT_CPU_ISA=avx2 (or default) pip install --no-build-isolation -e .")
+
+
+def load():
+    _check_cpu_isa()
+    try:
+        from . import _C
+    except ImportError as e:
+        msg = str(e)
+        if "undefined symbol" in msg or "cannot open shared object" in msg or "GLIBCXX" in msg:
+            raise ImportError(
+                f"rmsnorm_ext._C does not load against torch {torch.__version__} "
+                f"(it was probably built against a different torch): {msg}\n"
+                f"Fix: {_REBUILD}") from e
+        if "_C" in msg:
+            raise ImportError(
+                f"rmsnorm_ext._C is missing: the C++ extension was not built ({msg}).\n"
+                f"Fix: {_REBUILD}") from e
+        raise
+    built = _C.build_info()["torch_version"]
+    running = torch.__version__.split("+")[0]
+    if built.split("+")[0] != running and not os.environ.get("RMSNORM_EXT_SKIP_VERSION_CHECK"):
+        raise ImportError(
+            f"rmsnorm_ext._C was built against torch {built} but torch {running} is running; "
+            f"{_REBUILD}")
+    return _C

@@ -1,0 +1,82 @@
+"""Public functions: same signatures, defaults and semantics as torch.nn.functional.
+
+Kept thin on purpose (small-shape calls are dominated by host overhead): each function
+normalizes its arguments and calls one op; all checks and math happen in C++.
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.rmsnorm_ext
+_rms_fwd = _ops.rms_norm_fwd.default
+_ln_fwd = _ops.layer_norm_fwd.default
+_fused_fwd = _ops.fused_add_rms_norm_fwd.default
+_fused_inplace = _ops.fused_add_rms_norm_inplace.default
+
+_ShapeT = Union[int, Sequence[int], torch.Size]
+
+
+def _shape(normalized_shape):
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    return list(normalized_shape)
+
+
+def _eps(input, eps):
+    if eps is not None:
+        return float(eps)
+    if not input.is_floating_point():
+        raise TypeError("rmsnorm_ext: input must be float32, float64, bfloat16 or float16, "
+                        f"got {input.dtype}")
+    return torch.finfo(input.dtype).eps
+
+
+def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
+             eps: Optional[float] = None, *, weight_offset: float = 0.0) -> Tensor:
+    """RMSNorm over the trailing ``normalized_shape`` dims, like ``F.rms_norm``.
+
+    ``y = x / sqrt(mean(x**2) + eps) * (weight_offset + weight)``; ``eps=None`` uses
+    ``torch.finfo(input.dtype).eps``. ``weight_offset=1.0`` gives Gemma's ``1 + w``
+    (added in fp32). Statistics accumulate in fp32 (fp64 for fp64).
+    """
+    return _rms_fwd(input, _shape(normalized_shape), weight, _eps(input, eps),
+                    float(weight_offset))[0]
+
+
+def layer_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the trailing ``normalized_shape`` dims, like ``F.layer_norm``."""
+    return _ln_fwd(input, _shape(normalized_shape), weight, bias, float(eps))[0]
+
+
+def fused_add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeT,
+                       weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
+                       weight_offset: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """``residual_out = input + residual``; ``output = rms_norm(residual_out)``, in one pass.
+
+    Returns ``(output, residual_out)``. ``residual`` may be float32 while ``input`` is
+    bfloat16/float16 (an fp32 residual stream): ``residual_out`` keeps the residual's
+    dtype, ``output`` the input's. Differentiable w.r.t. input, residual and weight.
+    """
+    y, h, _ = _fused_fwd(input, residual, _shape(normalized_shape), weight, _eps(input, eps),
+                         float(weight_offset))
+    return y, h
+
+
+def fused_add_rms_norm_(input: Tensor, residual: Tensor, normalized_shape: _ShapeT,
+                        weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
+                        weight_offset: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """In-place inference variant: ``residual += input``; ``input = rms_norm(residual)``.
+
+    Returns ``(input, residual)``, both modified in place. Not differentiable: use
+    :func:`fused_add_rms_norm` for training.
+    """
+    if torch.is_grad_enabled() and (input.requires_grad or residual.requires_grad or (
+            weight is not None and weight.requires_grad)):
+        raise RuntimeError(
+            "rmsnorm_ext: fused_add_rms_norm_ is in-place and not differentiable; call it "
+            "under torch.no_grad()/torch.inference_mode(), or use fused_add_rms_norm")
+    _fused_inplace(input, residual, _shape(normalized_shape), weight, _eps(input, eps),
+                   float(weight_offset))
+    return input, residual
