@@ -57,9 +57,11 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _Shape
 
     Returns ``(output, residual_out)``. ``residual`` may be float32 while ``input`` is
     bfloat16/float16 (an fp32 residual stream): ``residual_out`` keeps the residual's
-    dtype, ``output`` the input's. Differentiable w.r.t. input, residual and weight.
+    dtype, ``output`` the input's. ``eps=None`` means ``torch.finfo(residual.dtype).eps``,
+    the dtype of the tensor being normalized, so the result equals
+    ``F.rms_norm(input + residual, ...)``. Differentiable w.r.t. input, residual and weight.
     """
-    y, h, _ = _fused_fwd(input, residual, _shape(normalized_shape), weight, _eps(input, eps),
+    y, h, _ = _fused_fwd(input, residual, _shape(normalized_shape), weight, _eps(residual, eps),
                          float(weight_offset))
     return y, h
 
@@ -77,6 +79,6 @@ def fused_add_rms_norm_(input: Tensor, residual: Tensor, normalized_shape: _Shap
         raise RuntimeError(
             "rmsnorm_ext: fused_add_rms_norm_ is in-place and not differentiable; call it "
             "under torch.no_grad()/torch.inference_mode(), or use fused_add_rms_norm")
-    _fused_inplace(input, residual, _shape(normalized_shape), weight, _eps(input, eps),
+    _fused_inplace(input, residual, _shape(normalized_shape), weight, _eps(residual, eps),
                    float(weight_offset))
     return input, residual

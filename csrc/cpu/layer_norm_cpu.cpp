@@ -24,17 +24,14 @@ inline int64_t padded(int64_t N) {
   return (N + S - 1) / S * S;
 }
 
-// Loads step j of a row; n < kStep means the zero-padded tail.
 template <typename T, typename V>
 inline void load_step(const T* p, int64_t j, int64_t n, V& a, V& b) {
-  if (n == RowIO<T>::kStep) RowIO<T>::load(p + j, a, b);
-  else RowIO<T>::load_tail(p + j, n, a, b);
+  RowIO<T>::load_n(p + j, n, a, b);
 }
 
 template <typename T, typename V>
 inline void store_step(T* p, int64_t j, int64_t n, const V& a, const V& b) {
-  if (n == RowIO<T>::kStep) RowIO<T>::store(p + j, a, b);
-  else RowIO<T>::store_tail(p + j, n, a, b);
+  RowIO<T>::store_n(p + j, n, a, b);
 }
 
 template <typename T>
@@ -47,26 +44,24 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
   at::parallel_for(0, M, row_grain(N), [&](int64_t rb, int64_t re) {
     for (int64_t i = rb; i < re; ++i) {
       const T* xr = x + i * N;
-      V a, b, s0(0), s1(0);
-      for (int64_t j = 0; j < N; j += S) {
-        load_step(xr, j, std::min(S, N - j), a, b);
-        s0 = s0 + a;
-        s1 = s1 + b;
-      }
-      const A mean = reduce_add(s0 + s1) / static_cast<A>(N);
+      V a, b;
+      const auto ts = blocked_row_sum<2, V>(N, S, [&](int64_t j, int64_t n, auto& p) {
+        load_step(xr, j, n, a, b);
+        p[0] = p[0] + a;
+        p[1] = p[1] + b;
+      });
+      const A mean = reduce_add(ts[0] + ts[1]) / static_cast<A>(N);
       const V vm(mean);
-      s0 = V(0);
-      s1 = V(0);
-      for (int64_t j = 0; j < N; j += S) {
-        const int64_t n = std::min(S, N - j);
+      const auto tv = blocked_row_sum<2, V>(N, S, [&](int64_t j, int64_t n, auto& p) {
         load_step(xr, j, n, a, b);
         a = a - vm;
         b = b - vm;
         if (n < S) zero_tail(a, b, n);
-        s0 = at::vec::fmadd(a, a, s0);
-        s1 = at::vec::fmadd(b, b, s1);
-      }
-      const A rstd = A(1) / std::sqrt(reduce_add(s0 + s1) / static_cast<A>(N) + static_cast<A>(eps));
+        p[0] = at::vec::fmadd(a, a, p[0]);
+        p[1] = at::vec::fmadd(b, b, p[1]);
+      });
+      const A rstd =
+          A(1) / std::sqrt(reduce_add(tv[0] + tv[1]) / static_cast<A>(N) + static_cast<A>(eps));
       mean_out[i] = mean;
       rstd_out[i] = rstd;
       const V vr(rstd);
@@ -107,10 +102,9 @@ void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* 
     const T* dyr = dy + i * N;
     const T* xr = x + i * N;
     const V vm(mean[i]), vr(rstd[i]);
-    V ga, gb, xa, xb, wa, wb, sg0(0), sg1(0), sgx0(0), sgx1(0);
+    V ga, gb, xa, xb, wa, wb;
     // Padded tail lanes: dy = 0 there, so g = 0 and every product below is 0.
-    for (int64_t j = 0; j < N; j += S) {
-      const int64_t n = std::min(S, N - j);
+    const auto t = blocked_row_sum<4, V>(N, S, [&](int64_t j, int64_t n, auto& p) {
       load_step(dyr, j, n, ga, gb);
       load_step(xr, j, n, xa, xb);
       if (w) {
@@ -118,13 +112,13 @@ void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* 
         ga = ga * wa;
         gb = gb * wb;
       }
-      sg0 = sg0 + ga;
-      sg1 = sg1 + gb;
-      sgx0 = at::vec::fmadd(ga, (xa - vm) * vr, sgx0);
-      sgx1 = at::vec::fmadd(gb, (xb - vm) * vr, sgx1);
-    }
+      p[0] = p[0] + ga;
+      p[1] = p[1] + gb;
+      p[2] = at::vec::fmadd(ga, (xa - vm) * vr, p[2]);
+      p[3] = at::vec::fmadd(gb, (xb - vm) * vr, p[3]);
+    });
     const A inv_n = A(1) / static_cast<A>(N);
-    const V c1(reduce_add(sg0 + sg1) * inv_n), c2(reduce_add(sgx0 + sgx1) * inv_n);
+    const V c1(reduce_add(t[0] + t[1]) * inv_n), c2(reduce_add(t[2] + t[3]) * inv_n);
     for (int64_t j = 0; j < N; j += S) {
       const int64_t n = std::min(S, N - j);
       load_step(dyr, j, n, ga, gb);

@@ -24,19 +24,13 @@ template <typename T>
 acc_t<T> row_sumsq(const T* x, int64_t N) {
   using IO = RowIO<T>;
   using V = typename IO::V;
-  V s0(0), s1(0), a, b;
-  int64_t j = 0;
-  for (; j + IO::kStep <= N; j += IO::kStep) {
-    IO::load(x + j, a, b);
-    s0 = at::vec::fmadd(a, a, s0);
-    s1 = at::vec::fmadd(b, b, s1);
-  }
-  if (j < N) {
-    IO::load_tail(x + j, N - j, a, b);
-    s0 = at::vec::fmadd(a, a, s0);
-    s1 = at::vec::fmadd(b, b, s1);
-  }
-  return reduce_add(s0 + s1);
+  const auto t = blocked_row_sum<2, V>(N, IO::kStep, [&](int64_t j, int64_t n, auto& p) {
+    V a, b;
+    IO::load_n(x + j, n, a, b);
+    p[0] = at::vec::fmadd(a, a, p[0]);
+    p[1] = at::vec::fmadd(b, b, p[1]);
+  });
+  return reduce_add(t[0] + t[1]);
 }
 
 template <typename A>
@@ -108,27 +102,18 @@ void fused_add_rows(const T* x, const R* r, R* h, T* y, acc_t<T>* rstd, const ac
       const T* xr = x + i * N;
       const R* rr = r + i * N;
       R* hr = h + i * N;
-      V xa, xb, ra, rb, s0(0), s1(0);
-      int64_t j = 0;
       // Sum of squares of h as stored (rounded to R), so the fused result equals the
       // unfused add-then-normalize exactly.
-      for (; j + XIO::kStep <= N; j += XIO::kStep) {
-        XIO::load(xr + j, xa, xb);
-        HIO::load(rr + j, ra, rb);
-        HIO::store(hr + j, xa + ra, xb + rb);
-        HIO::load(hr + j, ra, rb);
-        s0 = at::vec::fmadd(ra, ra, s0);
-        s1 = at::vec::fmadd(rb, rb, s1);
-      }
-      if (j < N) {
-        XIO::load_tail(xr + j, N - j, xa, xb);
-        HIO::load_tail(rr + j, N - j, ra, rb);
-        HIO::store_tail(hr + j, N - j, xa + ra, xb + rb);
-        HIO::load_tail(hr + j, N - j, ra, rb);
-        s0 = at::vec::fmadd(ra, ra, s0);
-        s1 = at::vec::fmadd(rb, rb, s1);
-      }
-      const A rs = rstd_from(reduce_add(s0 + s1), N, eps);
+      const auto t = blocked_row_sum<2, V>(N, XIO::kStep, [&](int64_t j, int64_t n, auto& p) {
+        V xa, xb, ra, rb;
+        XIO::load_n(xr + j, n, xa, xb);
+        HIO::load_n(rr + j, n, ra, rb);
+        HIO::store_n(hr + j, n, xa + ra, xb + rb);
+        HIO::load_n(hr + j, n, ra, rb);
+        p[0] = at::vec::fmadd(ra, ra, p[0]);
+        p[1] = at::vec::fmadd(rb, rb, p[1]);
+      });
+      const A rs = rstd_from(reduce_add(t[0] + t[1]), N, eps);
       rstd[i] = rs;
       row_scale(static_cast<const R*>(hr), w, rs, N, y + i * N);
     }
@@ -152,28 +137,22 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
     const G* dyr = dy + i * N;
     const X* xr = x + i * N;
     const A r = rstd[i];
-    V ga, gb, xa, xb, wa, wb, s0(0), s1(0);
-    auto load_g = [&](int64_t j, int64_t n) {  // g = dy * w, n < S: tail
-      if (n == S) {
-        GIO::load(dyr + j, ga, gb);
-        XIO::load(xr + j, xa, xb);
-        if (w) AIO::load(w + j, wa, wb);
-      } else {
-        GIO::load_tail(dyr + j, n, ga, gb);
-        XIO::load_tail(xr + j, n, xa, xb);
-        if (w) AIO::load_tail(w + j, n, wa, wb);
-      }
+    V ga, gb, xa, xb, wa, wb;
+    auto load_g = [&](int64_t j, int64_t n) {  // dy, x and w of one step (n < S: tail)
+      GIO::load_n(dyr + j, n, ga, gb);
+      XIO::load_n(xr + j, n, xa, xb);
+      if (w) AIO::load_n(w + j, n, wa, wb);
     };
-    for (int64_t j = 0; j < N; j += S) {
-      load_g(j, std::min(S, N - j));
+    const auto t = blocked_row_sum<2, V>(N, S, [&](int64_t j, int64_t n, auto& p) {
+      load_g(j, n);
       if (w) {
         ga = ga * wa;
         gb = gb * wb;
       }
-      s0 = at::vec::fmadd(ga, xa, s0);
-      s1 = at::vec::fmadd(gb, xb, s1);
-    }
-    const A k = r * r * r * reduce_add(s0 + s1) / static_cast<A>(N);
+      p[0] = at::vec::fmadd(ga, xa, p[0]);
+      p[1] = at::vec::fmadd(gb, xb, p[1]);
+    });
+    const A k = r * r * r * reduce_add(t[0] + t[1]) / static_cast<A>(N);
     const V vr(r), vk(k);
     for (int64_t j = 0; j < N; j += S) {
       const int64_t n = std::min(S, N - j);
@@ -193,13 +172,11 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
       V db = gb * vr - xb * vk;
       if (gres) {
         V ra, rb;
-        if (n == S) XIO::load(gres + i * N + j, ra, rb);
-        else XIO::load_tail(gres + i * N + j, n, ra, rb);
+        XIO::load_n(gres + i * N + j, n, ra, rb);
         da = da + ra;
         db = db + rb;
       }
-      if (n == S) XIO::store(dx + i * N + j, da, db);
-      else XIO::store_tail(dx + i * N + j, n, da, db);
+      XIO::store_n(dx + i * N + j, n, da, db);
     }
   }
 }

@@ -11,6 +11,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <array>
 #include <cstring>
 #include <type_traits>
 
@@ -70,7 +72,37 @@ struct RowIO {
     store(buf, a, b);
     std::memcpy(static_cast<void*>(p), buf, n * sizeof(T));
   }
+
+  // A whole step (n == kStep) or the zero-padded tail (n < kStep).
+  static inline void load_n(const T* p, int64_t n, V& a, V& b) {
+    if (n == kStep) load(p, a, b);
+    else load_tail(p, n, a, b);
+  }
+
+  static inline void store_n(T* p, int64_t n, const V& a, const V& b) {
+    if (n == kStep) store(p, a, b);
+    else store_tail(p, n, a, b);
+  }
 };
+
+// Runs f(j, n, part) over the steps of a row (j: first element, n: its length, part: K
+// accumulator vectors), restarting `part` every kBlockSteps steps and adding it into the
+// running total. A row of N elements then rounds like a sum of ~kBlockSteps terms plus one
+// of N / (kBlockSteps * kStep) terms, instead of N / kStep terms per lane: the accuracy
+// of a cascade sum at the cost of one extra add per block.
+template <int K, typename V, typename F>
+inline std::array<V, K> blocked_row_sum(int64_t N, int64_t step, F&& f) {
+  constexpr int64_t kBlockSteps = 32;
+  std::array<V, K> total, part;
+  total.fill(V(0));
+  for (int64_t j = 0; j < N;) {
+    part.fill(V(0));
+    const int64_t end = std::min(N, j + kBlockSteps * step);
+    for (; j < end; j += step) f(j, std::min(step, N - j), part);
+    for (int k = 0; k < K; ++k) total[k] = total[k] + part[k];
+  }
+  return total;
+}
 
 // Zero the lanes at and past n (n < kStep) of a step (a, b): used where a padded lane
 // would not be zero after arithmetic, e.g. (x - mean) in LayerNorm's variance.

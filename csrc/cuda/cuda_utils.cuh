@@ -1,0 +1,231 @@
+// Device and launch helpers shared by the CUDA norm kernels: 16-byte packed loads and
+// stores, fp32/fp64 accumulation types, the per-row reduction, and the host-side choice
+// of launch shape. Only lightweight c10 headers: the system toolkit lacks cuBLAS, so
+// ATen/cuda/CUDAContext.h must not be pulled in.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+namespace rmsnorm_ext {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------
+// Types
+
+// Accumulation type: fp32 for every input dtype except float64, which keeps fp64.
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+template <typename T>
+inline constexpr bool is_reduced_v =
+    std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+template <typename T>
+inline constexpr c10::ScalarType scalar_type_of = c10::CppTypeToScalarType<T>::value;
+
+// Conversions work on the raw 16-bit patterns with the CUDA intrinsics (RNE rounding),
+// so they keep values in registers (going through c10's operators, which take the address
+// of the member, made ptxas put packs in local memory) and work whether or not the build
+// defines __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__ (torch's
+// defaults do).
+template <typename A, typename T>
+__device__ __forceinline__ A to_acc(T v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return static_cast<A>(__uint_as_float(static_cast<unsigned>(v.x) << 16));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return static_cast<A>(__half2float(__ushort_as_half(v.x)));
+  } else {
+    return static_cast<A>(v);
+  }
+}
+template <typename T, typename A>
+__device__ __forceinline__ T from_acc(A v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return T(__bfloat16_as_ushort(__float2bfloat16_rn(static_cast<float>(v))), T::from_bits());
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return T(__half_as_ushort(__float2half_rn(static_cast<float>(v))), T::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Packed memory access. A pack is VEC consecutive elements; with VEC = 16 / sizeof(smallest
+// streamed type) one pack of the narrowest tensor is exactly one 128-bit access (wider
+// tensors, e.g. an fp32 weight next to bf16 data, take two). Same idea as ATen's
+// aligned_vector: the alignas lets nvcc emit LDG.128/STG.128. The host only selects VEC > 1
+// after checking that every row of every tensor is aligned to sizeof(pack).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* row, int64_t pack_idx) {
+  return reinterpret_cast<const Pack<T, VEC>*>(row)[pack_idx];
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* row, int64_t pack_idx, const Pack<T, VEC>& p) {
+  reinterpret_cast<Pack<T, VEC>*>(row)[pack_idx] = p;
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-row reduction.
+//
+// A block of blockDim.x threads handles rows_per_block (rpb) rows at once; each row is
+// owned by a "group" of tpr consecutive threads, where tpr is a power of two <= 32
+// (several rows per warp), or a multiple of 32 (one or more whole warps per row).
+// group_sum must be called by every thread of the block (also by groups whose row is past
+// the end): it uses full-warp shuffles and, for tpr > 32, __syncthreads.
+//
+// Every thread of a group ends with bitwise the same sums: the xor butterfly adds a+b on
+// one lane and b+a on the other (IEEE addition is commutative), and the cross-warp step
+// has every thread add the per-warp partials in the same fixed order. The result is also
+// deterministic run to run.
+//
+// smem: 32 * NV accumulators. Consecutive calls must alternate between two buffers (or be
+// separated by a __syncthreads): a fast warp could otherwise overwrite partials that a
+// slow warp is still reading.
+template <typename A, int NV>
+__device__ __forceinline__ void group_sum(A (&v)[NV], int tpr, A* smem) {
+  const int width = tpr < 32 ? tpr : 32;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    if (off < width) {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], off);
+    }
+  }
+  if (tpr <= 32) return;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) smem[warp * NV + i] = v[i];
+  }
+  __syncthreads();
+  const int wpr = tpr >> 5;
+  const int first = (warp / wpr) * wpr;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    A s = smem[first * NV + i];
+    for (int j = 1; j < wpr; ++j) s += smem[(first + j) * NV + i];
+    v[i] = s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host-side helpers.
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool is_aligned(const void* p, size_t bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Number of SMs, cached per device (cudaDeviceGetAttribute is cheap but not free, and
+// this runs on every launch). Races only recompute the same value.
+inline int sm_count(int device) {
+  constexpr int kMax = 64;
+  static std::atomic<int> cache[kMax] = {};
+  if (device >= 0 && device < kMax) {
+    int v = cache[device].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+  if (v <= 0) v = 1;
+  if (device >= 0 && device < kMax) cache[device].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+// Launch shape for a row of P packs.
+//  items > 0: register kernel, each thread holds `items` packs of its row (items in {4, 8});
+//  items == 0: re-reading kernel (any P), the row is streamed twice (second time mostly
+//  from L1/L2).
+// Threads per row (tpr) = packs / items rounded up to a power of two (<= 32) or a multiple
+// of 32, so small rows share a warp (warp-per-row / sub-warp-per-row) and large rows get a
+// whole block. Rows per block (rpb) fills blocks to ~256 threads.
+struct RowConfig {
+  int tpr;
+  int rpb;
+  int items;
+  int threads() const { return tpr * rpb; }
+};
+
+constexpr int kTargetBlock = 256;
+
+inline int64_t threads_for(int64_t n) {
+  if (n <= 32) {
+    int64_t p = 1;
+    while (p < n) p <<= 1;
+    return p;
+  }
+  return ceil_div(n, 32) * 32;
+}
+
+// max_tpr: the kernels' __launch_bounds__; max_items: largest register bucket (4 or 8)
+// the kernel family instantiates; allow_reg: false forces the re-reading kernel (used for
+// the unaligned / odd-N scalar path, which has no register instantiation).
+inline RowConfig pick_row_config(int64_t P, int max_tpr, int max_items, bool allow_reg) {
+  RowConfig c{};
+  const int64_t need4 = ceil_div(P, 4);
+  const int64_t need8 = ceil_div(P, 8);
+  if (allow_reg && need4 <= max_tpr) {
+    c.items = 4;
+    c.tpr = static_cast<int>(threads_for(need4));
+  } else if (allow_reg && max_items >= 8 && need8 <= max_tpr) {
+    c.items = 8;
+    c.tpr = static_cast<int>(threads_for(need8));
+  } else {
+    c.items = 0;
+    c.tpr = static_cast<int>(std::min<int64_t>(max_tpr, threads_for(need4)));
+  }
+  c.rpb = c.tpr >= kTargetBlock ? 1 : kTargetBlock / c.tpr;
+  return c;
+}
+
+// Grid for the backward kernels, which loop over a contiguous chunk of rows per block so
+// that each block produces one partial row of the parameter gradients: about as many
+// blocks as fit on the GPU at once. chunk is a multiple of rpb.
+struct PersistentGrid {
+  int64_t blocks;
+  int64_t chunk;
+};
+
+template <typename Kernel>
+inline PersistentGrid persistent_grid(Kernel kernel, int threads, size_t smem, int64_t M,
+                                      int rpb, int device) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  const int64_t max_blocks = static_cast<int64_t>(sm_count(device)) * std::max(per_sm, 1);
+  const int64_t groups = ceil_div(M, rpb);
+  const int64_t blocks = std::min(groups, max_blocks);
+  const int64_t chunk = ceil_div(groups, blocks) * rpb;
+  return {ceil_div(M, chunk), chunk};
+}
+
+}  // namespace cuda
+}  // namespace rmsnorm_ext

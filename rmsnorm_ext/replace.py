@@ -1,0 +1,338 @@
+"""``replace_norms(model)``: swap a model's norm layers for rmsnorm_ext modules, in place.
+
+What is replaced
+----------------
+* ``torch.nn.RMSNorm`` (exact class) -> :class:`rmsnorm_ext.RMSNorm`.
+* ``torch.nn.LayerNorm`` (exact class; any ``elementwise_affine``/``bias``) ->
+  :class:`rmsnorm_ext.LayerNorm`.
+* Hugging Face-style RMSNorm modules (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``MistralRMSNorm``,
+  ``T5LayerNorm``, ``GemmaRMSNorm``'s ``1 + w`` variant, or your own) -> :class:`HFRMSNorm`.
+  They are recognized by what they are and do, never by class name: a module with exactly one
+  parameter, ``weight`` (a plain ``nn.Parameter``), no buffers, no children, a number in
+  ``variance_epsilon`` or ``eps``, whose forward -- run on a small random probe input (and a
+  random probe weight, substituted with ``torch.func.functional_call``; the module's own
+  weight is never touched) under ``torch.no_grad()`` in float32, in the weight's dtype and in
+  bfloat16 -- computes ``x * rstd * w`` (Llama style) or ``x * rstd * (1 + w)`` (Gemma style,
+  replaced with ``weight_offset=1.0``) within that dtype's rounding. Anything else is left
+  alone.
+
+The replacement reuses the very same ``Parameter`` objects (``new.weight is old.weight``): no
+copies, same device and dtype, so tied weights, optimizers that already hold the parameters,
+and state_dict keys keep working. ``training`` mode and registered hooks carry over. A module
+registered in several places is replaced by one new module everywhere. Modules that are
+already rmsnorm_ext modules are skipped, so a second call returns 0.
+
+Call it on the plain model: before ``torch.compile``, DDP, ``fully_shard`` or accelerate
+hooks. Subclasses of ``torch.nn.RMSNorm``/``LayerNorm`` (e.g. FSDP's wrapped classes),
+parametrized modules and modules with an instance-level ``forward`` (accelerate's hooks)
+are not the exact classes and are only replaced if they pass the HF-style probe above
+(which FSDP-sharded / parametrized ones do not, so they are left alone). The root module
+itself is never replaced (there is no parent to re-point); only its descendants are.
+
+Numeric and dtype semantics (documented differences)
+-----------------------------------------------------
+* ``torch.nn.RMSNorm``/``LayerNorm``: same results within the dtype's rounding. Limitation
+  of the rmsnorm_ext kernels: a weight in a *lower* precision than the input (e.g. fp32
+  input with a bf16 weight) raises ``TypeError`` where torch would promote.
+* HF Llama/Qwen2/Mistral style computes ``(x * rstd).to(input_dtype) * w``: for bf16/fp16 it
+  rounds ``x * rstd`` to the input dtype and then rounds the product again; rmsnorm_ext
+  computes ``x * rstd * w`` in fp32 and rounds once, so results differ by at most about one
+  ulp of the output dtype (ours is the more accurate one). For fp64 input HF computes in
+  fp32; we compute in fp64.
+* Output dtype is preserved: the probe observes the original's output dtype for each probed
+  input dtype and the replacement follows the same rule -- Llama style promotes
+  (``promote_types(input, weight)``, e.g. bf16 activations with an fp32 weight give fp32),
+  Gemma style returns the input dtype, T5 style returns the weight's dtype. When the output
+  dtype is wider than the input's (bf16 input, fp32 weight, Llama style) the kernel's
+  bf16 result is upcast, i.e. rounded to bf16 once where HF rounds ``x * rstd`` to bf16 --
+  the same precision, different rounding point.
+* Gemma style: ``1 + w`` is added in fp32 and everything is computed in fp32, exactly like
+  HF's Gemma; results differ only by fp32 summation order and the final rounding.
+* A weight whose dtype the kernels do not accept with the input (e.g. bf16 weight with fp32
+  input) is upcast to the compute dtype for the call (exact; autograd flows back to the
+  original parameter in its own dtype).
+"""
+import copy
+import math
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .functional import rms_norm
+from .modules import LayerNorm, RMSNorm
+
+__all__ = ["replace_norms", "HFRMSNorm"]
+
+_REDUCED = (torch.bfloat16, torch.float16)
+_OUT_POLICIES = ("promote", "input", "weight")
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+    "_backward_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+class HFRMSNorm(RMSNorm):
+    """Replacement for Hugging Face-style RMSNorm modules, computed by rmsnorm_ext's kernels.
+
+    A :class:`rmsnorm_ext.RMSNorm` that also keeps the HF attribute names (``weight``,
+    ``eps`` and ``variance_epsilon``, the latter two aliases of each other) and the replaced
+    module's output-dtype rule ``out_dtype``: ``"promote"`` (Llama: ``promote_types(x, w)``),
+    ``"input"`` (Gemma) or ``"weight"`` (T5). ``weight_offset=1.0`` gives Gemma's ``1 + w``
+    (added in fp32). See :mod:`rmsnorm_ext.replace` for the numeric differences from HF.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-6, device=None, dtype=None, *,
+                 weight_offset: float = 0.0, out_dtype: str = "promote"):
+        if out_dtype not in _OUT_POLICIES:
+            raise ValueError(f"rmsnorm_ext: out_dtype must be one of {_OUT_POLICIES}, "
+                             f"got {out_dtype!r}")
+        super().__init__(normalized_shape, float(eps), True, device=device, dtype=dtype,
+                         weight_offset=weight_offset)
+        self.out_dtype = out_dtype
+
+    @property
+    def variance_epsilon(self) -> float:
+        return self.eps
+
+    @variance_epsilon.setter
+    def variance_epsilon(self, value: float) -> None:
+        self.eps = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if not (w.dtype == x.dtype or (w.dtype == torch.float32 and x.dtype in _REDUCED)):
+            # Kernel takes weight in the input dtype or fp32; upcasting is exact for the
+            # usual cases (bf16/fp16 weight with fp32 input).
+            w = w.to(torch.float32 if x.dtype in _REDUCED else x.dtype)
+        y = rms_norm(x, self.normalized_shape, w, self.eps, weight_offset=self.weight_offset)
+        if self.out_dtype == "input":
+            out = x.dtype
+        elif self.out_dtype == "weight":
+            out = self.weight.dtype
+        else:
+            out = torch.promote_types(x.dtype, self.weight.dtype)
+        return y if y.dtype == out else y.to(out)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", out_dtype={self.out_dtype!r}"
+
+
+# ---------------------------------------------------------------------------------------
+# Recognition
+# ---------------------------------------------------------------------------------------
+
+def _plain_param(p) -> bool:
+    return p is not None and type(p) is nn.Parameter and p.is_floating_point()
+
+
+def _hf_eps(module: nn.Module) -> Optional[float]:
+    for name in ("variance_epsilon", "eps"):
+        v = getattr(module, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+                and v >= 0:
+            return float(v)
+    return None
+
+
+def _tol(*dtypes) -> float:
+    if any(d == torch.bfloat16 for d in dtypes):
+        return 3e-2
+    if any(d == torch.float16 for d in dtypes):
+        return 5e-3
+    return 1e-4  # fp32 (HF computes fp64 inputs in fp32 too)
+
+
+def _probe(module: nn.Module, eps: float) -> Optional[Tuple[float, str]]:
+    """Run ``module`` on random probes; return ``(weight_offset, out_dtype)`` if it behaves
+    as RMSNorm (plain or 1 + w) for every probe, else None."""
+    w = module.weight
+    shape = tuple(w.shape)
+    dev = torch.device("cpu") if w.device.type == "meta" else w.device
+    gen = torch.Generator().manual_seed(0x5EED)
+    lead = (2, 3)
+    # Rows with different scales and a non-zero mean, so mean subtraction (LayerNorm), a
+    # missing normalization, or an elementwise op all show up as large differences.
+    x64 = torch.randn(*lead, *shape, generator=gen, dtype=torch.float64)
+    x64 = x64 * torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64).view(1, 3, *[1] * len(shape))
+    x64 = x64 + torch.randn(*lead, *[1] * len(shape), generator=gen, dtype=torch.float64)
+    w64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    dims = tuple(range(len(lead), len(lead) + len(shape)))
+
+    wdt = w.dtype
+    in_dtypes: List[torch.dtype] = []
+    for d in (torch.float32, wdt, torch.bfloat16):
+        if d not in in_dtypes:
+            in_dtypes.append(d)
+
+    # Probe a shallow copy with its own parameter dict and no hooks: the module itself, its
+    # weight and its hooks are never touched or fired.
+    probe_mod = copy.copy(module)
+    probe_mod.__dict__["_parameters"] = OrderedDict(module._parameters)
+    for k in _HOOK_DICTS:
+        if k in probe_mod.__dict__:
+            probe_mod.__dict__[k] = OrderedDict()
+
+    offsets = [0.0, 1.0]
+    observed: Dict[torch.dtype, torch.dtype] = {}
+    wp = w64.to(device=dev, dtype=wdt)
+    wq = wp.double().cpu()  # the probe weight as the module sees it (rounded to its dtype)
+    for d in in_dtypes:
+        xp = x64.to(device=dev, dtype=d)
+        xq = xp.double().cpu()
+        xhat_q = xq * torch.rsqrt(xq.pow(2).mean(dim=dims, keepdim=True) + eps)
+        try:
+            with torch.no_grad():
+                out = torch.func.functional_call(probe_mod, {"weight": wp}, (xp,))
+        except Exception:
+            return None
+        if not isinstance(out, torch.Tensor) or out.shape != xp.shape \
+                or not out.is_floating_point() or out.device != xp.device:
+            return None
+        observed[d] = out.dtype
+        got = out.detach().double().cpu()
+        tol = _tol(d, wdt, out.dtype)
+        scale = float(got.abs().max()) if got.numel() else 1.0
+        atol = tol * max(scale, 1.0)
+        offsets = [off for off in offsets
+                   if torch.allclose(got, xhat_q * (off + wq), rtol=tol, atol=atol)]
+        if not offsets:
+            return None
+    offset = offsets[0]
+    prefs = ("promote", "input", "weight") if offset == 0.0 else ("input", "promote", "weight")
+    for policy in prefs:
+        if all(_predict(policy, d, wdt) == od for d, od in observed.items()):
+            return offset, policy
+    return None
+
+
+def _predict(policy: str, x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+    if policy == "input":
+        return x_dtype
+    if policy == "weight":
+        return w_dtype
+    return torch.promote_types(x_dtype, w_dtype)
+
+
+def _hf_candidate(module: nn.Module) -> Optional[float]:
+    """Structural check for an HF-style RMSNorm; returns its eps or None."""
+    if isinstance(module, (RMSNorm, LayerNorm)) or "forward" in module.__dict__:
+        return None
+    if module._modules or any(b is not None for b in module._buffers.values()):
+        return None
+    params = {k: v for k, v in module._parameters.items() if v is not None}
+    if set(params) != {"weight"} or not _plain_param(params["weight"]):
+        return None
+    if params["weight"].dim() < 1 or params["weight"].numel() == 0:
+        return None
+    return _hf_eps(module)
+
+
+def _torch_plain(module: nn.Module, allowed) -> bool:
+    if "forward" in module.__dict__ or module._modules:
+        return False
+    if any(b is not None for b in module._buffers.values()):
+        return False
+    for k, v in module._parameters.items():
+        if v is None:
+            continue
+        if k not in allowed or not _plain_param(v):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Building replacements
+# ---------------------------------------------------------------------------------------
+
+def _carry_state(old: nn.Module, new: nn.Module) -> None:
+    new.train(old.training)
+    for k in _HOOK_DICTS:  # share the dicts so existing RemovableHandles keep working
+        if k in old.__dict__ and old.__dict__[k]:
+            new.__dict__[k] = old.__dict__[k]
+
+
+def _replacement(module: nn.Module) -> Optional[nn.Module]:
+    t = type(module)
+    if t is nn.RMSNorm:
+        if not _torch_plain(module, ("weight",)):
+            return None
+        new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine,
+                      device="meta")
+        if module.weight is not None:
+            new.weight = module.weight
+        else:
+            new.register_parameter("weight", None)
+    elif t is nn.LayerNorm:
+        if not _torch_plain(module, ("weight", "bias")):
+            return None
+        new = LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
+                        bias=module.bias is not None, device="meta")
+        for name in ("weight", "bias"):
+            p = getattr(module, name)
+            if p is not None:
+                setattr(new, name, p)
+            else:
+                new.register_parameter(name, None)
+    else:
+        eps = _hf_candidate(module)
+        if eps is None:
+            return None
+        found = _probe(module, eps)
+        if found is None:
+            return None
+        offset, policy = found
+        weight = module.weight
+        new = HFRMSNorm(tuple(weight.shape), eps, device="meta", weight_offset=offset,
+                        out_dtype=policy)
+        new.weight = weight
+        # Keep other plain attributes users may read (e.g. hidden_size, dim).
+        for k, v in module.__dict__.items():
+            if k.startswith("_") or k in new.__dict__ or hasattr(type(new), k):
+                continue
+            if v is None or isinstance(v, (bool, int, float, str)):
+                new.__dict__[k] = v
+    _carry_state(module, new)
+    return new
+
+
+def replace_norms(model: nn.Module) -> int:
+    """Replace, in place, every ``torch.nn.RMSNorm``, ``torch.nn.LayerNorm`` and Hugging
+    Face-style RMSNorm module under ``model`` with rmsnorm_ext modules that reuse the same
+    Parameter objects. Returns how many modules were replaced (0 on a second call).
+
+    See the :mod:`rmsnorm_ext.replace` module docstring for how modules are recognized
+    and for the (rounding-level) numeric differences from the replaced modules.
+    """
+    memo: Dict[int, nn.Module] = {}     # id(old) -> new (shared modules replaced once)
+    keep: Dict[int, nn.Module] = {}     # keep olds alive so ids stay unique while we walk
+    visited = set()
+    count = 0
+
+    def visit(parent: nn.Module) -> None:
+        nonlocal count
+        if id(parent) in visited:
+            return
+        visited.add(id(parent))
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            key = id(child)
+            if key in memo:
+                new = memo[key]
+            else:
+                new = _replacement(child)
+                keep[key] = child
+                memo[key] = new
+                if new is not None:
+                    count += 1
+            if new is not None:
+                parent._modules[name] = new
+            else:
+                visit(child)
+
+    visit(model)
+    return count

@@ -1,0 +1,64 @@
+"""Float64 references and the accuracy bar shared by the tests.
+
+The bar: our max error against the float64 reference is at most a small multiple of
+torch's own error in the same dtype, plus a couple of rounding steps of the output
+(torch's error can be ~0 where it happens to compute exactly what the reference does).
+"""
+import torch
+import torch.nn.functional as F
+
+
+def rms_ref(x, normalized_shape, weight=None, eps=None, weight_offset=0.0):
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    x64 = x.double()
+    dims = tuple(range(-len(normalized_shape), 0))
+    y = x64 * torch.rsqrt(x64.pow(2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * (weight.double() + weight_offset)
+    return y
+
+
+def ln_ref(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    w = None if weight is None else weight.double()
+    b = None if bias is None else bias.double()
+    return F.layer_norm(x.double(), normalized_shape, w, b, eps)
+
+
+def max_err(a, ref):
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - ref).abs().max().item()
+
+
+def assert_accurate(ours, ref, torch_same_dtype=None, dtype=None, factor=2.0, ulps=2.0,
+                    what="", scale=None):
+    """ours: our result; ref: float64 reference; torch_same_dtype: torch's result in the
+    same dtype (None where torch has no such computation). scale: the magnitude one
+    rounding step is taken of; max|ref| by default, the sum of the magnitudes of the
+    terms for a sum over rows (a reduction's error grows with its terms, not its result)."""
+    dtype = dtype or ours.dtype
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    assert not ours.isnan().any() or ref.isnan().any(), f"{what}: NaN in output"
+    if scale is None:
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float64:
+        bound = 64 * eps * max(scale, 1.0)
+    else:
+        bound = ulps * eps * scale
+        if torch_same_dtype is not None:
+            bound += factor * max_err(torch_same_dtype, ref)
+    err = max_err(ours, ref)
+    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} ({dtype})"
+
+
+def poison_allocator(device, nbytes):
+    """Hand memory full of NaN back to the allocator, so an output allocated next from
+    that memory shows any element the kernel failed to write."""
+    t = torch.full((max(nbytes // 4, 1),), float("nan"), dtype=torch.float32, device=device)
+    del t
+
+
+def reduction_scale(dy, xhat, n):
+    """max over columns of sum over rows |dy * xhat|: the scale of a weight gradient."""
+    return (dy.double().abs() * xhat.double().abs()).reshape(-1, n).sum(0).max().item()

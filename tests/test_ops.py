@@ -1,0 +1,500 @@
+"""Core correctness of every op against float64 references, on every device."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rmsnorm_ext
+from reference import assert_accurate, ln_ref, poison_allocator, reduction_scale, rms_ref
+
+OPS = torch.ops.rmsnorm_ext
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# (leading shape, normalized_shape): odd sizes, N=1, 3-D input, multi-dim normalized shape.
+SHAPES = [((7,), (1,)), ((5,), (33,)), ((2, 3), (769,)), ((4,), (4096,)), ((3,), (5125,)),
+          ((2, 2), (4, 16)), ((0,), (64,))]
+
+
+def _param_dtypes(dtype):
+    """None: no weight; then the input's dtype; float32 for reduced-precision inputs."""
+    out = [None, dtype]
+    if dtype in (torch.bfloat16, torch.float16):
+        out.append(torch.float32)
+    return out
+
+
+def _make(lead, ns, dtype, device, scale=1.0, offset=0.5):
+    x = (torch.randn(*lead, *ns, device=device) * scale + offset).to(dtype)
+    return x
+
+
+def _torch_rms(x, ns, w, eps=None):
+    """torch's own result in the input dtype (the baseline error)."""
+    if w is not None and w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    return F.rms_norm(x, ns, w, eps)
+
+
+def _torch_ln(x, ns, w, b, eps=1e-5):
+    if w is not None and w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    if b is not None and b.dtype != x.dtype:
+        b = b.to(x.dtype)
+    return F.layer_norm(x, ns, w, b, eps)
+
+
+# ---------------------------------------------------------------------------- forward
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,ns", SHAPES)
+def test_rms_norm_forward(device, dtype, lead, ns):
+    for wdtype in _param_dtypes(dtype):
+        x = _make(lead, ns, dtype, device)
+        w = None if wdtype is None else torch.randn(ns, device=device).to(wdtype)
+        poison_allocator(device, x.numel() * x.element_size())
+        y = rmsnorm_ext.rms_norm(x, ns, w)
+        assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
+        assert_accurate(y, rms_ref(x, ns, w), _torch_rms(x, ns, w), what=f"rms w={wdtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,ns", SHAPES)
+def test_layer_norm_forward(device, dtype, lead, ns):
+    for wdtype in _param_dtypes(dtype):
+        for with_bias in (False, True):
+            x = _make(lead, ns, dtype, device, offset=3.0)  # a mean to subtract
+            w = None if wdtype is None else torch.randn(ns, device=device).to(wdtype)
+            b = torch.randn(ns, device=device).to(wdtype or dtype) if with_bias else None
+            poison_allocator(device, x.numel() * x.element_size())
+            y = rmsnorm_ext.layer_norm(x, ns, w, b)
+            assert y.dtype == dtype and y.shape == x.shape
+            assert_accurate(y, ln_ref(x, ns, w, b), _torch_ln(x, ns, w, b),
+                            what=f"ln w={wdtype} b={with_bias}")
+
+
+def test_statistics_outputs(device):
+    x = torch.randn(3, 5, 64, device=device)
+    y, rstd = OPS.rms_norm_fwd(x, [64], None, 1e-6, 0.0)
+    assert rstd.shape == (3, 5) and rstd.dtype == torch.float32
+    ref = torch.rsqrt(x.double().pow(2).mean(-1) + 1e-6)
+    torch.testing.assert_close(rstd.double(), ref, rtol=1e-6, atol=0)
+    y, mean, rstd = OPS.layer_norm_fwd(x, [5, 64], None, None, 1e-5)
+    assert mean.shape == (3,) and rstd.shape == (3,)
+    torch.testing.assert_close(mean.double(), x.double().mean((-2, -1)), rtol=1e-5, atol=1e-6)
+    y64, rstd64 = OPS.rms_norm_fwd(x.double(), [64], None, 1e-6, 0.0)
+    assert rstd64.dtype == torch.float64
+
+
+def test_default_eps_is_finfo_eps(device):
+    x = torch.randn(4, 32, device=device, dtype=torch.float64) * 1e-7  # eps matters here
+    torch.testing.assert_close(rmsnorm_ext.rms_norm(x, (32,)), F.rms_norm(x, (32,)))
+    torch.testing.assert_close(rmsnorm_ext.rms_norm(x, 32, eps=0.5), F.rms_norm(x, (32,), eps=0.5))
+
+
+def test_weight_offset_in_fp32(device):
+    # Gemma: y = x * rstd * (1 + w) with the addition in fp32 even for a bf16 weight.
+    x = torch.randn(6, 256, device=device, dtype=torch.bfloat16)
+    w = (torch.randn(256, device=device) * 1e-3).to(torch.bfloat16)  # near 0, as Gemma stores
+    y = rmsnorm_ext.rms_norm(x, (256,), w, weight_offset=1.0)
+    ref = rms_ref(x, (256,), w, weight_offset=1.0)
+    bf16_add = F.rms_norm(x, (256,), (1 + w))  # the lossy way: 1 + w rounded in bf16
+    assert_accurate(y, ref, bf16_add, what="gemma offset")
+
+
+# ---------------------------------------------------------------------------- backward
+
+def _grads(fn, inputs, grad_out):
+    out = fn(*inputs)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(out, wanted, grad_out)
+
+
+def _leaf(t, requires_grad=True):
+    return None if t is None else t.detach().clone().requires_grad_(requires_grad)
+
+
+BWD_SHAPES = [((9,), (1,)), ((5, 3), (33,)), ((6,), (769,)), ((4,), (4096,)), ((3,), (5125,)),
+              ((2, 2), (4, 16))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,ns", BWD_SHAPES)
+def test_rms_norm_backward(device, dtype, lead, ns):
+    for wdtype in _param_dtypes(dtype):
+        x = _make(lead, ns, dtype, device)
+        w = None if wdtype is None else (torch.randn(ns, device=device) + 1).to(wdtype)
+        dy = torch.randn(x.shape, device=device).to(dtype)
+        ours = _grads(lambda a, b: rmsnorm_ext.rms_norm(a, ns, b), (_leaf(x), _leaf(w)), dy)
+        eps = torch.finfo(dtype).eps  # the input dtype's, not float64's
+        ref = _grads(lambda a, b: rms_ref(a, ns, b, eps), (_leaf(x.double()), _leaf(
+            None if w is None else w.double())), dy.double())
+        wt = None if w is None else w.to(dtype)
+        base = _grads(lambda a, b: _torch_rms(a, ns, b), (_leaf(x), _leaf(wt)), dy)
+        n = torch.Size(ns).numel()
+        dw_scale = reduction_scale(dy, rms_ref(x, ns), n)
+        for name, o, r, b in zip(("dx", "dw"), ours, ref, base):
+            assert o.dtype == (dtype if name == "dx" else wdtype)
+            assert_accurate(o, r, b, dtype=dtype, what=f"rms {name} w={wdtype}",
+                            scale=None if name == "dx" else dw_scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,ns", BWD_SHAPES)
+def test_layer_norm_backward(device, dtype, lead, ns):
+    for wdtype in _param_dtypes(dtype):
+        x = _make(lead, ns, dtype, device, offset=2.0)
+        w = None if wdtype is None else (torch.randn(ns, device=device) + 1).to(wdtype)
+        b = None if wdtype is None else torch.randn(ns, device=device).to(wdtype)
+        dy = torch.randn(x.shape, device=device).to(dtype)
+        ours = _grads(lambda a, c, d: rmsnorm_ext.layer_norm(a, ns, c, d),
+                      (_leaf(x), _leaf(w), _leaf(b)), dy)
+        ref = _grads(lambda a, c, d: ln_ref(a, ns, c, d),
+                     tuple(_leaf(None if t is None else t.double()) for t in (x, w, b)),
+                     dy.double())
+        cast = [None if t is None else t.to(dtype) for t in (w, b)]
+        base = _grads(lambda a, c, d: _torch_ln(a, ns, c, d), (_leaf(x), *map(_leaf, cast)), dy)
+        n = torch.Size(ns).numel()
+        scales = (None, reduction_scale(dy, ln_ref(x, ns), n),
+                  reduction_scale(dy, torch.ones_like(dy), n))
+        for name, o, r, bs, sc in zip(("dx", "dw", "db"), ours, ref, base, scales):
+            assert_accurate(o, r, bs, dtype=dtype, what=f"ln {name} w={wdtype}", scale=sc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_large_m(device, dtype):
+    # M >> N: the parameter-gradient reduction across rows dominates.
+    x = torch.randn(4099, 96, device=device).to(dtype)
+    w = torch.randn(96, device=device).to(dtype)
+    dy = torch.randn(x.shape, device=device).to(dtype)
+    _, dw = _grads(lambda a, b: rmsnorm_ext.rms_norm(a, (96,), b), (_leaf(x), _leaf(w)), dy)
+    eps = torch.finfo(dtype).eps
+    _, dw_ref = _grads(lambda a, b: rms_ref(a, (96,), b, eps), (_leaf(x.double()), _leaf(w.double())),
+                       dy.double())
+    _, dw_t = _grads(lambda a, b: F.rms_norm(a, (96,), b), (_leaf(x), _leaf(w)), dy)
+    assert_accurate(dw, dw_ref, dw_t, dtype=dtype, what="dw large M",
+                    scale=reduction_scale(dy, rms_ref(x, (96,)), 96))
+
+
+def test_gradcheck_float64(device):
+    x = torch.randn(3, 2, 17, dtype=torch.float64, device=device, requires_grad=True)
+    r = torch.randn(3, 2, 17, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(17, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(17, dtype=torch.float64, device=device, requires_grad=True)
+    w2 = torch.randn(2, 17, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: rmsnorm_ext.rms_norm(x, (17,), w), (x, w))
+    assert torch.autograd.gradcheck(lambda x: rmsnorm_ext.rms_norm(x, (2, 17)), (x,))
+    assert torch.autograd.gradcheck(
+        lambda x, w: rmsnorm_ext.rms_norm(x, (2, 17), w, weight_offset=1.0), (x, w2))
+    assert torch.autograd.gradcheck(lambda x, w, b: rmsnorm_ext.layer_norm(x, (17,), w, b),
+                                    (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, b: rmsnorm_ext.layer_norm(x, (17,), None, b),
+                                    (x, b))
+    assert torch.autograd.gradcheck(
+        lambda x, r, w: rmsnorm_ext.fused_add_rms_norm(x, r, (17,), w, weight_offset=0.5),
+        (x, r, w))
+
+
+def test_frozen_weight_gets_no_grad(device):
+    x = torch.randn(8, 64, device=device, requires_grad=True)
+    w = torch.randn(64, device=device)  # requires_grad=False
+    rmsnorm_ext.rms_norm(x, (64,), w).sum().backward()
+    assert w.grad is None and x.grad is not None
+    # The backward op skips the weight reduction entirely when it is not wanted.
+    y, rstd = OPS.rms_norm_fwd(x.detach(), [64], w, 1e-6, 0.0)
+    dx, dw = OPS.rms_norm_bwd(torch.ones_like(y), x.detach(), rstd, w, [64], 0.0, None, False)
+    assert dw.numel() == 0
+    dx, dw, db = OPS.layer_norm_bwd(torch.ones_like(y), x.detach(), rstd, rstd, w, [64],
+                                    False, False)
+    assert dw.numel() == 0 and db.numel() == 0
+
+
+def test_empty_rows(device):
+    x = torch.randn(0, 3, 64, device=device, requires_grad=True)
+    w = torch.randn(64, device=device, requires_grad=True)
+    b = torch.randn(64, device=device, requires_grad=True)
+    for fn in (lambda: rmsnorm_ext.rms_norm(x, (64,), w),
+               lambda: rmsnorm_ext.layer_norm(x, (64,), w, b)):
+        y = fn()
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert torch.equal(w.grad, torch.zeros_like(w))
+        w.grad = None
+
+
+def test_large_row(device):
+    n = 262144
+    x = torch.randn(3, n, device=device)
+    w = torch.randn(n, device=device)
+    b = torch.randn(n, device=device)
+    assert_accurate(rmsnorm_ext.rms_norm(x, (n,), w), rms_ref(x, (n,), w), F.rms_norm(x, (n,), w))
+    assert_accurate(rmsnorm_ext.layer_norm(x, (n,), w, b), ln_ref(x, (n,), w, b),
+                    F.layer_norm(x, (n,), w, b))
+    dy = torch.randn_like(x)
+    ours = _grads(lambda a, c: rmsnorm_ext.rms_norm(a, (n,), c), (_leaf(x), _leaf(w)), dy)
+    eps = torch.finfo(torch.float32).eps
+    ref = _grads(lambda a, c: rms_ref(a, (n,), c, eps), (_leaf(x.double()), _leaf(w.double())),
+                 dy.double())
+    base = _grads(lambda a, c: F.rms_norm(a, (n,), c), (_leaf(x), _leaf(w)), dy)
+    for o, r, bs in zip(ours, ref, base):
+        assert_accurate(o, r, bs)
+
+
+# ---------------------------------------------------------------------------- fused add
+
+@pytest.mark.parametrize("dtype,rdtype", [(torch.float32, torch.float32),
+                                          (torch.bfloat16, torch.bfloat16),
+                                          (torch.float16, torch.float16),
+                                          (torch.bfloat16, torch.float32),
+                                          (torch.float64, torch.float64)])
+@pytest.mark.parametrize("n", [1, 769, 4096])
+def test_fused_add_matches_unfused(device, dtype, rdtype, n):
+    x = torch.randn(5, n, device=device).to(dtype)
+    r = torch.randn(5, n, device=device).to(rdtype)
+    w = torch.randn(n, device=device).to(dtype)
+    dy = torch.randn(5, n, device=device).to(dtype)
+    dh = torch.randn(5, n, device=device).to(rdtype)
+
+    def fused(a, b, c):
+        return rmsnorm_ext.fused_add_rms_norm(a, b, (n,), c, weight_offset=0.25)
+
+    def unfused(a, b, c):  # the sum rounds to the residual dtype first, as stored
+        h = (a.to(rdtype) + b) if rdtype != dtype else a + b
+        return rmsnorm_ext.rms_norm(h, (n,), c.to(h.dtype), weight_offset=0.25).to(dtype), h
+
+    (yf, hf), (yu, hu) = fused(x, r, w), unfused(x, r, w)
+    assert yf.dtype == dtype and hf.dtype == rdtype
+    assert torch.equal(hf, hu)
+    torch.testing.assert_close(yf, yu, atol=0, rtol=2 * torch.finfo(dtype).eps)
+    leaves_f = [_leaf(t) for t in (x, r, w)]
+    yf, hf = fused(*leaves_f)
+    gf = torch.autograd.grad((yf, hf), leaves_f, (dy, dh))
+    leaves_u = [_leaf(t) for t in (x, r, w)]
+    yu, hu = unfused(*leaves_u)
+    gu = torch.autograd.grad((yu, hu), leaves_u, (dy, dh))
+    for name, a, b in zip(("dx", "dr", "dw"), gf, gu):
+        assert a.dtype == b.dtype, name
+        tol = 4 * torch.finfo(dtype).eps
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol,
+                                   atol=tol * b.double().abs().max().item(), msg=name)
+
+
+def test_fused_add_inplace(device):
+    x = torch.randn(6, 300, device=device, dtype=torch.bfloat16)
+    r = torch.randn(6, 300, device=device, dtype=torch.float32)
+    w = torch.randn(300, device=device, dtype=torch.bfloat16)
+    y_ref, h_ref = rmsnorm_ext.fused_add_rms_norm(x, r, (300,), w)
+    xi, ri = x.clone(), r.clone()
+    with torch.no_grad():
+        out = rmsnorm_ext.fused_add_rms_norm_(xi, ri, (300,), w)
+    assert out[0] is xi and out[1] is ri
+    assert torch.equal(xi, y_ref) and torch.equal(ri, h_ref)
+    # Non-contiguous arguments are written back in place.
+    xt = x.t().contiguous().t()
+    rt = r.t().contiguous().t()
+    with torch.no_grad():
+        rmsnorm_ext.fused_add_rms_norm_(xt, rt, (300,), w)
+    assert torch.equal(xt, y_ref) and torch.equal(rt, h_ref)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        rmsnorm_ext.fused_add_rms_norm_(x.clone().requires_grad_(), r.clone(), (300,), w)
+
+
+# ---------------------------------------------------------------------------- layouts
+
+def test_non_contiguous_expanded_offset_inputs(device):
+    base = torch.randn(64, 40, device=device)
+    w = torch.randn(64, device=device)
+    b = torch.randn(64, device=device)
+    cases = {
+        "transposed": base.t(),                                   # [40, 64], strided
+        "sliced": torch.randn(40, 130, device=device)[:, 3:67],   # row stride 130
+        "offset": torch.randn(40 * 64 + 1, device=device)[1:].view(40, 64),  # misaligned
+        "expanded": torch.randn(1, 64, device=device).expand(40, 64),     # stride 0
+    }
+    for name, x in cases.items():
+        assert_accurate(rmsnorm_ext.rms_norm(x, (64,), w), rms_ref(x, (64,), w),
+                        F.rms_norm(x, (64,), w), what=name)
+        assert_accurate(rmsnorm_ext.layer_norm(x, (64,), w, b), ln_ref(x, (64,), w, b),
+                        F.layer_norm(x, (64,), w, b), what=name)
+        xl = _leaf(x.contiguous())
+        dy = torch.randn(x.shape, device=device).t().contiguous().t()  # strided grad too
+        ours = torch.autograd.grad(rmsnorm_ext.rms_norm(xl, (64,), w), xl, dy)[0]
+        xr = _leaf(x.double())
+        ref = torch.autograd.grad(rms_ref(xr, (64,), w, torch.finfo(torch.float32).eps), xr,
+                                  dy.double())[0]
+        assert_accurate(ours, ref, torch.autograd.grad(F.rms_norm(xl, (64,), w), xl, dy)[0],
+                        what=name + " dx")
+    # A weight that is itself a strided view.
+    ws = torch.randn(128, device=device)[::2]
+    x = torch.randn(5, 64, device=device)
+    assert_accurate(rmsnorm_ext.rms_norm(x, (64,), ws), rms_ref(x, (64,), ws),
+                    F.rms_norm(x, (64,), ws))
+
+
+# ---------------------------------------------------------------------------- modules
+
+def test_modules_are_drop_ins(device):
+    for ours_cls, theirs_cls, kw in ((rmsnorm_ext.RMSNorm, torch.nn.RMSNorm, {}),
+                                     (rmsnorm_ext.LayerNorm, torch.nn.LayerNorm, {}),
+                                     (rmsnorm_ext.LayerNorm, torch.nn.LayerNorm, {"bias": False}),
+                                     (rmsnorm_ext.RMSNorm, torch.nn.RMSNorm,
+                                      {"elementwise_affine": False})):
+        ours = ours_cls((4, 32), 1e-5, device=device, **kw)
+        theirs = theirs_cls((4, 32), 1e-5, device=device, **kw)
+        assert repr(ours) == repr(theirs)
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.uniform_(-1, 1)
+        ours.load_state_dict(theirs.state_dict())
+        theirs.load_state_dict(ours.state_dict())
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        x = torch.randn(3, 4, 32, device=device)
+        torch.testing.assert_close(ours(x), theirs(x))
+        assert isinstance(ours, theirs_cls)
+    m = rmsnorm_ext.RMSNorm(16, weight_offset=1.0)
+    assert torch.equal(m.weight, torch.zeros(16)) and "weight_offset=1.0" in repr(m)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(m(x), F.rms_norm(x, (16,)))
+
+
+def test_module_dtype_device_args():
+    m = rmsnorm_ext.RMSNorm(8, dtype=torch.bfloat16)
+    assert m.weight.dtype == torch.bfloat16
+    m = rmsnorm_ext.LayerNorm([2, 8], eps=1e-3, dtype=torch.float64)
+    assert m.bias.dtype == torch.float64 and m.eps == 1e-3
+
+
+# ---------------------------------------------------------------------------- torch.compile
+
+def test_compile_fullgraph_forward_backward(device):
+    torch._dynamo.reset()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n1 = rmsnorm_ext.RMSNorm(64, device=device)
+            self.n2 = rmsnorm_ext.LayerNorm(64, device=device)
+            self.lin = torch.nn.Linear(64, 64, device=device)
+
+        def forward(self, x, r):
+            y, h = rmsnorm_ext.fused_add_rms_norm(x, r, (64,), self.n1.weight)
+            return self.n2(self.lin(self.n1(y))) + h
+
+    torch.manual_seed(1)
+    eager = Block()
+    twin = Block()
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, fullgraph=True)
+    x = torch.randn(6, 64, device=device, requires_grad=True)
+    r = torch.randn(6, 64, device=device, requires_grad=True)
+    ye = eager(x, r)
+    ge = torch.autograd.grad(ye.sum(), [x, r, *eager.parameters()])
+    yc = compiled(x, r)
+    gc = torch.autograd.grad(yc.sum(), [x, r, *compiled.parameters()])
+    torch.testing.assert_close(yc, ye)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_inplace_fused(device):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(x, r, w):
+        rmsnorm_ext.fused_add_rms_norm_(x, r, (32,), w)
+        return x * 2, r
+
+    x = torch.randn(4, 32, device=device)
+    r = torch.randn(4, 32, device=device)
+    w = torch.randn(32, device=device)
+    y_ref, h_ref = rmsnorm_ext.fused_add_rms_norm(x, r, (32,), w)
+    with torch.no_grad():
+        out, res = step(x, r, w)
+    torch.testing.assert_close(out, 2 * y_ref)
+    torch.testing.assert_close(x, y_ref)
+    torch.testing.assert_close(r, h_ref)
+
+
+# ---------------------------------------------------------------------------- registration
+
+def _sample_args(device):
+    x = torch.randn(3, 40, device=device, requires_grad=True)
+    r = torch.randn(3, 40, device=device, requires_grad=True)
+    w = torch.randn(40, device=device, requires_grad=True)
+    b = torch.randn(40, device=device, requires_grad=True)
+    y, rstd = OPS.rms_norm_fwd(x.detach(), [40], w.detach(), 1e-6, 0.5)
+    _, mean, lrstd = OPS.layer_norm_fwd(x.detach(), [40], w.detach(), b.detach(), 1e-5)
+    dy = torch.randn_like(y)
+    return {
+        OPS.rms_norm_fwd.default: [(x, [40], w, 1e-6, 0.5), (x, [40], None, 1e-6, 0.0)],
+        OPS.rms_norm_bwd.default: [(dy, x.detach(), rstd, w.detach(), [40], 0.5, None, True),
+                                   (dy, x.detach(), rstd, None, [40], 0.0, dy, False)],
+        OPS.layer_norm_fwd.default: [(x, [40], w, b, 1e-5), (x, [40], None, None, 1e-5)],
+        OPS.layer_norm_bwd.default: [(dy, x.detach(), mean, lrstd, w.detach(), [40], True, True)],
+        OPS.fused_add_rms_norm_fwd.default: [(x, r, [40], w, 1e-6, 1.0)],
+        OPS.fused_add_rms_norm_inplace.default: [
+            (x.detach().clone(), r.detach().clone(), [40], w.detach(), 1e-6, 0.0)],
+    }
+
+
+def test_opcheck_every_op(device):
+    for op, arglists in _sample_args(device).items():
+        for args in arglists:
+            torch.library.opcheck(op, args)
+
+
+def test_every_op_has_a_kernel_for_each_built_backend():
+    names = ["rms_norm_fwd", "rms_norm_bwd", "layer_norm_fwd", "layer_norm_bwd",
+             "fused_add_rms_norm_fwd", "fused_add_rms_norm_inplace"]
+    info = rmsnorm_ext.build_info()
+    keys = ["CPU"] + (["CUDA"] if info["cuda"] else [])
+    for name in names:
+        for key in keys:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rmsnorm_ext::{name}", key), \
+                (name, key)
+    if info["cuda"]:
+        assert info["cuda_archs"], info
+
+
+def test_build_info():
+    info = rmsnorm_ext.build_info()
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    assert info["cpu_isa"] in ("avx512", "avx2", "default")
+    for key in ("compiler", "openmp", "cuda", "cuda_archs", "num_threads"):
+        assert key in info
+
+
+# ---------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x, w: rmsnorm_ext.rms_norm(x, (63,), w), ValueError, "normalized_shape"),
+    (lambda x, w: rmsnorm_ext.rms_norm(x, (), w), ValueError, "at least one dimension"),
+    (lambda x, w: rmsnorm_ext.rms_norm(x, (64,), w[:10]), ValueError, "weight must have shape"),
+    (lambda x, w: rmsnorm_ext.layer_norm(x, (64,), w, w[:3]), ValueError, "bias must have shape"),
+    (lambda x, w: rmsnorm_ext.rms_norm(x.int(), (64,), None), TypeError, "float"),
+    (lambda x, w: rmsnorm_ext.layer_norm(x.bool(), (64,)), TypeError, "float"),
+    (lambda x, w: rmsnorm_ext.rms_norm(x, (64,), w.double()), TypeError, "dtype"),
+    (lambda x, w: rmsnorm_ext.rms_norm(x.half(), (64,), w.bfloat16()), TypeError, "dtype"),
+    (lambda x, w: rmsnorm_ext.rms_norm(x, (64,), w, eps=-1.0), ValueError, "eps"),
+    (lambda x, w: rmsnorm_ext.layer_norm(x, (64,), w, eps=float("nan")), ValueError, "eps"),
+    (lambda x, w: rmsnorm_ext.fused_add_rms_norm(x, x[:2], (64,), w), ValueError, "residual"),
+    (lambda x, w: rmsnorm_ext.fused_add_rms_norm(x, x.half(), (64,), w), TypeError, "residual"),
+])
+def test_bad_input_raises(device, call, exc, match):
+    x = torch.randn(4, 64, device=device)
+    w = torch.randn(64, device=device)
+    with pytest.raises(exc, match=match):
+        call(x, w)
+
+
+def test_device_mismatch_raises():
+    x = torch.randn(4, 64)
+    w = torch.randn(64, device="meta")
+    with pytest.raises((RuntimeError, NotImplementedError), match="device|meta|Meta"):
+        rmsnorm_ext.rms_norm(x, (64,), w)
+
+
+def test_meta_tensors_propagate_shapes():
+    x = torch.empty(2, 3, 64, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(64, device="meta", dtype=torch.float32)
+    y = rmsnorm_ext.rms_norm(x, (64,), w)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16 and y.device.type == "meta"
+    y = rmsnorm_ext.layer_norm(x, (3, 64))
+    assert y.shape == x.shape
