@@ -14,6 +14,7 @@ from . import _autograd  # noqa: E402,F401  (registers autograd)
 from .functional import (fused_add_rms_norm, fused_add_rms_norm_, layer_norm,  # noqa: E402
                          rms_norm)
 from .modules import LayerNorm, RMSNorm  # noqa: E402
+from .replace import replace_norms  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -33,4 +34,4 @@ def build_info() -> dict:
 
 
 __all__ = ["rms_norm", "layer_norm", "fused_add_rms_norm", "fused_add_rms_norm_", "RMSNorm",
-           "LayerNorm", "build_info"]
+           "LayerNorm", "replace_norms", "build_info"]
