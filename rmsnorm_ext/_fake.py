@@ -63,6 +63,33 @@ def check_residual(x, r):
                         f"dtype {x.dtype}")
 
 
+def check_stats(s, name, x, lead):
+    rows = 1
+    for d in lead:
+        rows *= d
+    if s.numel() != rows:
+        raise RuntimeError(f"rmsnorm_ext: {name} must have one value per row ({rows} rows), "
+                           f"got {s.numel()}")
+    if s.dtype != _stats_dtype(x.dtype):
+        raise RuntimeError(f"rmsnorm_ext: {name} must be {_stats_dtype(x.dtype)}, got {s.dtype}")
+    if s.device != x.device:
+        raise RuntimeError(f"rmsnorm_ext: {name} is on {s.device} but the input is on {x.device}")
+
+
+def check_grad(g, x, same_dtype=False):
+    if g.shape != x.shape:
+        raise ValueError(f"rmsnorm_ext: grad_out shape {list(g.shape)} does not match the input "
+                         f"shape {list(x.shape)}")
+    if g.device != x.device:
+        raise RuntimeError(f"rmsnorm_ext: grad_out is on {g.device} but the input is on "
+                           f"{x.device}")
+    ok = g.dtype == x.dtype or (not same_dtype and x.dtype == torch.float32 and
+                                g.dtype in _REDUCED)
+    if not ok:
+        raise TypeError(f"rmsnorm_ext: grad_out dtype {g.dtype} is not supported with input "
+                        f"dtype {x.dtype}")
+
+
 def _stats(x, lead):
     return x.new_empty(lead, dtype=_stats_dtype(x.dtype))
 
@@ -84,8 +111,14 @@ def _(input, normalized_shape, weight, eps, weight_offset):
 def _(grad_out, input, rstd, weight, normalized_shape, weight_offset, grad_residual,
       compute_weight_grad):
     check_input(input)
-    check_normalized_shape(input, normalized_shape)
+    lead = check_normalized_shape(input, normalized_shape)
+    check_grad(grad_out, input)
     check_param(weight, "weight", grad_out, normalized_shape)
+    check_stats(rstd, "rstd", input, lead)
+    if grad_residual is not None and (grad_residual.shape != input.shape or
+                                      grad_residual.dtype != input.dtype or
+                                      grad_residual.device != input.device):
+        raise ValueError("rmsnorm_ext: grad_residual must match the input's shape and dtype")
     dx = torch.empty_like(input, memory_format=torch.contiguous_format)
     return dx, _param_grad(weight, input, compute_weight_grad)
 
@@ -105,8 +138,11 @@ def _(input, normalized_shape, weight, bias, eps):
 def _(grad_out, input, mean, rstd, weight, normalized_shape, compute_weight_grad,
       compute_bias_grad):
     check_input(input)
-    check_normalized_shape(input, normalized_shape)
+    lead = check_normalized_shape(input, normalized_shape)
+    check_grad(grad_out, input, same_dtype=True)
     check_param(weight, "weight", input, normalized_shape)
+    check_stats(mean, "mean", input, lead)
+    check_stats(rstd, "rstd", input, lead)
     dx = torch.empty_like(input, memory_format=torch.contiguous_format)
     pdtype = weight.dtype if weight is not None else input.dtype
     db = (input.new_empty(tuple(normalized_shape), dtype=pdtype) if compute_bias_grad

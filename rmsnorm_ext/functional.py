@@ -56,6 +56,14 @@ def _eps(input, eps):
     return e
 
 
+def _fused_eps(input, residual, eps):
+    # The default eps is the normalized tensor's (the residual's); an unsupported residual
+    # dtype is left for the op's own check, which names the residual.
+    if eps is None and residual.dtype in _FINFO_EPS:
+        return _FINFO_EPS[residual.dtype]
+    return _eps(input, eps)
+
+
 def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
              eps: Optional[float] = None, *, weight_offset: float = 0.0) -> Tensor:
     """RMSNorm over the trailing ``normalized_shape`` dims, like ``F.rms_norm``.
@@ -92,7 +100,7 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _Shape
     the dtype of the tensor being normalized, so the result equals
     ``F.rms_norm(input + residual, ...)``. Differentiable w.r.t. input, residual and weight.
     """
-    args = (input, residual, _shape(normalized_shape), weight, _eps(residual, eps),
+    args = (input, residual, _shape(normalized_shape), weight, _fused_eps(input, residual, eps),
             float(weight_offset))
     if _no_graph(input, residual, weight) and not residual.requires_grad:
         with _below_autograd():
@@ -115,6 +123,6 @@ def fused_add_rms_norm_(input: Tensor, residual: Tensor, normalized_shape: _Shap
         raise RuntimeError(
             "rmsnorm_ext: fused_add_rms_norm_ is in-place and not differentiable; call it "
             "under torch.no_grad()/torch.inference_mode(), or use fused_add_rms_norm")
-    _fused_inplace(input, residual, _shape(normalized_shape), weight, _eps(residual, eps),
+    _fused_inplace(input, residual, _shape(normalized_shape), weight, _fused_eps(input, residual, eps),
                    float(weight_offset))
     return input, residual

@@ -234,14 +234,11 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
     const int64_t stride = padded<A>(rs.N);
     // Per chunk: [dweight partial | dbias partial], each padded to a whole step.
     std::vector<A> partial(static_cast<size_t>(chunks.count * 2 * stride));
-    at::parallel_for(0, chunks.count, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        A* p = partial.data() + c * 2 * stride;
-        std::fill(p, p + 2 * stride, A(0));
-        ln_bwd_rows<scalar_t>(dyp, xp, mp, rp, wp.get(), dxp, want_dw ? p : nullptr,
-                              want_db ? p + stride : nullptr, chunks.begin(c), chunks.end(c),
-                              rs.N);
-      }
+    for_each_chunk(chunks, [&](int64_t c) {
+      A* p = partial.data() + c * 2 * stride;
+      std::fill(p, p + 2 * stride, A(0));
+      ln_bwd_rows<scalar_t>(dyp, xp, mp, rp, wp.get(), dxp, want_dw ? p : nullptr,
+                            want_db ? p + stride : nullptr, chunks.begin(c), chunks.end(c), rs.N);
     });
     if (want_dw) {
       sum_partials<A, param_t>(partial.data(), chunks.count, 2 * stride, rs.N,

@@ -54,10 +54,22 @@ struct RowChunks {
   int64_t end(int64_t c) const { return (c + 1) * M / count; }
 };
 
+// Runs f(c) for every chunk, in parallel when there is more than one: a single chunk
+// (one thread, or one row) runs inline, without opening an OpenMP region.
+template <typename F>
+void for_each_chunk(const RowChunks& chunks, F&& f) {
+  if (chunks.count == 1) return f(int64_t{0});
+  at::parallel_for(0, chunks.count, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) f(c);
+  });
+}
+
 // out[j] = sum over chunks c (in order) of partials[c * stride + j], cast to W.
 template <typename A, typename W>
 void sum_partials(const A* partials, int64_t chunks, int64_t stride, int64_t N, W* out) {
-  at::parallel_for(0, N, 2048, [&](int64_t b, int64_t e) {
+  // Small reductions stay on this thread: a parallel region costs more than they do.
+  const int64_t grain = chunks * N < (1 << 18) ? N : 2048;
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       A s = partials[j];
       for (int64_t c = 1; c < chunks; ++c) s += partials[c * stride + j];

@@ -7,6 +7,7 @@
 #include "param_rows.h"
 #include "vec_io.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -279,6 +280,14 @@ void fused_add_rms_norm_inplace(const Tensor& input, const Tensor& residual,
   check_param(weight, "weight", input, normalized_shape);
   check_eps(eps);
   check_offset(weight_offset);
+  // Refuse, before writing anything, arguments whose elements share memory: the kernel
+  // would write one location twice (an expanded tensor) or read what it already wrote.
+  TORCH_CHECK_VALUE(at::has_internal_overlap(input) != at::MemOverlap::Yes,
+                    "rmsnorm_ext: fused_add_rms_norm_: input has elements that share memory "
+                    "(expanded or overlapping); it cannot be written in place");
+  TORCH_CHECK_VALUE(at::has_internal_overlap(residual) != at::MemOverlap::Yes,
+                    "rmsnorm_ext: fused_add_rms_norm_: residual has elements that share memory "
+                    "(expanded or overlapping); it cannot be written in place");
   TORCH_CHECK_VALUE(!input.is_same(residual) && (input.numel() == 0 || !(
                         input.storage().is_alias_of(residual.storage()))),
                     "rmsnorm_ext: fused_add_rms_norm_: input and residual must not share memory");
@@ -344,13 +353,11 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& in
       const RowChunks chunks(rs.M);
       const int64_t stride = padded<A>(rs.N);
       std::vector<A> partial(static_cast<size_t>(chunks.count * stride));
-      at::parallel_for(0, chunks.count, 1, [&](int64_t cb, int64_t ce) {
-        for (int64_t c = cb; c < ce; ++c) {
-          A* p = partial.data() + c * stride;
-          std::fill(p, p + stride, A(0));
-          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, p, chunks.begin(c),
-                             chunks.end(c), rs.N);
-        }
+      for_each_chunk(chunks, [&](int64_t c) {
+        A* p = partial.data() + c * stride;
+        std::fill(p, p + stride, A(0));
+        rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, p, chunks.begin(c), chunks.end(c),
+                           rs.N);
       });
       sum_partials<A, param_t>(partial.data(), chunks.count, stride, rs.N,
                                dw.mutable_data_ptr<param_t>());

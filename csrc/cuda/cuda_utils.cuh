@@ -1,20 +1,20 @@
 // Device and launch helpers shared by the CUDA norm kernels: 16-byte packed loads and
 // stores, fp32/fp64 accumulation types, the per-row reduction, and the host-side choice
-// of launch shape. Only lightweight c10 headers: the system toolkit lacks cuBLAS, so
-// ATen/cuda/CUDAContext.h must not be pulled in.
+// of launch shape.
+//
+// Deliberately free of c10/ATen headers: nvcc runs cudafe++ and cicc over everything a
+// .cu includes, once per architecture, and the torch headers made each kernel file take
+// minutes to compile. The kernel files see only raw pointers and their own 16-bit storage
+// types; all tensor handling lives in norm_ops_cuda.cu.
 #pragma once
 
-#include <c10/core/ScalarType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "kernels_api.h"
+
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -36,23 +36,32 @@ struct AccType<double> {
 template <typename T>
 using acc_t = typename AccType<T>::type;
 
-template <typename T>
-inline constexpr bool is_reduced_v =
-    std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+// Storage-only 16-bit float types (same bits as c10::BFloat16 / c10::Half).
+struct alignas(2) bf16_t {
+  uint16_t x;
+};
+struct alignas(2) f16_t {
+  uint16_t x;
+};
 
 template <typename T>
-inline constexpr c10::ScalarType scalar_type_of = c10::CppTypeToScalarType<T>::value;
+inline constexpr bool is_reduced_v = std::is_same_v<T, bf16_t> || std::is_same_v<T, f16_t>;
 
-// Conversions work on the raw 16-bit patterns with the CUDA intrinsics (RNE rounding),
-// so they keep values in registers (going through c10's operators, which take the address
-// of the member, made ptxas put packs in local memory) and work whether or not the build
-// defines __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__ (torch's
-// defaults do).
+// A parameter / residual dtype P is allowed next to data dtype T when equal, or float
+// next to bf16/fp16. Dispatch only instantiates allowed pairs.
+template <typename T, typename P>
+inline constexpr bool allowed_pair_v =
+    std::is_same_v<T, P> || (is_reduced_v<T> && std::is_same_v<P, float>);
+
+// Conversions on the raw 16-bit patterns with the CUDA intrinsics (round to nearest even,
+// NaN preserved); they work whether or not the build defines __CUDA_NO_HALF_CONVERSIONS__
+// / __CUDA_NO_BFLOAT16_CONVERSIONS__ (torch's defaults do). (Going through c10's
+// operators, which take the address of the member, made ptxas put packs in local memory.)
 template <typename A, typename T>
 __device__ __forceinline__ A to_acc(T v) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+  if constexpr (std::is_same_v<T, bf16_t>) {
     return static_cast<A>(__uint_as_float(static_cast<unsigned>(v.x) << 16));
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
+  } else if constexpr (std::is_same_v<T, f16_t>) {
     return static_cast<A>(__half2float(__ushort_as_half(v.x)));
   } else {
     return static_cast<A>(v);
@@ -60,10 +69,10 @@ __device__ __forceinline__ A to_acc(T v) {
 }
 template <typename T, typename A>
 __device__ __forceinline__ T from_acc(A v) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return T(__bfloat16_as_ushort(__float2bfloat16_rn(static_cast<float>(v))), T::from_bits());
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return T(__half_as_ushort(__float2half_rn(static_cast<float>(v))), T::from_bits());
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    return T{__bfloat16_as_ushort(__float2bfloat16_rn(static_cast<float>(v)))};
+  } else if constexpr (std::is_same_v<T, f16_t>) {
+    return T{__half_as_ushort(__float2half_rn(static_cast<float>(v)))};
   } else {
     return static_cast<T>(v);
   }
@@ -144,21 +153,13 @@ inline bool is_aligned(const void* p, size_t bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
-// Number of SMs, cached per device (cudaDeviceGetAttribute is cheap but not free, and
-// this runs on every launch). Races only recompute the same value.
-inline int sm_count(int device) {
-  constexpr int kMax = 64;
-  static std::atomic<int> cache[kMax] = {};
-  if (device >= 0 && device < kMax) {
-    int v = cache[device].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-  if (v <= 0) v = 1;
-  if (device >= 0 && device < kMax) cache[device].store(v, std::memory_order_relaxed);
-  return v;
-}
+// Records the first launch error (cudaGetLastError after every launch is what
+// C10_CUDA_KERNEL_LAUNCH_CHECK does; the host side turns the error into a c10::Error).
+#define RMSNORM_EXT_LAUNCH_CHECK(err)                         \
+  do {                                                        \
+    const cudaError_t e_ = cudaGetLastError();                \
+    if ((err) == cudaSuccess && e_ != cudaSuccess) (err) = e_; \
+  } while (0)
 
 // Launch shape for a row of P packs.
 //  items > 0: register kernel, each thread holds `items` packs of its row (items in {4, 8});
@@ -216,15 +217,48 @@ struct PersistentGrid {
 
 template <typename Kernel>
 inline PersistentGrid persistent_grid(Kernel kernel, int threads, size_t smem, int64_t M,
-                                      int rpb, int device) {
+                                      int rpb, int sm_count) {
   int per_sm = 0;
-  C10_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-  const int64_t max_blocks = static_cast<int64_t>(sm_count(device)) * std::max(per_sm, 1);
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky; fall back to one block per SM
+    per_sm = 1;
+  }
+  const int64_t max_blocks = static_cast<int64_t>(sm_count) * std::max(per_sm, 1);
   const int64_t groups = ceil_div(M, rpb);
   const int64_t blocks = std::min(groups, max_blocks);
   const int64_t chunk = ceil_div(groups, blocks) * rpb;
   return {ceil_div(M, chunk), chunk};
+}
+
+// Calls f(T{}) with the C++ storage type of a dtype tag.
+template <typename F>
+inline cudaError_t with_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::f32:
+      return f(float{});
+    case DType::f64:
+      return f(double{});
+    case DType::bf16:
+      return f(bf16_t{});
+    case DType::f16:
+      return f(f16_t{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls f(T{}, P{}) for a data dtype and an allowed companion dtype (weight, residual):
+// 6 combinations instead of 16.
+template <typename F>
+inline cudaError_t with_dtype_pair(DType t, DType p, F&& f) {
+  return with_dtype(t, [&](auto t_tag) -> cudaError_t {
+    using T = decltype(t_tag);
+    if (p == t) return f(T{}, T{});
+    if constexpr (is_reduced_v<T>) {
+      if (p == DType::f32) return f(T{}, float{});
+    }
+    return cudaErrorInvalidValue;
+  });
 }
 
 }  // namespace cuda

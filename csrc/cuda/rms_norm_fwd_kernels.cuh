@@ -252,7 +252,20 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
 // is twice as wide). Longer rows, and rows that are not 16-byte aligned or whose length
 // is not a multiple of the pack, use the re-reading kernel.
 template <typename T, typename W, typename R, bool FUSED>
-void launch_rms_fwd(RmsFwdArgs<T, W, R> a, cudaStream_t stream) {
+cudaError_t launch_rms_fwd(const RmsFwdParams& p, cudaStream_t stream) {
+  using A = acc_t<T>;
+  RmsFwdArgs<T, W, R> a{};
+  a.x = static_cast<const T*>(p.x);
+  a.r = static_cast<const R*>(p.r_in);
+  a.w = static_cast<const W*>(p.weight);
+  a.y = static_cast<T*>(p.y);
+  a.h = static_cast<R*>(p.h);
+  a.rstd = static_cast<A*>(p.rstd);
+  a.M = p.M;
+  a.N = p.N;
+  a.eps = static_cast<A>(p.eps);
+  a.offset = static_cast<A>(p.offset);
+
   constexpr int V = 16 / sizeof(T);
   bool vec = a.N % V == 0 && is_aligned(a.x, V * sizeof(T)) && is_aligned(a.y, V * sizeof(T)) &&
              is_aligned(a.w, V * sizeof(W));
@@ -264,7 +277,9 @@ void launch_rms_fwd(RmsFwdArgs<T, W, R> a, cudaStream_t stream) {
   const RowConfig c = pick_row_config(P, kFwdMaxThreads, max_items, vec);
   a.tpr = c.tpr;
   a.rpb = c.rpb;
-  const dim3 grid(static_cast<unsigned>(ceil_div(a.M, c.rpb)));
+  const int64_t blocks = ceil_div(a.M, c.rpb);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(blocks));
   const dim3 block(c.threads());
   if (!vec) {
     rms_fwd_reread_kernel<T, W, R, FUSED, 1><<<grid, block, 0, stream>>>(a);
@@ -277,7 +292,9 @@ void launch_rms_fwd(RmsFwdArgs<T, W, R> a, cudaStream_t stream) {
   } else {
     rms_fwd_reread_kernel<T, W, R, FUSED, V><<<grid, block, 0, stream>>>(a);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaError_t err = cudaSuccess;
+  RMSNORM_EXT_LAUNCH_CHECK(err);
+  return err;
 }
 
 }  // namespace cuda

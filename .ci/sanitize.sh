@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Build the CPU kernels with AddressSanitizer + UndefinedBehaviorSanitizer and run a
+# subset of the tests under them. Exits non-zero on any sanitizer report.
+#
+# The checkout's own build (build/, rmsnorm_ext/_C*.so, _build_config.py) is left alone:
+# the working tree (tracked + untracked-but-not-ignored files) is copied to a scratch
+# directory, built there with RMSNORM_EXT_SANITIZE=1 (CPU only, -fsanitize=address,undefined,
+# UB aborts), and the tests run against that copy, with libasan preloaded into python.
+#
+# Usage: .ci/sanitize.sh [extra pytest args]
+# Env:   RMSNORM_EXT_SANITIZE_DIR  scratch directory (default: a fresh mktemp -d, removed
+#                                  on success; kept on failure for the logs)
+#        MAX_JOBS                  parallel compile jobs (default: nproc)
+# Budget: ~1 min build + ~3 min tests on 2 cores.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python}
+if [[ -n "${RMSNORM_EXT_SANITIZE_DIR:-}" ]]; then
+  WORK=$RMSNORM_EXT_SANITIZE_DIR
+  mkdir -p "$WORK"
+  KEEP=1
+else
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/rmsnorm_ext_sanitize.XXXXXX")
+  KEEP=0
+fi
+WORK=$(cd "$WORK" && pwd -P)
+LOGDIR=$WORK/sanitizer-logs
+
+say() { printf '[sanitize] %s\n' "$*"; }
+fail() { printf '[sanitize] FAIL: %s\n' "$*" >&2; say "scratch dir kept: $WORK"; exit 1; }
+
+# --- 1. copy the working tree -------------------------------------------------------------
+say "copying $ROOT -> $WORK"
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard) |
+  (cd "$ROOT" && xargs -0 -r sh -c 'for f; do [ -f "$f" ] && printf "%s\0" "$f"; done' sh) |
+  (cd "$ROOT" && tar --null -T - -cf -) | tar -xf - -C "$WORK"
+# Never let a stale, unsanitized binary or build config into the copy.
+rm -rf "$WORK/build" "$WORK"/rmsnorm_ext/_C*.so "$WORK/rmsnorm_ext/_build_config.py"
+
+# --- 2. build -----------------------------------------------------------------------------
+say "building with RMSNORM_EXT_SANITIZE=1"
+t0=$SECONDS
+(
+  cd "$WORK"
+  unset RMSNORM_EXT_CUDA
+  export RMSNORM_EXT_SANITIZE=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  "$PY" setup.py -q build_ext --inplace >"$WORK/build.log" 2>&1
+) || { tail -n 60 "$WORK/build.log" >&2; fail "sanitized build failed (log: $WORK/build.log)"; }
+say "built in $((SECONDS - t0)) s"
+
+SO=$(ls "$WORK"/rmsnorm_ext/_C*.so 2>/dev/null | head -n 1)
+[[ -n "$SO" ]] || fail "no rmsnorm_ext/_C*.so produced"
+ldd "$SO" | grep -q libasan || fail "$SO is not linked against libasan"
+ldd "$SO" | grep -q libubsan || fail "$SO is not linked against libubsan"
+[[ ! -e "$WORK/rmsnorm_ext/_build_config.py" ]] ||
+  fail "the sanitized build wrote rmsnorm_ext/_build_config.py"
+
+# --- 3. run the tests under the sanitizers --------------------------------------------------
+LIBASAN=$(gcc -print-file-name=libasan.so)
+[[ -e "$LIBASAN" ]] || fail "libasan not found (gcc -print-file-name=libasan.so -> $LIBASAN)"
+# libstdc++ preloaded too: python does not link it, so ASan's __cxa_throw interceptor would
+# otherwise find no real __cxa_throw at startup and abort ("CHECK failed:
+# asan_interceptors.cpp ... real___cxa_throw") on the first C++ exception thrown by a library
+# loaded later (triton, imported by torch._dynamo / opcheck).
+LIBSTDCXX=$(gcc -print-file-name=libstdc++.so.6)
+[[ -e "$LIBSTDCXX" ]] || fail "libstdc++.so.6 not found"
+mkdir -p "$LOGDIR"
+rm -f "$LOGDIR"/*
+
+# Only the python processes get the sanitizer environment.
+SANENV=(
+  "LD_PRELOAD=$LIBASAN:$LIBSTDCXX${LD_PRELOAD:+:$LD_PRELOAD}"
+  # detect_leaks=0: CPython and torch "leak" by design at exit.
+  "ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0:log_path=$LOGDIR/asan"
+  "UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1:log_path=$LOGDIR/ubsan"
+  "PYTHONPATH=$WORK${PYTHONPATH:+:$PYTHONPATH}"
+  "RMSNORM_EXT_SANITIZE_ROOT=$WORK"
+  "RMSNORM_EXT_FUZZ=${RMSNORM_EXT_FUZZ:-sanitize}"   # a smaller fuzz profile
+  "OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}"
+)
+
+cd "$WORK"
+# The copy's package must be the one imported (not the editable install of $ROOT).
+env "${SANENV[@]}" "$PY" - <<'EOF' || fail "the sanitized copy is not the imported rmsnorm_ext"
+import os, sys
+import rmsnorm_ext
+root = os.environ["RMSNORM_EXT_SANITIZE_ROOT"]
+f = os.path.realpath(rmsnorm_ext._C.__file__)
+print("[sanitize] rmsnorm_ext._C:", f)
+sys.exit(0 if f.startswith(root + os.sep) else 1)
+EOF
+
+# A pytest plugin that re-checks the same thing inside the test process.
+cat >"$WORK/_sanitize_guard.py" <<'EOF'
+import os
+
+
+def pytest_sessionstart(session):
+    import rmsnorm_ext
+    f = os.path.realpath(rmsnorm_ext._C.__file__)
+    root = os.environ["RMSNORM_EXT_SANITIZE_ROOT"]
+    if not f.startswith(root + os.sep):
+        raise RuntimeError(f"sanitize: imported {f}, not the sanitized copy under {root}")
+EOF
+
+TESTS=()
+for t in tests/test_ops.py tests/test_bad_inputs.py tests/test_fuzz.py tests/test_numerics.py; do
+  [[ -f "$t" ]] && TESTS+=("$t")
+done
+[[ ${#TESTS[@]} -gt 0 ]] || fail "no tests to run"
+say "running: ${TESTS[*]}"
+t0=$SECONDS
+set +e
+env "${SANENV[@]}" "$PY" -m pytest -p _sanitize_guard -q -x -p no:cacheprovider \
+  -rfE -m "not slow and not cuda" -k "not compile and not Compile" "${TESTS[@]}" "$@"
+rc=$?
+set -e
+say "tests took $((SECONDS - t0)) s (pytest exit $rc)"
+
+# Any report, even from a thread or a subprocess that did not kill pytest, fails the run.
+if compgen -G "$LOGDIR/*" >/dev/null; then
+  for f in "$LOGDIR"/*; do
+    printf '===== %s =====\n' "$f" >&2
+    head -n 80 "$f" >&2
+  done
+  fail "sanitizer reports found"
+fi
+[[ $rc -eq 0 ]] || fail "pytest exited with $rc"
+say "clean"
+[[ $KEEP -eq 1 ]] || rm -rf "$WORK"

@@ -1,0 +1,667 @@
+#!/usr/bin/env python
+"""Benchmark rmsnorm_ext against native torch (eager and torch.compile), Liger and Apex.
+
+    python benchmarks/bench.py                 # default sweep for the device (cuda if available)
+    python benchmarks/bench.py --quick         # one shape, one dtype: under a minute on a CPU
+    python benchmarks/bench.py --op rms_norm --dtype bfloat16 --shape 4096x4096 --pass fwd
+
+Each row: median time, effective GB/s (bytes that must move / time), that as a fraction of
+the copy bandwidth measured in the same run, the "floor ratio" (time / time a copy of the
+same bytes would take) and the speedup against torch eager and torch.compile.
+Writes results.csv, results.json, results.md and plots/*.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Our folder holds profile.py, named like the stdlib module that cProfile (imported by
+# torch) needs: keep the folder at the end of sys.path so the stdlib one wins.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+import _common  # noqa: E402
+
+import rmsnorm_ext  # noqa: E402
+
+OPS = ("rms_norm", "layer_norm", "fused_add_rms_norm")
+PASSES = ("fwd", "bwd", "fwdbwd")
+IMPLS = ("ours", "eager", "compile", "liger", "apex")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+HIDDEN = (768, 1024, 2048, 4096, 5120, 8192, 16384, 5125)  # 5125: odd, no vector alignment
+RMS_EPS = 1e-6
+LN_EPS = 1e-5
+
+Shape = Tuple[int, int]  # (tokens, hidden)
+
+
+# ----------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class Sweep:
+    """A block of the benchmark grid: every dtype x every shape (x every op/pass/impl)."""
+    dtypes: Tuple[str, ...]
+    shapes: Tuple[Shape, ...]
+
+
+def _grid(tokens: Iterable[int], hidden: Iterable[int]) -> Tuple[Shape, ...]:
+    return tuple((t, h) for t in tokens for h in hidden)
+
+
+ALL_DTYPES = tuple(DTYPES)
+# GPU: the full grid. CPU (a 2-core laptop-class machine must finish in a few minutes, and
+# every (op, dtype, shape) costs torch.compile a fresh Inductor build): a float32 hidden-size
+# sweep at 1024 tokens, the 4096x4096 headline shape and the [1, 4096] latency row in
+# float32 and bfloat16. float16 and other shapes are one --dtype/--shape away.
+DEFAULT_SWEEPS = {
+    "cuda": (Sweep(ALL_DTYPES, _grid((4096, 16384), HIDDEN) + ((1, 4096),)),),
+    "cpu": (Sweep(("float32",), _grid((1024,), (768, 2048, 5125, 8192))),
+            Sweep(("float32", "bfloat16"), ((4096, 4096), (1, 4096)))),
+}
+QUICK_SWEEPS = {
+    "cuda": (Sweep(("bfloat16",), ((4096, 4096), (1, 4096))),),
+    "cpu": (Sweep(("float32",), ((1024, 4096),)),),
+}
+DEFAULT_DTYPES = {"cuda": ALL_DTYPES, "cpu": ("float32", "bfloat16")}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One (op, dtype, shape): inputs are built once and shared by every impl and pass."""
+    op: str
+    dtype: str
+    tokens: int
+    hidden: int
+
+
+@dataclass
+class Result:
+    device: str
+    op: str
+    impl: str
+    dtype: str
+    pass_: str
+    tokens: int
+    hidden: int
+    time_us: float
+    bytes: int
+    gbps: float
+    bw_fraction: float
+    floor_ratio: float
+    speedup_vs_eager: float = math.nan
+    speedup_vs_compile: float = math.nan
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["pass"] = d.pop("pass_")
+        return d
+
+
+COLUMNS = [("pass" if f.name == "pass_" else f.name) for f in dataclasses.fields(Result)]
+
+
+# ------------------------------------------------------------------- implementations
+def _eager_rms(x, w):
+    return F.rms_norm(x, (x.shape[-1],), w, RMS_EPS)
+
+
+def _eager_ln(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w, b, LN_EPS)
+
+
+def _eager_fused(x, r, w):
+    h = x + r
+    return F.rms_norm(h, (h.shape[-1],), w, RMS_EPS), h
+
+
+def _ours_rms(x, w):
+    return rmsnorm_ext.rms_norm(x, (x.shape[-1],), w, RMS_EPS)
+
+
+def _ours_ln(x, w, b):
+    return rmsnorm_ext.layer_norm(x, (x.shape[-1],), w, b, LN_EPS)
+
+
+def _ours_fused(x, r, w):
+    return rmsnorm_ext.fused_add_rms_norm(x, r, (x.shape[-1],), w, RMS_EPS)
+
+
+EAGER = {"rms_norm": _eager_rms, "layer_norm": _eager_ln, "fused_add_rms_norm": _eager_fused}
+OURS = {"rms_norm": _ours_rms, "layer_norm": _ours_ln, "fused_add_rms_norm": _ours_fused}
+
+
+def _compiled(op: str) -> Callable:
+    # A fresh Dynamo state per case: no recompile-limit fallbacks, no guard chains from
+    # earlier shapes. Shapes are static (dynamic=False), as a deployed model would be.
+    torch.compiler.reset()
+    return torch.compile(EAGER[op], dynamic=False)
+
+
+def _liger(op: str) -> Optional[Callable]:
+    if op == "rms_norm":
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction as Fn
+
+        def rms(x, w):
+            try:  # in_place=False: keep our reused grad_out intact
+                return Fn.apply(x, w, RMS_EPS, 0.0, "llama", False)
+            except TypeError:
+                return Fn.apply(x, w, RMS_EPS)
+        return rms
+    if op == "layer_norm":
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction as Fn
+        return lambda x, w, b: Fn.apply(x, w, b, LN_EPS)
+    from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction as Fn
+
+    def fused(x, r, w):
+        try:
+            return tuple(Fn.apply(x, r, w, RMS_EPS, 0.0, "llama", False))
+        except TypeError:
+            return tuple(Fn.apply(x, r, w, RMS_EPS))
+    return fused
+
+
+def _apex(op: str) -> Optional[Callable]:
+    from apex.normalization.fused_layer_norm import (fused_layer_norm_affine,
+                                                     fused_rms_norm_affine)
+    if op == "rms_norm":
+        return lambda x, w: fused_rms_norm_affine(x, w, (x.shape[-1],), RMS_EPS)
+    if op == "layer_norm":
+        return lambda x, w, b: fused_layer_norm_affine(x, w, b, (x.shape[-1],), LN_EPS)
+    return None  # no fused add+norm in Apex
+
+
+def build_impl(impl: str, op: str, device: torch.device) -> Optional[Callable]:
+    """The function computing ``op`` with ``impl``, or None when it does not apply here.
+    Raises ImportError when a third-party package is missing."""
+    if impl == "ours":
+        return OURS[op]
+    if impl == "eager":
+        return EAGER[op]
+    if impl == "compile":
+        return _compiled(op)
+    if device.type != "cuda":
+        return None  # Liger (Triton) and Apex are GPU-only
+    return _liger(op) if impl == "liger" else _apex(op)
+
+
+def impl_available(impl: str, device: torch.device) -> bool:
+    if impl in ("ours", "eager", "compile"):
+        return True
+    if device.type != "cuda":
+        return False
+    import importlib.util
+    return importlib.util.find_spec("liger_kernel" if impl == "liger" else "apex") is not None
+
+
+# -------------------------------------------------------------------- inputs & bytes
+def make_inputs(case: Case, device: torch.device) -> List[torch.Tensor]:
+    """Activations first, then parameters, in the argument order of EAGER[case.op]."""
+    dtype = DTYPES[case.dtype]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen) * scale + shift).to(device, dtype)
+
+    act = (case.tokens, case.hidden)
+    x = rand(*act)
+    w = rand(case.hidden, scale=0.1, shift=1.0)
+    if case.op == "rms_norm":
+        return [x, w]
+    if case.op == "layer_norm":
+        return [x, w, rand(case.hidden, scale=0.1)]
+    return [x, rand(*act), w]
+
+
+def bytes_moved(op: str, pass_: str, tokens: int, hidden: int, elem: int) -> int:
+    """Bytes a perfect kernel must move (per-row statistics are ignored: O(tokens)).
+
+    fwd:  rms x->y (+w); layer x->y (+w, b); fused x, r -> y, h (+w)
+    bwd:  rms/layer x, dy -> dx (+ read w, write dw [, db]); fused h, dy, dh -> dx (+w, dw)
+    """
+    act, par = tokens * hidden * elem, hidden * elem
+    fwd = {"rms_norm": 2 * act + par, "layer_norm": 2 * act + 2 * par,
+           "fused_add_rms_norm": 4 * act + par}[op]
+    bwd = {"rms_norm": 3 * act + 2 * par, "layer_norm": 3 * act + 3 * par,
+           "fused_add_rms_norm": 4 * act + 2 * par}[op]
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[pass_]
+
+
+# --------------------------------------------------------------------------- runners
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def make_runner(fn: Callable, inputs: Sequence[torch.Tensor], pass_: str) -> Callable[[], object]:
+    """A no-argument callable doing one ``pass_``. fwd runs without autograd (inference);
+    bwd runs the forward once here and times only ``autograd.grad(..., retain_graph=True)``;
+    fwdbwd times forward + ``autograd.grad``. Gradients flow into every input."""
+    if pass_ == "fwd":
+        plain = [t.detach() for t in inputs]
+        return lambda: fn(*plain)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    probe = _as_tuple(fn(*leaves))
+    grads = [torch.randn_like(o) for o in probe]
+    if pass_ == "bwd":
+        return lambda: torch.autograd.grad(probe, leaves, grads, retain_graph=True)
+    del probe
+
+    def fwdbwd():
+        return torch.autograd.grad(_as_tuple(fn(*leaves)), leaves, grads)
+    return fwdbwd
+
+
+# ------------------------------------------------------------------------- the sweep
+@dataclass
+class Config:
+    device: torch.device
+    ops: Tuple[str, ...]
+    passes: Tuple[str, ...]
+    impls: Tuple[str, ...]
+    sweeps: Tuple[Sweep, ...]
+    min_run_time: float
+    copy_bytes: Optional[int]
+    out: Path
+
+    def cases(self) -> List[Case]:
+        seen, cases = set(), []
+        for sweep in self.sweeps:
+            for dtype in sweep.dtypes:
+                for op in self.ops:
+                    for tokens, hidden in sweep.shapes:
+                        case = Case(op, dtype, tokens, hidden)
+                        if case not in seen:
+                            seen.add(case)
+                            cases.append(case)
+        return cases
+
+
+class Progress:
+    """tqdm when importable, else a one-line counter on stderr."""
+
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            self._bar = None
+        self.total, self.done = total, 0
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(label, refresh=False)
+            self._bar.update(1)
+        else:
+            print(f"\r[{self.done}/{self.total}] {label:<60}", end="", file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+def run_case(case: Case, cfg: Config, copy_gbps: float, progress: Progress,
+             skipped: List[dict]) -> List[Result]:
+    inputs = make_inputs(case, cfg.device)
+    elem = DTYPES[case.dtype].itemsize
+    label = f"{case.op} {DTYPE_SHORT[case.dtype]} {case.tokens}x{case.hidden}"
+    results = []
+    for impl in cfg.impls:
+        try:
+            fn = build_impl(impl, case.op, cfg.device)
+        except Exception as e:  # noqa: BLE001 - a missing/broken third-party impl is a skip
+            fn, why = None, f"{type(e).__name__}: {e}"
+        else:
+            why = "not applicable"
+        for pass_ in cfg.passes:
+            progress.step(f"{label} {pass_} {impl}")
+            if fn is None:
+                skipped.append(dict(dataclasses.asdict(case), impl=impl, pass_=pass_, why=why))
+                continue
+            try:
+                seconds = _common.measure(make_runner(fn, inputs, pass_), cfg.device,
+                                          cfg.min_run_time)
+            except Exception as e:  # noqa: BLE001 - e.g. OOM or an unsupported dtype
+                skipped.append(dict(dataclasses.asdict(case), impl=impl, pass_=pass_,
+                                    why=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+                continue
+            nbytes = bytes_moved(case.op, pass_, case.tokens, case.hidden, elem)
+            gbps = nbytes / seconds / 1e9
+            results.append(Result(str(cfg.device), case.op, impl, case.dtype, pass_,
+                                  case.tokens, case.hidden, seconds * 1e6, nbytes, gbps,
+                                  gbps / copy_gbps, copy_gbps / gbps))
+    add_speedups(results)
+    return results
+
+
+def add_speedups(results: List[Result]) -> None:
+    """Fill speedup_vs_eager/compile (baseline time / this time) within one case."""
+    base = {(r.impl, r.pass_): r.time_us for r in results}
+    for r in results:
+        for ref in ("eager", "compile"):
+            t = base.get((ref, r.pass_))
+            if t is not None:
+                setattr(r, f"speedup_vs_{ref}", t / r.time_us)
+
+
+def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
+    # bwd timing re-runs one backward (retain_graph=True); AOTAutograd's donated buffers
+    # forbid that, so they are off (the compiled kernels are the same).
+    import torch._functorch.config as functorch_config
+    functorch_config.donated_buffer = False
+    torch.manual_seed(0)
+
+    impls = tuple(i for i in cfg.impls if impl_available(i, cfg.device))
+    missing = sorted(set(cfg.impls) - set(impls))
+    if missing:
+        print(f"skipping implementations not available on {cfg.device}: {', '.join(missing)}",
+              file=sys.stderr)
+    cfg = dataclasses.replace(cfg, impls=impls)
+    cases = cfg.cases()
+    if not cases:
+        raise SystemExit("nothing to run: the filters exclude every case")
+
+    _common.warn_if_busy(cfg.device)
+    print(f"measuring copy bandwidth on {cfg.device} ...", file=sys.stderr)
+    copy_gbps = _common.copy_bandwidth(cfg.device, cfg.copy_bytes)
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (read + write)", file=sys.stderr)
+
+    progress = Progress(len(cases) * len(cfg.impls) * len(cfg.passes))
+    results: List[Result] = []
+    skipped: List[dict] = []
+    t0 = time.perf_counter()
+    try:
+        for case in cases:
+            results += run_case(case, cfg, copy_gbps, progress, skipped)
+            if cfg.device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        progress.close()
+    meta = {
+        "machine": _common.machine_info(cfg.device),  # loadavg_1m: at the end of the run
+        "copy_bandwidth_gbps": copy_gbps,
+        "wall_time_s": time.perf_counter() - t0,
+        "config": {"device": str(cfg.device), "ops": cfg.ops,
+                   "passes": cfg.passes, "impls": cfg.impls,
+                   "cases": [dataclasses.asdict(c) for c in cases],
+                   "min_run_time_s": cfg.min_run_time,
+                   "timer": "triton.testing.do_bench / CUDA events, median, L2 flushed"
+                            if cfg.device.type == "cuda" else
+                            "torch.utils.benchmark.Timer.blocked_autorange, median",
+                   "eps": {"rms": RMS_EPS, "layer": LN_EPS}},
+        "skipped": skipped,
+    }
+    return results, meta
+
+
+# --------------------------------------------------------------------------- outputs
+def _fmt(v: float, spec: str, suffix: str = "") -> str:
+    return "" if v is None or math.isnan(v) else format(v, spec) + suffix
+
+
+def pivot_table(results: List[Result], markdown: bool = False) -> str:
+    """One line per (op, dtype, pass, shape): each impl's time, then ours' GB/s, share of
+    the copy bandwidth, floor ratio and speedups."""
+    impls = [i for i in IMPLS if any(r.impl == i for r in results)]
+    by_key: Dict[tuple, Dict[str, Result]] = {}
+    for r in results:
+        by_key.setdefault((r.op, r.dtype, r.pass_, r.tokens, r.hidden), {})[r.impl] = r
+    header = (["op", "dtype", "pass", "shape"] + [f"{i} µs" for i in impls]
+              + ["ours GB/s", "ours %BW", "floor×", "vs eager", "vs compile"])
+    rows = []
+    for (op, dtype, pass_, tokens, hidden), impl_rows in by_key.items():
+        ours = impl_rows.get("ours")
+        row = [op, DTYPE_SHORT[dtype], pass_, f"{tokens}x{hidden}"]
+        row += [_fmt(impl_rows[i].time_us, ".1f") if i in impl_rows else "-" for i in impls]
+        if ours is None:
+            row += [""] * 5
+        else:
+            row += [_fmt(ours.gbps, ".1f"), _fmt(100 * ours.bw_fraction, ".0f", "%"),
+                    _fmt(ours.floor_ratio, ".2f"), _fmt(ours.speedup_vs_eager, ".2f", "x"),
+                    _fmt(ours.speedup_vs_compile, ".2f", "x")]
+        rows.append(row)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt_row = lambda r: "  ".join(  # noqa: E731
+        str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
+    return "\n".join([fmt_row(header), sep] + [fmt_row(r) for r in rows])
+
+
+def default_out_dir(device: torch.device, quick: bool = False) -> Path:
+    name = f"{_common.machine_slug(device)}-{_common.today()}" + ("-quick" if quick else "")
+    return _HERE / "results" / name
+
+
+def write_csv(results: List[Result], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in results:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
+                             for k, v in r.to_dict().items()})
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(results: List[Result], meta: dict, path: Path) -> None:
+    payload = dict(meta, columns=COLUMNS, results=[r.to_dict() for r in results])
+    path.write_text(json.dumps(_json_safe(payload), indent=2, default=str) + "\n")
+
+
+def write_markdown(results: List[Result], meta: dict, path: Path) -> None:
+    m = meta["machine"]
+    head = (f"**{m['device_name']}** ({m['cpu_threads']} threads) · torch {m['torch_version']}"
+            f" · commit {m['git_commit']} · {m['date']} · copy bandwidth "
+            f"{meta['copy_bandwidth_gbps']:.1f} GB/s\n\n")
+    path.write_text(head + pivot_table(results, markdown=True) + "\n")
+
+
+def write_outputs(results: List[Result], meta: dict, out: Path, plots: bool = True) -> List[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.csv", out / "results.json", out / "results.md"]
+    write_csv(results, paths[0])
+    write_json(results, meta, paths[1])
+    write_markdown(results, meta, paths[2])
+    if plots:
+        try:
+            import matplotlib
+        except ImportError:
+            print("matplotlib is not installed: skipping plots (pip install matplotlib)",
+                  file=sys.stderr)
+        else:
+            matplotlib.use("Agg")
+            paths += make_plots(results, meta, out / "plots")
+    return paths
+
+
+# ----------------------------------------------------------------------------- plots
+IMPL_STYLE = {"ours": "tab:red", "eager": "tab:blue", "compile": "tab:green",
+              "liger": "tab:purple", "apex": "tab:orange"}
+TOKEN_STYLES = ("-", "--", ":", "-.")
+
+
+def _plot_gbps(ax, results: List[Result], op: str, dtype: str, pass_: str,
+               copy_gbps: float) -> None:
+    """GB/s vs hidden size: one line per (impl, token count); latency rows left out."""
+    rows = [r for r in results
+            if r.op == op and r.dtype == dtype and r.pass_ == pass_ and r.tokens > 1]
+    token_counts = sorted({r.tokens for r in rows})
+    for impl in IMPLS:
+        for k, tokens in enumerate(token_counts):
+            pts = sorted((r.hidden, r.gbps) for r in rows if r.impl == impl and r.tokens == tokens)
+            if pts:
+                label = impl if len(token_counts) == 1 else f"{impl} ({tokens} tok)"
+                ax.plot(*zip(*pts), TOKEN_STYLES[k % len(TOKEN_STYLES)], marker="o",
+                        color=IMPL_STYLE[impl], label=label)
+    ax.axhline(copy_gbps, color="gray", linestyle="--", linewidth=1, label="copy")
+    ax.set_xscale("log", base=2)
+    hidden = sorted({r.hidden for r in rows})
+    if hidden:
+        ax.set_xticks(hidden, [str(h) for h in hidden], rotation=45, fontsize=7)
+        ax.minorticks_off()
+    ax.set_xlabel("hidden size")
+    ax.set_ylabel("effective GB/s")
+    ax.set_title(f"{op} {DTYPE_SHORT[dtype]} {pass_}", fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def _caption(meta: dict) -> str:
+    m = meta["machine"]
+    return (f"{m['device_name']} ({m['cpu_threads']} threads) | torch {m['torch_version']} | "
+            f"commit {m['git_commit']} | {m['date']}")
+
+
+def _save(fig, path: Path, meta: dict) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(_caption(meta), fontsize=8)
+    handles, labels = {}, []
+    for ax in fig.axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)),
+               fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_plots(results: List[Result], meta: dict, out: Path) -> List[Path]:
+    """gbps_<op>_<dtype>.png (one panel per pass) and rms_vs_layer_<dtype>.png (RMSNorm
+    and LayerNorm side by side, one row per pass)."""
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    bw = meta["copy_bandwidth_gbps"]
+    plotted = [r for r in results if r.tokens > 1]
+    passes = [p for p in PASSES if any(r.pass_ == p for r in plotted)]
+    paths = []
+    for op in OPS:
+        for dtype in DTYPES:
+            if not any(r.op == op and r.dtype == dtype for r in plotted):
+                continue
+            fig, axes = plt.subplots(1, len(passes), figsize=(4.2 * len(passes), 4),
+                                     squeeze=False)
+            for ax, pass_ in zip(axes[0], passes):
+                _plot_gbps(ax, plotted, op, dtype, pass_, bw)
+            paths.append(_save(fig, out / f"gbps_{op}_{dtype}.png", meta))
+    for dtype in DTYPES:
+        pair = ("rms_norm", "layer_norm")
+        if not all(any(r.op == op and r.dtype == dtype for r in plotted) for op in pair):
+            continue
+        fig, axes = plt.subplots(len(passes), 2, figsize=(9, 3.6 * len(passes)),
+                                 squeeze=False, sharey="row")
+        for row, pass_ in zip(axes, passes):
+            for ax, op in zip(row, pair):
+                _plot_gbps(ax, plotted, op, dtype, pass_, bw)
+        paths.append(_save(fig, out / f"rms_vs_layer_{dtype}.png", meta))
+    return paths
+
+
+# ------------------------------------------------------------------------------- cli
+def _csv_list(choices: Sequence[str]):
+    def parse(text: str) -> Tuple[str, ...]:
+        items = tuple(s.strip() for s in text.split(",") if s.strip())
+        bad = [s for s in items if s not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
+        return items
+    return parse
+
+
+def _shapes(text: str) -> Tuple[Shape, ...]:
+    try:
+        return tuple(tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes are TOKENSxHIDDEN[,...], got {text!r}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--quick", action="store_true", help="one shape and dtype per device")
+    p.add_argument("--op", type=_csv_list(OPS), default=OPS, help=f"comma list of {OPS}")
+    p.add_argument("--dtype", type=_csv_list(tuple(DTYPES)),
+                   help="comma list of float32,bfloat16,float16 (default: the sweep's; "
+                        "given, it replaces the sweep's dtypes)")
+    p.add_argument("--shape", type=_shapes,
+                   help="comma list of TOKENSxHIDDEN, e.g. 4096x4096,1x4096 (replaces the sweep)")
+    p.add_argument("--pass", dest="passes", type=_csv_list(PASSES), default=PASSES,
+                   help=f"comma list of {PASSES}")
+    p.add_argument("--impl", type=_csv_list(IMPLS), default=IMPLS,
+                   help=f"comma list of {IMPLS} (liger/apex: GPU only, when importable)")
+    p.add_argument("--out", type=Path, help="output folder (default: "
+                   "benchmarks/results/<machine>-<date>[-quick]/)")
+    p.add_argument("--min-run-time", type=float,
+                   help="seconds of measurement per row (default 0.1; 0.05 with --quick)")
+    p.add_argument("--copy-mib", type=int, help="size of the bandwidth copy (default: "
+                   "max(256 MiB, 8x last-level cache))")
+    p.add_argument("--no-plots", action="store_true")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    device = _common.pick_device(args.device)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    if args.shape:
+        sweeps = (Sweep(args.dtype or DEFAULT_DTYPES[kind], args.shape),)
+    else:
+        sweeps = (QUICK_SWEEPS if args.quick else DEFAULT_SWEEPS)[kind]
+        if args.dtype:  # the sweep's shapes in the dtypes asked for
+            sweeps = tuple(Sweep(args.dtype, s.shapes) for s in sweeps)
+    min_run_time = args.min_run_time or (0.05 if args.quick else 0.1)
+    return Config(device=device, ops=args.op, passes=args.passes,
+                  impls=args.impl, sweeps=sweeps, min_run_time=min_run_time,
+                  copy_bytes=args.copy_mib * 2**20 if args.copy_mib else None,
+                  out=args.out or default_out_dir(device, args.quick))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        results, meta = run_benchmark(cfg)
+    print()
+    print(pivot_table(results))
+    if meta["skipped"]:
+        reasons = sorted({s["why"] for s in meta["skipped"]})
+        print(f"\n{len(meta['skipped'])} rows skipped: " + "; ".join(reasons))
+    paths = write_outputs(results, meta, cfg.out, plots=not args.no_plots)
+    print(f"\ncopy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s; "
+          f"{len(results)} rows in {time.perf_counter() - t0:.0f} s; wrote:")
+    for path in paths:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Hit every CUDA kernel path of rmsnorm_ext once and check it against a float64 reference.
+
+Runs in seconds (and is meant to also run under compute-sanitizer memcheck / racecheck /
+initcheck). Exits non-zero on any mismatch.
+
+    python benchmarks/cuda_paths.py [-v]
+
+Path selection (csrc/cuda/cuda_utils.cuh pick_row_config): a row of N elements is
+P = N / VEC packs (VEC = 16 bytes / element size of the narrowest streamed dtype) when
+N % VEC == 0 and every tensor is 16-byte aligned, else P = N scalar elements and the
+re-reading kernel. Register kernels: threads per row = ceil(P / 4) (ITEMS=4, <= 512
+threads), or ceil(P / 8) (ITEMS=8, forward only); P <= 32 packs -> several rows per warp,
+<= 128 -> warp per row, more -> block per row; longer rows -> re-reading kernel.
+"""
+import argparse
+import sys
+
+import torch
+
+import rmsnorm_ext  # noqa: F401  (loads the ops)
+
+ops = torch.ops.rmsnorm_ext
+DEV = "cuda"
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+failures = []
+checks = 0
+verbose = False
+
+
+def check(name, out, ref, dtype, exact=False, tol_scale=1.0):
+    global checks
+    checks += 1
+    out = out.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    if out.shape != ref.shape:
+        failures.append(f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}")
+        return
+    if out.numel() == 0:
+        return
+    if exact:
+        bad = not torch.equal(out, ref)
+        err = (out - ref).abs().max().item()
+    else:
+        tol = TOL[dtype] * tol_scale
+        scale = max(ref.abs().max().item(), 1e-30)
+        err = ((out - ref).abs() / (ref.abs() + scale)).max().item()
+        bad = not (err <= tol) or not torch.isfinite(out).all()
+    if bad:
+        failures.append(f"{name}: max err {err:.3g}")
+    if verbose or bad:
+        print(("FAIL " if bad else "ok   ") + f"{name} err={err:.3g}")
+
+
+def make(M, N, dtype, aligned=True, scale=1.0):
+    """An [M, N] contiguous tensor; aligned=False puts it 1 element past an aligned address
+    (so the kernels must take the scalar path)."""
+    v = (torch.randn(M, N, device=DEV, dtype=torch.float64) * scale).clamp(-6e4, 6e4)
+    if aligned:
+        return v.to(dtype)
+    buf = torch.empty(M * N + 1, device=DEV, dtype=dtype)
+    t = buf[1:].view(M, N)
+    t.copy_(v)
+    return t
+
+
+def param(N, dtype, base=0.0):
+    return (torch.randn(N, device=DEV, dtype=torch.float64) * 0.5 + base).to(dtype)
+
+
+def stats_dtype(dt):
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def tag(dt):
+    return str(dt).replace("torch.", "")
+
+
+# ------------------------------------------------------------------------------ RMSNorm
+
+def rms_ref(x, w, eps, off):
+    xd = x.double()
+    rstd = 1.0 / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    y = xd * rstd
+    if w is not None:
+        y = y * (off + w.double())
+    return y, rstd.squeeze(-1)
+
+
+def rms_bwd_ref(dy, x, rstd, w, off, gres):
+    xd, dyd, r = x.double(), dy.double(), rstd.double().unsqueeze(-1)
+    g = dyd * (off + w.double()) if w is not None else dyd
+    dx = r * (g - xd * r * r * (g * xd).mean(-1, keepdim=True))
+    if gres is not None:
+        dx = dx + gres.double()
+    dw = (dyd * xd * r).reshape(-1, x.shape[-1]).sum(0) if w is not None else None
+    return dx, dw
+
+
+def test_rms(M, N, dt, wdt, aligned=True, off=0.0, eps=1e-6, bwd=True, gres=False,
+             want_dw=True, scale=1.0):
+    name = f"rms M={M} N={N} {tag(dt)} w={tag(wdt) if wdt else None} al={aligned} off={off}"
+    x = make(M, N, dt, aligned, scale)
+    w = param(N, wdt, 1.0 - off) if wdt else None
+    y, rstd = ops.rms_norm_fwd(x, [N], w, eps, off)
+    y_ref, rstd_ref = rms_ref(x, w, eps, off)
+    check(name + " y", y, y_ref, dt)
+    check(name + " rstd", rstd, rstd_ref, stats_dtype(dt))
+    if rstd.dtype != stats_dtype(dt) or y.dtype != dt:
+        failures.append(name + ": wrong output dtype")
+    if not bwd:
+        return
+    dy = make(M, N, dt, aligned)
+    gr = make(M, N, dt, aligned) if gres else None
+    dx, dw = ops.rms_norm_bwd(dy, x, rstd, w, [N], off, gr, want_dw)
+    dx_ref, dw_ref = rms_bwd_ref(dy, x, rstd, w, off, gr)
+    check(name + " dx", dx, dx_ref, dt, tol_scale=4)
+    if w is not None and want_dw:
+        check(name + " dw", dw, dw_ref, wdt, tol_scale=4)
+        if dw.dtype != wdt:
+            failures.append(name + ": dw dtype")
+        # Deterministic: bitwise identical on a second run.
+        _, dw2 = ops.rms_norm_bwd(dy, x, rstd, w, [N], off, gr, want_dw)
+        check(name + " dw deterministic", dw2, dw, wdt, exact=True)
+    elif dw.numel() != 0:
+        failures.append(name + ": dw should be empty")
+
+
+def test_rms_mixed(M, N, gdt, wdt, gres=True):
+    """rms_norm_bwd with fp32 x (fp32 residual stream) and bf16/fp16 grad_out."""
+    name = f"rms-mixed-bwd M={M} N={N} g={tag(gdt)} w={tag(wdt)}"
+    x = make(M, N, torch.float32)
+    w = param(N, wdt, 1.0)
+    _, rstd = ops.rms_norm_fwd(x, [N], None, 1e-6, 0.0)
+    dy = make(M, N, gdt)
+    gr = make(M, N, torch.float32) if gres else None
+    dx, dw = ops.rms_norm_bwd(dy, x, rstd, w, [N], 0.0, gr, True)
+    dx_ref, dw_ref = rms_bwd_ref(dy, x, rstd, w, 0.0, gr)
+    check(name + " dx", dx, dx_ref, torch.float32, tol_scale=4)
+    check(name + " dw", dw, dw_ref, wdt, tol_scale=4)
+    if dx.dtype != torch.float32 or dw.dtype != wdt:
+        failures.append(name + ": dtypes")
+
+
+def test_fused(M, N, dt, rdt, wdt, aligned=True, off=0.0, inplace=False, noncontig=False):
+    name = (f"fused M={M} N={N} {tag(dt)} r={tag(rdt)} w={tag(wdt) if wdt else None} "
+            f"al={aligned} inplace={inplace} nc={noncontig}")
+    eps = 1e-5
+    x = make(M, N, dt, aligned)
+    r = make(M, N, rdt, aligned)
+    w = param(N, wdt, 1.0 - off) if wdt else None
+    h_ref = (x.float() + r.float()).to(rdt) if dt != torch.float64 else x + r
+    y_ref, rstd_ref = rms_ref(h_ref, w, eps, off)
+    if inplace:
+        if noncontig:
+            # Non-contiguous views of the same values: [N, M] transposed.
+            xt = x.t().contiguous().t()
+            rt = r.t().contiguous().t()
+            assert not xt.is_contiguous()
+            x, r = xt, rt
+        ops.fused_add_rms_norm_inplace(x, r, [N], w, eps, off)
+        check(name + " h", r, h_ref, rdt, exact=True)
+        check(name + " y", x, y_ref, dt)
+    else:
+        y, h, rstd = ops.fused_add_rms_norm_fwd(x, r, [N], w, eps, off)
+        check(name + " h", h, h_ref, rdt, exact=True)
+        check(name + " y", y, y_ref, dt)
+        check(name + " rstd", rstd, rstd_ref, stats_dtype(dt))
+
+
+# ---------------------------------------------------------------------------- LayerNorm
+
+def ln_ref(x, w, b, eps):
+    xd = x.double()
+    mean = xd.mean(-1, keepdim=True)
+    var = (xd - mean).pow(2).mean(-1, keepdim=True)
+    rstd = 1.0 / torch.sqrt(var + eps)
+    y = (xd - mean) * rstd
+    if w is not None:
+        y = y * w.double()
+    if b is not None:
+        y = y + b.double()
+    return y, mean.squeeze(-1), rstd.squeeze(-1)
+
+
+def ln_bwd_ref(dy, x, mean, rstd, w):
+    xd, dyd = x.double(), dy.double()
+    m, r = mean.double().unsqueeze(-1), rstd.double().unsqueeze(-1)
+    xh = (xd - m) * r
+    g = dyd * w.double() if w is not None else dyd
+    dx = r * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))
+    dw = (dyd * xh).reshape(-1, x.shape[-1]).sum(0)
+    db = dyd.reshape(-1, x.shape[-1]).sum(0)
+    return dx, dw, db
+
+
+def test_ln(M, N, dt, wdt, aligned=True, has_w=True, has_b=True, shift=0.0):
+    name = f"ln M={M} N={N} {tag(dt)} w={tag(wdt)} al={aligned} w?={has_w} b?={has_b}"
+    eps = 1e-5
+    x = make(M, N, dt, aligned)
+    if shift:
+        x = (x.double() + shift).to(dt)  # large mean: a naive E[x^2]-E[x]^2 would fail
+    w = param(N, wdt, 1.0) if has_w else None
+    b = param(N, wdt) if has_b else None
+    y, mean, rstd = ops.layer_norm_fwd(x, [N], w, b, eps)
+    y_ref, mean_ref, rstd_ref = ln_ref(x, w, b, eps)
+    check(name + " y", y, y_ref, dt, tol_scale=2)
+    check(name + " mean", mean, mean_ref, stats_dtype(dt))
+    check(name + " rstd", rstd, rstd_ref, stats_dtype(dt), tol_scale=10 if shift else 1)
+    dy = make(M, N, dt, aligned)
+    want_b = has_b
+    dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [N], has_w, want_b)
+    dx_ref, dw_ref, db_ref = ln_bwd_ref(dy, x, mean, rstd, w)
+    pdt = wdt if has_w else dt
+    check(name + " dx", dx, dx_ref, dt, tol_scale=4)
+    if has_w:
+        check(name + " dw", dw, dw_ref, pdt, tol_scale=4)
+    elif dw.numel() != 0:
+        failures.append(name + ": dw should be empty")
+    if want_b:
+        check(name + " db", db, db_ref, pdt, tol_scale=4)
+        if db.dtype != pdt:
+            failures.append(name + ": db dtype")
+    elif db.numel() != 0:
+        failures.append(name + ": db should be empty")
+    if has_w or want_b:
+        _, dw2, db2 = ops.layer_norm_bwd(dy, x, mean, rstd, w, [N], has_w, want_b)
+        check(name + " dw/db deterministic", torch.cat([dw2.double().flatten(), db2.double().flatten()]),
+              torch.cat([dw.double().flatten(), db.double().flatten()]), pdt, exact=True)
+
+
+def test_empty():
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.empty(0, 3, 64, device=DEV, dtype=dt)
+        w = param(64, dt, 1.0)
+        b = param(64, dt)
+        y, rstd = ops.rms_norm_fwd(x, [64], w, 1e-6, 0.0)
+        assert y.shape == x.shape and rstd.shape == (0, 3)
+        dx, dw = ops.rms_norm_bwd(x, x, rstd, w, [64], 0.0, None, True)
+        check(f"empty rms dw {tag(dt)}", dw, torch.zeros(64), dt, exact=True)
+        y, mean, rstd = ops.layer_norm_fwd(x, [64], w, b, 1e-5)
+        assert y.shape == x.shape and mean.shape == (0, 3)
+        dx, dw, db = ops.layer_norm_bwd(x, x, mean, rstd, w, [64], True, True)
+        check(f"empty ln dw {tag(dt)}", dw, torch.zeros(64), dt, exact=True)
+        check(f"empty ln db {tag(dt)}", db, torch.zeros(64), dt, exact=True)
+        y, h, rstd = ops.fused_add_rms_norm_fwd(x, x.clone(), [64], w, 1e-6, 0.0)
+        assert y.shape == x.shape and h.shape == x.shape
+        ops.fused_add_rms_norm_inplace(x, x.clone(), [64], w, 1e-6, 0.0)
+
+
+def main():
+    global verbose
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: check the script itself on the CPU ops")
+    args = ap.parse_args()
+    verbose = args.verbose
+    global DEV
+    DEV = args.device
+    torch.manual_seed(0)
+    bf, hf, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+
+    # RMSNorm fwd + bwd: every dtype (+ fp32 weights for bf16/fp16), every size bucket.
+    # bf16 (8 per pack): N=8 (1 pack, 256 rows/block), 64 (sub-warp rows), 1024 (warp per
+    # row), 4096 (block per row, ITEMS=4), 24576 (fwd ITEMS=8; bwd re-reading),
+    # 40968 (re-reading vectorized), 1003 (odd N: scalar), unaligned pointer (scalar).
+    for dt, wdt in ((bf, bf), (bf, f32), (hf, hf), (hf, f32), (f32, f32), (f64, f64)):
+        for M, N in ((300, 8), (300, 64), (257, 1024), (33, 4096)):
+            test_rms(M, N, dt, wdt, off=1.0 if N == 1024 else 0.0)
+        test_rms(7, 1003, dt, wdt)
+        test_rms(9, 1024, dt, wdt, aligned=False, gres=True)
+    for dt in (bf, hf, f32, f64):
+        test_rms(5, 24576, dt, dt)
+        test_rms(3, 40968, dt, dt, gres=True)
+        test_rms(5, 16384, dt, None)                 # no weight (bwd: ones fallback)
+        test_rms(64, 512, dt, dt, want_dw=False)     # no weight grad
+        test_rms(4096, 256, dt, dt, bwd=True)        # M >> N: many rows per block
+    test_rms(64, 1024, hf, hf, scale=2e4)            # fp16 near 6e4: squares in fp32
+    test_rms(4, 20000, bf, f32, aligned=False)       # long unaligned row
+    # Mixed backward: fp32 x (residual stream) with bf16/fp16 grad_out.
+    for gdt in (bf, hf):
+        for wdt in (gdt, f32):
+            test_rms_mixed(129, 2048, gdt, wdt)
+            test_rms_mixed(3, 40960, gdt, wdt, gres=False)
+            test_rms_mixed(5, 1001, gdt, wdt)
+
+    # Fused add + RMSNorm: residual in the input dtype or fp32, in place or not.
+    for dt, rdt in ((bf, bf), (bf, f32), (hf, hf), (hf, f32), (f32, f32), (f64, f64)):
+        wd = f32 if rdt == f32 and dt != f32 else dt
+        for M, N in ((300, 64), (257, 1024), (9, 8192), (5, 24576), (3, 40968)):
+            test_fused(M, N, dt, rdt, wd, off=1.0 if N == 1024 else 0.0)
+        test_fused(7, 1003, dt, rdt, dt)
+        test_fused(9, 2048, dt, rdt, None, aligned=False)
+        test_fused(65, 1024, dt, rdt, wd, inplace=True)
+        test_fused(33, 768, dt, rdt, wd, inplace=True, noncontig=True)
+
+    # LayerNorm fwd + bwd.
+    for dt, wdt in ((bf, bf), (bf, f32), (hf, hf), (hf, f32), (f32, f32), (f64, f64)):
+        for M, N in ((300, 64), (257, 1024), (17, 8192)):
+            test_ln(M, N, dt, wdt)
+        test_ln(7, 1003, dt, wdt)
+        test_ln(9, 1024, dt, wdt, aligned=False)
+    for dt in (bf, f32, f64):
+        test_ln(5, 24576, dt, dt)                    # fwd ITEMS=8; bwd re-reading
+        test_ln(3, 40968, dt, dt)                    # re-reading
+        test_ln(33, 2048, dt, dt, has_w=False, has_b=True)
+        test_ln(33, 2048, dt, dt, has_w=True, has_b=False)
+        test_ln(33, 2048, dt, dt, has_w=False, has_b=False)
+        test_ln(4096, 256, dt, dt)
+    test_ln(64, 4096, f32, f32, shift=1e3)           # stable variance with a large mean
+    test_ln(3, 16384, bf, bf)                        # bwd: shared accumulators too big -> re-read
+
+    test_empty()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+    print(f"{checks} checks, {len(failures)} failures")
+    for f in failures:
+        print("  " + f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
