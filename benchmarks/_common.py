@@ -82,6 +82,9 @@ def machine_slug(device: torch.device) -> str:
 
 
 def git_commit() -> Optional[str]:
+    # The GPU machine gets the working tree without .git: the caller names the commit.
+    if os.environ.get("RMSNORM_EXT_COMMIT"):
+        return os.environ["RMSNORM_EXT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10)

@@ -22,7 +22,9 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)  date $(date -u +%F)"
+# The device machine gets the tree without .git: pass RMSNORM_EXT_COMMIT=<hash> in the command.
+export RMSNORM_EXT_COMMIT=${RMSNORM_EXT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+echo "commit $RMSNORM_EXT_COMMIT  date $(date -u +%F)"
 
 # Extra wheels carried in .whl (Liger-Kernel): installed to /tmp/site, never to the system.
 if ls .whl/*.whl >/dev/null 2>&1; then

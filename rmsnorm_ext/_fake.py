@@ -115,10 +115,12 @@ def _(grad_out, input, rstd, weight, normalized_shape, weight_offset, grad_resid
     check_grad(grad_out, input)
     check_param(weight, "weight", grad_out, normalized_shape)
     check_stats(rstd, "rstd", input, lead)
-    if grad_residual is not None and (grad_residual.shape != input.shape or
-                                      grad_residual.dtype != input.dtype or
-                                      grad_residual.device != input.device):
-        raise ValueError("rmsnorm_ext: grad_residual must match the input's shape and dtype")
+    if grad_residual is not None:
+        if grad_residual.shape != input.shape or grad_residual.dtype != input.dtype:
+            raise ValueError("rmsnorm_ext: grad_residual must match the input's shape and dtype")
+        if grad_residual.device != input.device:
+            raise RuntimeError(f"rmsnorm_ext: grad_residual is on {grad_residual.device} but "
+                               f"the input is on {input.device}")
     dx = torch.empty_like(input, memory_format=torch.contiguous_format)
     return dx, _param_grad(weight, input, compute_weight_grad)
 

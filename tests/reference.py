@@ -43,7 +43,8 @@ def assert_accurate(ours, ref, torch_same_dtype=None, dtype=None, factor=2.0, ul
         scale = ref.abs().max().item() if ref.numel() else 0.0
     eps = torch.finfo(dtype).eps
     if dtype == torch.float64:
-        bound = 64 * eps * max(scale, 1.0)
+        # The float64 reference rounds like we do: allow a few hundred ulps (~6e-14).
+        bound = 256 * eps * max(scale, 1.0)
     else:
         bound = ulps * eps * scale
         if torch_same_dtype is not None:

@@ -262,4 +262,10 @@ inline cudaError_t with_dtype_pair(DType t, DType p, F&& f) {
 }
 
 }  // namespace cuda
+// A product rounded on its own, never contracted into a following add (FMA): used where
+// the same product is formed twice and must cancel exactly, e.g. LayerNorm's
+// g - mean(g) for a row of one element.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 }  // namespace rmsnorm_ext

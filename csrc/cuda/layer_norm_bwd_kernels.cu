@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kLnBwdMaxThreads) ln_bwd_reg_kernel(const LnBw
           for (int j = 0; j < VEC; ++j) {
             const A xh = (to_acc<A>(xv[i].v[j]) - mean) * rstd;
             const A dyf = to_acc<A>(gv[i].v[j]);
-            const A g = dyf * to_acc<A>(wv[i].v[j]);
+            const A g = mul_rn(dyf, to_acc<A>(wv[i].v[j]));
             sg += g;
             sgx += g * xh;
             if (want) {
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kLnBwdMaxThreads) ln_bwd_reg_kernel(const LnBw
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
               const A xh = (to_acc<A>(xv[i].v[j]) - mean) * rstd;
-              const A g = to_acc<A>(gv[i].v[j]) * to_acc<A>(wv[k].v[j]);
+              const A g = mul_rn(to_acc<A>(gv[i].v[j]), to_acc<A>(wv[k].v[j]));
               o.v[j] = from_acc<T>(rstd * (g - mg - xh * mgx));
             }
             store_pack<T, VEC>(dxr, pi, o);
@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kLnBwdMaxThreads)
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
               const A xh = (to_acc<A>(xv[u].v[j]) - mean) * rstd;
-              const A g = to_acc<A>(gv[u].v[j]) * to_acc<A>(wv[u].v[j]);
+              const A g = mul_rn(to_acc<A>(gv[u].v[j]), to_acc<A>(wv[u].v[j]));
               sg += g;
               sgx += g * xh;
             }
@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kLnBwdMaxThreads)
           for (int j = 0; j < VEC; ++j) {
             const A xh = (to_acc<A>(xv[u].v[j]) - mean) * rstd;
             const A dyf = to_acc<A>(gv[u].v[j]);
-            const A g = dyf * to_acc<A>(wv[u].v[j]);
+            const A g = mul_rn(dyf, to_acc<A>(wv[u].v[j]));
             o.v[j] = from_acc<T>(rstd * (g - mg - xh * mgx));
             if (want) {
               aw.v[j] += dyf * xh;
