@@ -45,12 +45,15 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
     for (int64_t i = rb; i < re; ++i) {
       const T* xr = x + i * N;
       V a, b;
-      const auto ts = blocked_row_sum<2, V>(N, S, [&](int64_t j, int64_t n, auto& p) {
-        load_step(xr, j, n, a, b);
+      const auto ts = blocked_row_sum<4, V>(N, 2 * S, [&](int64_t j, int64_t n, auto& p) {
+        V c, d;
+        IO::load2_n(xr + j, n, a, b, c, d);
         p[0] = p[0] + a;
         p[1] = p[1] + b;
+        p[2] = p[2] + c;
+        p[3] = p[3] + d;
       });
-      const A mean = reduce_add(ts[0] + ts[1]) / static_cast<A>(N);
+      const A mean = reduce_add((ts[0] + ts[1]) + (ts[2] + ts[3])) / static_cast<A>(N);
       const V vm(mean);
       const auto tv = blocked_row_sum<2, V>(N, S, [&](int64_t j, int64_t n, auto& p) {
         load_step(xr, j, n, a, b);

@@ -25,13 +25,15 @@ template <typename T>
 acc_t<T> row_sumsq(const T* x, int64_t N) {
   using IO = RowIO<T>;
   using V = typename IO::V;
-  const auto t = blocked_row_sum<2, V>(N, IO::kStep, [&](int64_t j, int64_t n, auto& p) {
-    V a, b;
-    IO::load_n(x + j, n, a, b);
+  const auto t = blocked_row_sum<4, V>(N, 2 * IO::kStep, [&](int64_t j, int64_t n, auto& p) {
+    V a, b, c, d;
+    IO::load2_n(x + j, n, a, b, c, d);
     p[0] = at::vec::fmadd(a, a, p[0]);
     p[1] = at::vec::fmadd(b, b, p[1]);
+    p[2] = at::vec::fmadd(c, c, p[2]);
+    p[3] = at::vec::fmadd(d, d, p[3]);
   });
-  return reduce_add(t[0] + t[1]);
+  return reduce_add((t[0] + t[1]) + (t[2] + t[3]));
 }
 
 template <typename A>

@@ -79,6 +79,18 @@ struct RowIO {
     else load_tail(p, n, a, b);
   }
 
+  // Two steps (n <= 2 * kStep elements) into four vectors: reductions use them as four
+  // independent accumulators, which hides the FMA latency (two chains would stall on it).
+  static inline void load2_n(const T* p, int64_t n, V& a, V& b, V& c, V& d) {
+    load_n(p, std::min(n, kStep), a, b);
+    if (n > kStep) {
+      load_n(p + kStep, n - kStep, c, d);
+    } else {
+      c = V(A(0));
+      d = V(A(0));
+    }
+  }
+
   static inline void store_n(T* p, int64_t n, const V& a, const V& b) {
     if (n == kStep) store(p, a, b);
     else store_tail(p, n, a, b);
