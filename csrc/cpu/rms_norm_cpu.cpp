@@ -107,16 +107,27 @@ void fused_add_rows(const T* x, const R* r, R* h, T* y, acc_t<T>* rstd, const ac
       R* hr = h + i * N;
       // Sum of squares of h as stored (rounded to R), so the fused result equals the
       // unfused add-then-normalize exactly.
-      const auto t = blocked_row_sum<2, V>(N, XIO::kStep, [&](int64_t j, int64_t n, auto& p) {
-        V xa, xb, ra, rb;
-        XIO::load_n(xr + j, n, xa, xb);
-        HIO::load_n(rr + j, n, ra, rb);
-        HIO::store_n(hr + j, n, xa + ra, xb + rb);
-        HIO::load_n(hr + j, n, ra, rb);
+      // Same accumulation order as row_sumsq, so fused and unfused round alike.
+      constexpr int64_t S = XIO::kStep;
+      const auto t = blocked_row_sum<4, V>(N, 2 * S, [&](int64_t j, int64_t n, auto& p) {
+        const int64_t n1 = std::min(n, S);
+        V xa, xb, ra, rb, hc(0), hd(0);
+        XIO::load_n(xr + j, n1, xa, xb);
+        HIO::load_n(rr + j, n1, ra, rb);
+        HIO::store_n(hr + j, n1, xa + ra, xb + rb);
+        HIO::load_n(hr + j, n1, ra, rb);
+        if (n > S) {
+          XIO::load_n(xr + j + S, n - S, xa, xb);
+          HIO::load_n(rr + j + S, n - S, hc, hd);
+          HIO::store_n(hr + j + S, n - S, xa + hc, xb + hd);
+          HIO::load_n(hr + j + S, n - S, hc, hd);
+        }
         p[0] = at::vec::fmadd(ra, ra, p[0]);
         p[1] = at::vec::fmadd(rb, rb, p[1]);
+        p[2] = at::vec::fmadd(hc, hc, p[2]);
+        p[3] = at::vec::fmadd(hd, hd, p[3]);
       });
-      const A rs = rstd_from(reduce_add(t[0] + t[1]), N, eps);
+      const A rs = rstd_from(reduce_add((t[0] + t[1]) + (t[2] + t[3])), N, eps);
       rstd[i] = rs;
       row_scale(static_cast<const R*>(hr), w, rs, N, y + i * N);
     }
