@@ -124,6 +124,27 @@ inline void check_grad(const Tensor& g, const Tensor& input) {
                    "rmsnorm_ext: grad_out dtype ", gt, " is not supported with input dtype ", it);
 }
 
+// residual: same shape and device as the input; dtype the input's, or float32 with a
+// bfloat16/float16 input (an fp32 residual stream).
+inline void check_residual(const Tensor& input, const Tensor& residual) {
+  TORCH_CHECK_VALUE(residual.sizes().equals(input.sizes()), "rmsnorm_ext: residual shape ",
+                    residual.sizes(), " does not match the input shape ", input.sizes());
+  check_same_device(residual, "residual", input, "the input");
+  const auto rt = residual.scalar_type();
+  const auto it = input.scalar_type();
+  TORCH_CHECK_TYPE(rt == it || (rt == at::kFloat && is_reduced_float(it)),
+                   "rmsnorm_ext: residual dtype ", rt, " is not supported with input dtype ", it,
+                   " (use the input's dtype, or float32 with a bfloat16/float16 input)");
+}
+
+// LayerNorm's backward has no mixed activation dtype: grad_out matches the input exactly.
+inline void check_ln_grad(const Tensor& grad_out, const Tensor& input) {
+  check_grad(grad_out, input);
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(),
+                   "rmsnorm_ext: layer_norm_bwd: grad_out dtype ", grad_out.scalar_type(),
+                   " must match the input dtype ", input.scalar_type());
+}
+
 inline Tensor contiguous_or_empty(const std::optional<Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->contiguous() : Tensor();
 }

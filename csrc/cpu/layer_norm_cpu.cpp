@@ -195,10 +195,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
   check_input(input, "input");
   check_cpu(input, "input");
   const auto rs = check_normalized_shape(input, normalized_shape);
-  check_grad(grad_out, input);
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(),
-                   "rmsnorm_ext: layer_norm_bwd: grad_out dtype ", grad_out.scalar_type(),
-                   " must match the input dtype ", input.scalar_type());
+  check_ln_grad(grad_out, input);
   check_param(weight, "weight", input, normalized_shape);
   check_stats(mean, "mean", input, rs.M);
   check_stats(rstd, "rstd", input, rs.M);

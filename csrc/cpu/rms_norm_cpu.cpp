@@ -234,17 +234,6 @@ std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef nor
   return {y, rstd};
 }
 
-void check_residual(const Tensor& input, const Tensor& residual) {
-  TORCH_CHECK_VALUE(residual.sizes().equals(input.sizes()), "rmsnorm_ext: residual shape ",
-                    residual.sizes(), " does not match the input shape ", input.sizes());
-  check_same_device(residual, "residual", input, "the input");
-  const auto rt = residual.scalar_type();
-  const auto it = input.scalar_type();
-  TORCH_CHECK_TYPE(rt == it || (rt == at::kFloat && is_reduced_float(it)),
-                   "rmsnorm_ext: residual dtype ", rt, " is not supported with input dtype ", it,
-                   " (use the input's dtype, or float32 with a bfloat16/float16 input)");
-}
-
 // Runs the fused kernel; x/y may alias and r/h may alias (in-place variant).
 void fused_add_dispatch(const Tensor& x, const Tensor& r, const Tensor& h, const Tensor& y,
                         const Tensor& rstd, const Tensor& w, RowShape rs, double eps,

@@ -86,19 +86,6 @@ const void* ptr_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr() : nullptr;
 }
 
-// residual: same shape and device as the input; dtype the input's, or float32 with a
-// bfloat16/float16 input (an fp32 residual stream).
-void check_residual(const Tensor& input, const Tensor& residual) {
-  TORCH_CHECK_VALUE(residual.sizes().equals(input.sizes()), "rmsnorm_ext: residual shape ",
-                    residual.sizes(), " does not match the input shape ", input.sizes());
-  check_same_device(residual, "residual", input, "the input");
-  const auto rt = residual.scalar_type();
-  const auto it = input.scalar_type();
-  TORCH_CHECK_TYPE(rt == it || (rt == at::kFloat && is_reduced_float(it)),
-                   "rmsnorm_ext: residual dtype ", rt, " is not supported with input dtype ", it,
-                   " (use the input's dtype, or float32 with a bfloat16/float16 input)");
-}
-
 RowShape check_fused(const Tensor& input, const Tensor& residual, at::IntArrayRef ns,
                      const std::optional<Tensor>& weight, double eps, double offset) {
   check_input(input, "input");
@@ -271,10 +258,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
                                                   bool compute_bias_grad) {
   check_input(input, "input");
   const RowShape rs = check_normalized_shape(input, normalized_shape);
-  check_grad(grad_out, input);
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(),
-                   "rmsnorm_ext: layer_norm_bwd: grad_out dtype ", grad_out.scalar_type(),
-                   " must match the input dtype ", input.scalar_type());
+  check_ln_grad(grad_out, input);
   check_stats(mean, "mean", input, rs.M);
   check_stats(rstd, "rstd", input, rs.M);
   check_param(weight, "weight", input, normalized_shape);
