@@ -43,8 +43,11 @@ fi
 
 if want tests; then
   stage "tests (cuda and cpu)"
-  timeout 240 python3 -m pytest -q -x --timeout=120 -p no:cacheprovider tests \
-    -k "not distributed and not huge" --junitxml="$OUT_DIR/pytest.xml" 2>&1 | tail -40
+  # PYTEST_K narrows the run; on the lent machines of 2026-11 a TORCH_CHECK message that
+  # formats a number crashed the process (their toolchain, see benchmarks/results/h200-*),
+  # so e.g. PYTEST_K="cuda and not bad_input" keeps the run alive there.
+  timeout 240 python3 -m pytest -q --timeout=120 -p no:cacheprovider tests \
+    -k "${PYTEST_K:-not distributed and not huge}" --junitxml="$OUT_DIR/pytest.xml" 2>&1 | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "TESTS FAILED"; status=1; }
 fi
 
