@@ -166,7 +166,8 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
       p[0] = at::vec::fmadd(ga, xa, p[0]);
       p[1] = at::vec::fmadd(gb, xb, p[1]);
     });
-    const A k = r * r * r * reduce_add(t[0] + t[1]) / static_cast<A>(N);
+    // (r^2 * mean(g*x)) * r: r^3 alone underflows to a denormal for |x| >~ 1e13 in fp32.
+    const A k = (r * r * (reduce_add(t[0] + t[1]) / static_cast<A>(N))) * r;
     const V vr(r), vk(k);
     for (int64_t j = 0; j < N; j += S) {
       const int64_t n = std::min(S, N - j);
