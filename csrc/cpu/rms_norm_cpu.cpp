@@ -41,9 +41,12 @@ inline A rstd_from(A sumsq, int64_t N, double eps) {
   return A(1) / std::sqrt(sumsq / static_cast<A>(N) + static_cast<A>(eps));
 }
 
-// y = x * rstd * w  (w == nullptr: no weight). x and y may alias.
+// y = x * rstd * w  (w == nullptr: no weight). x and y may alias. `next` (may be null):
+// the row the caller reads next, prefetched while this one is written, so its trip from
+// memory overlaps this row's arithmetic and stores instead of following them.
 template <typename T, typename Y>
-void row_scale(const T* x, const acc_t<T>* w, acc_t<T> rstd, int64_t N, Y* y) {
+void row_scale(const T* x, const acc_t<T>* w, acc_t<T> rstd, int64_t N, Y* y,
+               const void* next = nullptr) {
   using IO = RowIO<T>;
   using OUT = RowIO<Y>;
   using A = acc_t<T>;
@@ -53,7 +56,12 @@ void row_scale(const T* x, const acc_t<T>* w, acc_t<T> rstd, int64_t N, Y* y) {
   const V r(rstd);
   V a, b, wa, wb;
   int64_t j = 0;
+  const char* pf = static_cast<const char*>(next);
+  constexpr int64_t kStepBytes = IO::kStep * static_cast<int64_t>(sizeof(T));
   for (; j + IO::kStep <= N; j += IO::kStep) {
+    if (pf) {
+      for (int64_t o = 0; o < kStepBytes; o += 64) __builtin_prefetch(pf + j * sizeof(T) + o, 0, 3);
+    }
     IO::load(x + j, a, b);
     a = a * r;
     b = b * r;
@@ -85,7 +93,7 @@ void rms_fwd_rows(const T* x, T* y, acc_t<T>* rstd, const acc_t<T>* w, int64_t M
       const T* xr = x + i * N;
       const auto r = rstd_from(row_sumsq(xr, N), N, eps);
       rstd[i] = r;
-      row_scale(xr, w, r, N, y + i * N);
+      row_scale(xr, w, r, N, y + i * N, i + 1 < e ? xr + N : nullptr);
     }
   });
 }
