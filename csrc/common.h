@@ -137,6 +137,25 @@ inline void check_residual(const Tensor& input, const Tensor& residual) {
                    " (use the input's dtype, or float32 with a bfloat16/float16 input)");
 }
 
+// All the arguments of fused_add_rms_norm(_): returns the row view.
+inline RowShape check_fused(const Tensor& input, const Tensor& residual, at::IntArrayRef ns,
+                            const std::optional<Tensor>& weight, double eps, double offset) {
+  check_input(input, "input");
+  check_residual(input, residual);
+  const RowShape rs = check_normalized_shape(input, ns);
+  check_param(weight, "weight", input, ns);
+  check_eps(eps);
+  check_offset(offset);
+  return rs;
+}
+
+// The CPU kernels' own device check (the dispatcher may route a call with a CPU input and
+// a tensor elsewhere to them).
+inline void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "rmsnorm_ext: ", name, " must be a CPU tensor here, got ",
+              t.device());
+}
+
 // LayerNorm's backward has no mixed activation dtype: grad_out matches the input exactly.
 inline void check_ln_grad(const Tensor& grad_out, const Tensor& input) {
   check_grad(grad_out, input);

@@ -16,14 +16,6 @@
 namespace rmsnorm_ext::cpu {
 namespace {
 
-inline int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)); }
-
-template <typename A>
-inline int64_t padded(int64_t N) {
-  constexpr int64_t S = RowIO<A>::kStep;
-  return (N + S - 1) / S * S;
-}
-
 template <typename T, typename V>
 inline void load_step(const T* p, int64_t j, int64_t n, V& a, V& b) {
   RowIO<T>::load_n(p + j, n, a, b);
@@ -158,11 +150,6 @@ void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* 
       store_step(dx + i * N, j, n, (ga - c1 - xa * c2) * vr, (gb - c1 - xb * c2) * vr);
     }
   }
-}
-
-void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "rmsnorm_ext: ", name, " must be a CPU tensor here, got ",
-              t.device());
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,

@@ -8,6 +8,8 @@
 //    is bitwise reproducible for a given thread count.
 #pragma once
 
+#include "vec_io.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -44,6 +46,16 @@ class EffectiveParam {
   const A* ptr_ = nullptr;
   std::vector<A> storage_;
 };
+
+// Rows per parallel task: enough elements that a task outweighs the scheduling cost.
+inline int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)); }
+
+// N rounded up to a whole step of RowIO<A>, so partial rows load and store vector-wide.
+template <typename A>
+inline int64_t padded(int64_t N) {
+  constexpr int64_t S = RowIO<A>::kStep;
+  return (N + S - 1) / S * S;
+}
 
 struct RowChunks {
   int64_t M;

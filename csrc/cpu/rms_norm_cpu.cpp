@@ -18,9 +18,6 @@
 namespace rmsnorm_ext::cpu {
 namespace {
 
-// Rows per parallel task: enough elements that a task outweighs the scheduling cost.
-inline int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)); }
-
 template <typename T>
 acc_t<T> row_sumsq(const T* x, int64_t N) {
   using IO = RowIO<T>;
@@ -204,20 +201,8 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
   }
 }
 
-// Round N up to a whole step so partial rows can be loaded and stored vector-wide.
-template <typename A>
-inline int64_t padded(int64_t N) {
-  constexpr int64_t S = RowIO<A>::kStep;
-  return (N + S - 1) / S * S;
-}
-
 // ---------------------------------------------------------------------------------------
 // Ops
-
-void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "rmsnorm_ext: ", name, " must be a CPU tensor here, got ",
-              t.device());
-}
 
 std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef normalized_shape,
                                         const std::optional<Tensor>& weight, double eps,
@@ -262,13 +247,8 @@ void fused_add_dispatch(const Tensor& x, const Tensor& r, const Tensor& h, const
 std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm_fwd(
     const Tensor& input, const Tensor& residual, at::IntArrayRef normalized_shape,
     const std::optional<Tensor>& weight, double eps, double weight_offset) {
-  check_input(input, "input");
   check_cpu(input, "input");
-  check_residual(input, residual);
-  const auto rs = check_normalized_shape(input, normalized_shape);
-  check_param(weight, "weight", input, normalized_shape);
-  check_eps(eps);
-  check_offset(weight_offset);
+  const auto rs = check_fused(input, residual, normalized_shape, weight, eps, weight_offset);
   const Tensor x = input.contiguous();
   const Tensor r = residual.contiguous();
   const Tensor w = contiguous_or_empty(weight);
@@ -284,13 +264,8 @@ void fused_add_rms_norm_inplace(const Tensor& input, const Tensor& residual,
                                 at::IntArrayRef normalized_shape,
                                 const std::optional<Tensor>& weight, double eps,
                                 double weight_offset) {
-  check_input(input, "input");
   check_cpu(input, "input");
-  check_residual(input, residual);
-  const auto rs = check_normalized_shape(input, normalized_shape);
-  check_param(weight, "weight", input, normalized_shape);
-  check_eps(eps);
-  check_offset(weight_offset);
+  const auto rs = check_fused(input, residual, normalized_shape, weight, eps, weight_offset);
   // Refuse, before writing anything, arguments whose elements share memory: the kernel
   // would write one location twice (an expanded tensor) or read what it already wrote.
   TORCH_CHECK_VALUE(at::has_internal_overlap(input) != at::MemOverlap::Yes,

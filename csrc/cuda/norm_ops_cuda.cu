@@ -86,16 +86,6 @@ const void* ptr_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr() : nullptr;
 }
 
-RowShape check_fused(const Tensor& input, const Tensor& residual, at::IntArrayRef ns,
-                     const std::optional<Tensor>& weight, double eps, double offset) {
-  check_input(input, "input");
-  check_residual(input, residual);
-  const RowShape rs = check_normalized_shape(input, ns);
-  check_param(weight, "weight", input, ns);
-  check_eps(eps);
-  check_offset(offset);
-  return rs;
-}
 
 void run_fused(const Tensor& x, const Tensor& r, const Tensor& w, const Tensor& y,
                const Tensor& h, const Tensor& rstd, RowShape rs, double eps, double offset) {
