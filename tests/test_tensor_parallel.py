@@ -9,7 +9,8 @@ file (tests/_dist_utils.py). They
   redistributes), plus the in-place fused add on local shards and its clear error;
 * train a tiny Llama-style model (rmsnorm_ext.RMSNorm everywhere) with the torchtitan TP
   plan, SequenceParallel on the norms, on 2 ranks, and with FSDP2 x TP on a 2x2 mesh on 4
-  ranks; loss, gradients and parameters after two steps must equal a single-process run.
+  ranks; loss, gradients and parameters after two steps must equal a single-process run;
+* compile the TP model (torch.compile, aot_eager backend) and check its first step.
 """
 import os
 import subprocess
@@ -334,6 +335,15 @@ def _worker(mode, out_path):
         results["functional_errors"] = errors
         model = _tp_plan(_model().to(device), mesh)
         results["train"] = _train(model, tokens, targets, full=_full)
+        # torch.compile of the TP model (aot_eager: dynamo + AOTAutograd through DTensor, our
+        # sharding rules and fake kernels, without inductor's slow codegen): first step
+        compiled = torch.compile(_tp_plan(_model().to(device), mesh), backend="aot_eager",
+                                 fullgraph=False)
+        logits = compiled(tokens)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        loss.backward()
+        results["compiled"] = (loss.detach(), {k: _full(p.grad) for k, p in
+                                               compiled.named_parameters()})
     elif mode == "2d":
         from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh(dev_type, (2, world // 2), mesh_dim_names=("dp", "tp"))
@@ -395,6 +405,14 @@ def test_tp_sequence_parallel_and_functional_ops_on_dtensors():
     res = _run("tp", 2)
     assert not res["functional_errors"], "\n".join(res["functional_errors"])
     _compare_training(res["train"])
+    ref_losses, ref_grads, _ = _train(_model(), *_data())
+    loss, grads = res["compiled"]
+    torch.testing.assert_close(loss, ref_losses[0], rtol=1e-5, atol=0)
+    grads = {k.removeprefix("_orig_mod."): v for k, v in grads.items()}
+    assert grads.keys() == ref_grads.keys()
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"compiled grad {k}: {m}")
 
 
 def test_fsdp2_x_tp_2d_mesh():
