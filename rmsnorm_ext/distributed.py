@@ -27,8 +27,9 @@ The functional ops use torch's public ``torch.distributed.tensor.experimental
 ``import rmsnorm_ext`` does not do it: it only installs a tiny post-import hook. When
 ``torch.distributed.tensor`` is imported (by the user, FSDP2, torch.compile...), the hook
 registers a ``torch.library.register_torch_dispatch`` rule for ``DTensor`` on each of our
-ops; the first DTensor that reaches one of them registers the sharding rules (and imports
-``register_sharding``), then every call is handed to DTensor's own dispatch. Call
+ops (this imports nothing); the first DTensor that reaches one of them registers the
+sharding rules (importing ``register_sharding``) and removes those dispatch rules, so from
+then on DTensor's own dispatch serves every call at no extra cost. Call
 :func:`register_sharding_rules` to do it eagerly. A torch without ``register_sharding``
 gets a ``RuntimeError`` that says so when a DTensor reaches our ops.
 
@@ -178,8 +179,8 @@ def register_sharding_rules():
                 f"rmsnorm_ext: a DTensor reached an rmsnorm_ext op, but torch {torch.__version__} "
                 "lacks the API the sharding rules are registered with "
                 "(torch.distributed.tensor.experimental.register_sharding and DTensor's "
-                f"sharding propagator): {e}. Use torch >= 2.6 (tested with 2.14), or call the "
-                "op on local tensors (dtensor.full_tensor() / to_local()).") from e
+                f"sharding propagator): {e}. Use a torch that has it (tested with 2.14), or call "
+                "the op on local tensors (dtensor.full_tensor() / to_local()).") from e
         for name, roles in _OUTPUT_ROLES.items():
             op = _op(name)
             register_sharding(op)(sharding_rule(op, roles))
