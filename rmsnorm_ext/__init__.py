@@ -14,6 +14,9 @@ from .functional import (fused_add_rms_norm, fused_add_rms_norm_, layer_norm,  #
                          rms_norm)
 from .modules import LayerNorm, RMSNorm  # noqa: E402
 from .replace import replace_norms  # noqa: E402
+from . import distributed  # noqa: E402  (DTensor rules: registered lazily, see distributed.py)
+
+distributed._install()
 
 __version__ = "0.1.0"
 
