@@ -1,8 +1,10 @@
 """Fake (meta) kernels: output shapes and dtypes without computing, so the ops trace
 under torch.compile(fullgraph=True) and run on meta tensors.
 
-They validate arguments with the same rules and messages as csrc/common.h, so a bad
-call fails at trace time exactly as it would fail eagerly.
+They apply the host layer's rules (csrc/common.h, csrc/host/*.cpp) in the same order, with
+the same exception types and messages, so a bad call fails at trace time exactly as it
+fails eagerly on any device; tests/test_same_errors.py compares them. Messages print dtypes
+and numbers the way C++ does (``Float``, ``1e-05``).
 """
 import math
 
@@ -10,6 +12,24 @@ import torch
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _REDUCED = (torch.bfloat16, torch.float16)
+
+# c10::ScalarType names, as the C++ checks print them.
+_C10_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+    torch.float16: "Half", torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short",
+    torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool",
+    torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+    torch.float8_e4m3fn: "Float8_e4m3fn", torch.float8_e5m2: "Float8_e5m2",
+}
+
+
+def dt(dtype):
+    return _C10_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def num(v):
+    """A double as C++'s default ostream prints it (6 significant digits)."""
+    return f"{v:g}"
 
 
 def _stats_dtype(dtype):
@@ -19,48 +39,52 @@ def _stats_dtype(dtype):
 def check_input(x, name="input"):
     if x.dtype not in _FLOATS:
         raise TypeError(f"rmsnorm_ext: {name} must be float32, float64, bfloat16 or float16, "
-                        f"got {x.dtype}")
+                        f"got {dt(x.dtype)}")
 
 
 def check_normalized_shape(x, normalized_shape):
-    ns = tuple(normalized_shape)
+    """Returns the leading (statistics) shape."""
+    ns = list(normalized_shape)
     if not ns:
         raise ValueError("rmsnorm_ext: normalized_shape must have at least one dimension")
-    if x.dim() < len(ns) or tuple(x.shape[x.dim() - len(ns):]) != ns:
-        raise ValueError(f"rmsnorm_ext: normalized_shape {list(ns)} does not match the input's "
-                         f"trailing dimensions: input shape {list(x.shape)}")
-    return x.shape[:x.dim() - len(ns)]
+    nd = len(ns)
+    if x.dim() < nd:
+        raise ValueError(f"rmsnorm_ext: normalized_shape {ns} has more dimensions than the "
+                         f"input of shape {list(x.shape)}")
+    if list(x.shape[x.dim() - nd:]) != ns:
+        raise ValueError(f"rmsnorm_ext: normalized_shape {ns} does not match the input's "
+                         f"trailing dimensions: input shape {list(x.shape)} (expected "
+                         f"input.shape[-{nd}:] == normalized_shape)")
+    return x.shape[:x.dim() - nd]
+
+
+def check_same_device(a, an, b, bn):
+    if a.device != b.device:
+        raise RuntimeError(f"rmsnorm_ext: {an} is on {a.device} but {bn} is on {b.device}; "
+                           "move them to the same device")
 
 
 def check_param(p, name, x, normalized_shape):
     if p is None:
         return
-    if tuple(p.shape) != tuple(normalized_shape):
+    if list(p.shape) != list(normalized_shape):
         raise ValueError(f"rmsnorm_ext: {name} must have shape normalized_shape "
                          f"{list(normalized_shape)}, got {list(p.shape)}")
-    if p.device != x.device:
-        raise RuntimeError(f"rmsnorm_ext: {name} is on {p.device} but the input is on "
-                           f"{x.device}; move them to the same device")
+    check_same_device(p, name, x, "the input")
     if not (p.dtype == x.dtype or (p.dtype == torch.float32 and x.dtype in _REDUCED)):
-        raise TypeError(f"rmsnorm_ext: {name} dtype {p.dtype} is not supported with input "
-                        f"dtype {x.dtype}")
+        raise TypeError(f"rmsnorm_ext: {name} dtype {dt(p.dtype)} is not supported with input "
+                        f"dtype {dt(x.dtype)} (use the input's dtype, or float32 with a "
+                        "bfloat16/float16 input)")
 
 
 def check_eps(eps):
     if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"rmsnorm_ext: eps must be a finite number >= 0, got {eps}")
+        raise ValueError(f"rmsnorm_ext: eps must be a finite number >= 0, got {num(eps)}")
 
 
-def check_residual(x, r):
-    if r.shape != x.shape:
-        raise ValueError(f"rmsnorm_ext: residual shape {list(r.shape)} does not match the "
-                         f"input shape {list(x.shape)}")
-    if r.device != x.device:
-        raise RuntimeError(f"rmsnorm_ext: residual is on {r.device} but the input is on "
-                           f"{x.device}; move them to the same device")
-    if not (r.dtype == x.dtype or (r.dtype == torch.float32 and x.dtype in _REDUCED)):
-        raise TypeError(f"rmsnorm_ext: residual dtype {r.dtype} is not supported with input "
-                        f"dtype {x.dtype}")
+def check_offset(weight_offset):
+    if not math.isfinite(weight_offset):
+        raise ValueError(f"rmsnorm_ext: weight_offset must be finite, got {num(weight_offset)}")
 
 
 def check_stats(s, name, x, lead):
@@ -71,23 +95,104 @@ def check_stats(s, name, x, lead):
         raise RuntimeError(f"rmsnorm_ext: {name} must have one value per row ({rows} rows), "
                            f"got {s.numel()}")
     if s.dtype != _stats_dtype(x.dtype):
-        raise RuntimeError(f"rmsnorm_ext: {name} must be {_stats_dtype(x.dtype)}, got {s.dtype}")
-    if s.device != x.device:
-        raise RuntimeError(f"rmsnorm_ext: {name} is on {s.device} but the input is on {x.device}")
+        raise RuntimeError(f"rmsnorm_ext: {name} must be {dt(_stats_dtype(x.dtype))}, got "
+                           f"{dt(s.dtype)}")
+    check_same_device(s, name, x, "the input")
 
 
-def check_grad(g, x, same_dtype=False):
+def check_grad(g, x):
     if g.shape != x.shape:
         raise ValueError(f"rmsnorm_ext: grad_out shape {list(g.shape)} does not match the input "
                          f"shape {list(x.shape)}")
-    if g.device != x.device:
-        raise RuntimeError(f"rmsnorm_ext: grad_out is on {g.device} but the input is on "
-                           f"{x.device}")
-    ok = g.dtype == x.dtype or (not same_dtype and x.dtype == torch.float32 and
-                                g.dtype in _REDUCED)
-    if not ok:
-        raise TypeError(f"rmsnorm_ext: grad_out dtype {g.dtype} is not supported with input "
-                        f"dtype {x.dtype}")
+    check_same_device(g, "grad_out", x, "the input")
+    if not (g.dtype == x.dtype or (x.dtype == torch.float32 and g.dtype in _REDUCED)):
+        raise TypeError(f"rmsnorm_ext: grad_out dtype {dt(g.dtype)} is not supported with input "
+                        f"dtype {dt(x.dtype)}")
+
+
+def check_ln_grad(g, x):
+    check_grad(g, x)
+    if g.dtype != x.dtype:
+        raise TypeError(f"rmsnorm_ext: layer_norm_bwd: grad_out dtype {dt(g.dtype)} must match "
+                        f"the input dtype {dt(x.dtype)}")
+
+
+def check_grad_residual(g, x):
+    if g.shape != x.shape:
+        raise ValueError(f"rmsnorm_ext: grad_residual shape {list(g.shape)} does not match the "
+                         f"input shape {list(x.shape)}")
+    check_same_device(g, "grad_residual", x, "the input")
+    if g.dtype != x.dtype:
+        raise TypeError(f"rmsnorm_ext: grad_residual dtype {dt(g.dtype)} must match the input "
+                        f"dtype {dt(x.dtype)}")
+
+
+def check_residual(x, r):
+    if r.shape != x.shape:
+        raise ValueError(f"rmsnorm_ext: residual shape {list(r.shape)} does not match the "
+                         f"input shape {list(x.shape)}")
+    check_same_device(r, "residual", x, "the input")
+    if not (r.dtype == x.dtype or (r.dtype == torch.float32 and x.dtype in _REDUCED)):
+        raise TypeError(f"rmsnorm_ext: residual dtype {dt(r.dtype)} is not supported with input "
+                        f"dtype {dt(x.dtype)} (use the input's dtype, or float32 with a "
+                        "bfloat16/float16 input)")
+
+
+def check_same_param_dtype(w, b):
+    if w is not None and b is not None and w.dtype != b.dtype:
+        raise TypeError(f"rmsnorm_ext: weight dtype {dt(w.dtype)} and bias dtype {dt(b.dtype)} "
+                        "must match")
+
+
+def check_fused(x, r, normalized_shape, weight, eps, weight_offset):
+    check_input(x)
+    check_residual(x, r)
+    lead = check_normalized_shape(x, normalized_shape)
+    check_param(weight, "weight", x, normalized_shape)
+    check_eps(eps)
+    check_offset(weight_offset)
+    return lead
+
+
+def _non_overlapping_and_dense(t):
+    """Whether the elements fill a contiguous block, in some order of the dims (c10's
+    is_non_overlapping_and_dense)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for i in sorted(range(t.dim()), key=lambda i: (t.stride(i), t.size(i))):
+        if t.size(i) == 1:
+            continue
+        if t.stride(i) != expected:
+            return False
+        expected *= t.size(i)
+    return True
+
+
+def _has_internal_overlap(t):
+    """at::has_internal_overlap == MemOverlap::Yes: a dim of size > 1 with stride 0."""
+    if _non_overlapping_and_dense(t):
+        return False
+    return any(t.stride(i) == 0 and t.size(i) > 1 for i in range(t.dim()))
+
+
+def check_inplace_operands(a, an, b, bn, op):
+    """at::has_internal_overlap / at::get_overlap_status, as csrc/common.h applies them."""
+    for t, n in ((a, an), (b, bn)):
+        if _has_internal_overlap(t):
+            raise ValueError(f"rmsnorm_ext: {op}: {n} has elements that share memory (expanded "
+                             "or overlapping); it cannot be written in place")
+    if a.numel() == 0 or b.numel() == 0:
+        return
+    overlap = a is b
+    if (not overlap and _non_overlapping_and_dense(a) and _non_overlapping_and_dense(b)
+            and a.untyped_storage()._cdata == b.untyped_storage()._cdata):
+        # Byte ranges of the elements in the shared storage (dense, so begin..begin+numel).
+        a0, b0 = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
+        overlap = a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+    if overlap:
+        raise ValueError(f"rmsnorm_ext: {op}: {an} and {bn} overlap in memory; they cannot "
+                         "both be written in place")
 
 
 def _stats(x, lead):
@@ -98,13 +203,18 @@ def _param_grad(p, x, want):
     return p.new_empty(p.shape) if (want and p is not None) else x.new_empty((0,))
 
 
+def _like(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("rmsnorm_ext::rms_norm_fwd")
 def _(input, normalized_shape, weight, eps, weight_offset):
     check_input(input)
     lead = check_normalized_shape(input, normalized_shape)
     check_param(weight, "weight", input, normalized_shape)
     check_eps(eps)
-    return torch.empty_like(input, memory_format=torch.contiguous_format), _stats(input, lead)
+    check_offset(weight_offset)
+    return _like(input), _stats(input, lead)
 
 
 @torch.library.register_fake("rmsnorm_ext::rms_norm_bwd")
@@ -115,14 +225,10 @@ def _(grad_out, input, rstd, weight, normalized_shape, weight_offset, grad_resid
     check_grad(grad_out, input)
     check_param(weight, "weight", grad_out, normalized_shape)
     check_stats(rstd, "rstd", input, lead)
+    check_offset(weight_offset)
     if grad_residual is not None:
-        if grad_residual.shape != input.shape or grad_residual.dtype != input.dtype:
-            raise ValueError("rmsnorm_ext: grad_residual must match the input's shape and dtype")
-        if grad_residual.device != input.device:
-            raise RuntimeError(f"rmsnorm_ext: grad_residual is on {grad_residual.device} but "
-                               f"the input is on {input.device}")
-    dx = torch.empty_like(input, memory_format=torch.contiguous_format)
-    return dx, _param_grad(weight, input, compute_weight_grad)
+        check_grad_residual(grad_residual, input)
+    return _like(input), _param_grad(weight, input, compute_weight_grad)
 
 
 @torch.library.register_fake("rmsnorm_ext::layer_norm_fwd")
@@ -131,9 +237,9 @@ def _(input, normalized_shape, weight, bias, eps):
     lead = check_normalized_shape(input, normalized_shape)
     check_param(weight, "weight", input, normalized_shape)
     check_param(bias, "bias", input, normalized_shape)
+    check_same_param_dtype(weight, bias)
     check_eps(eps)
-    y = torch.empty_like(input, memory_format=torch.contiguous_format)
-    return y, _stats(input, lead), _stats(input, lead)
+    return _like(input), _stats(input, lead), _stats(input, lead)
 
 
 @torch.library.register_fake("rmsnorm_ext::layer_norm_bwd")
@@ -141,34 +247,24 @@ def _(grad_out, input, mean, rstd, weight, normalized_shape, compute_weight_grad
       compute_bias_grad):
     check_input(input)
     lead = check_normalized_shape(input, normalized_shape)
-    check_grad(grad_out, input, same_dtype=True)
+    check_ln_grad(grad_out, input)
     check_param(weight, "weight", input, normalized_shape)
     check_stats(mean, "mean", input, lead)
     check_stats(rstd, "rstd", input, lead)
-    dx = torch.empty_like(input, memory_format=torch.contiguous_format)
     pdtype = weight.dtype if weight is not None else input.dtype
     db = (input.new_empty(tuple(normalized_shape), dtype=pdtype) if compute_bias_grad
           else input.new_empty((0,)))
-    return dx, _param_grad(weight, input, compute_weight_grad), db
+    return _like(input), _param_grad(weight, input, compute_weight_grad), db
 
 
 @torch.library.register_fake("rmsnorm_ext::fused_add_rms_norm_fwd")
 def _(input, residual, normalized_shape, weight, eps, weight_offset):
-    check_input(input)
-    check_residual(input, residual)
-    lead = check_normalized_shape(input, normalized_shape)
-    check_param(weight, "weight", input, normalized_shape)
-    check_eps(eps)
-    y = torch.empty_like(input, memory_format=torch.contiguous_format)
-    h = torch.empty_like(residual, memory_format=torch.contiguous_format)
-    return y, h, _stats(input, lead)
+    lead = check_fused(input, residual, normalized_shape, weight, eps, weight_offset)
+    return _like(input), _like(residual), _stats(input, lead)
 
 
 @torch.library.register_fake("rmsnorm_ext::fused_add_rms_norm_inplace")
 def _(input, residual, normalized_shape, weight, eps, weight_offset):
-    check_input(input)
-    check_residual(input, residual)
-    check_normalized_shape(input, normalized_shape)
-    check_param(weight, "weight", input, normalized_shape)
-    check_eps(eps)
+    check_fused(input, residual, normalized_shape, weight, eps, weight_offset)
+    check_inplace_operands(input, "input", residual, "residual", "fused_add_rms_norm_")
     return None
