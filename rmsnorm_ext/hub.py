@@ -22,7 +22,7 @@ Both layers have a backward (``has_backward = True``) and compile without graph 
 inference and ``torch.compile``; ``kernels`` 0.17 supports ``"cpu"`` as a device type, so the
 mapping covers ``"cpu"`` and ``"cuda"``.
 
-Numerics, as :class:`rmsnorm_ext.replace.HFRMSNorm` (the ``replace_norms`` route; both give
+Numerics, as :class:`rmsnorm_ext.modules.HFRMSNorm` (the ``replace_norms`` route; both give
 identical results): statistics in fp32, ``x * rstd * w`` rounded once. The output dtype is
 Llama's, ``promote_types(input, weight)``; models whose norm returns the input dtype
 (Olmo2, GPT-OSS, ...) only differ when the weight is wider than the activations (an fp32
@@ -33,25 +33,9 @@ from typing import Dict, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .functional import rms_norm
+from .modules import hf_rms_norm as _hf_rms_norm
 
 __all__ = ["RMSNorm", "RMSNormZeroCentered", "kernel_mapping", "kernelize", "LAYERS"]
-
-_REDUCED = (torch.bfloat16, torch.float16)
-
-
-def _weight_for(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # The kernels take the weight in the input dtype, or fp32 with bf16/fp16 input; other
-    # combinations (a bf16 weight with fp32 input) are upcast, which is exact.
-    if w.dtype == x.dtype or (w.dtype == torch.float32 and x.dtype in _REDUCED):
-        return w
-    return w.to(torch.float32 if x.dtype in _REDUCED else x.dtype)
-
-
-def _hf_rms_norm(x, weight, eps, weight_offset, out_dtype):
-    y = rms_norm(x, weight.shape, _weight_for(weight, x), eps, weight_offset=weight_offset)
-    return y if y.dtype == out_dtype else y.to(out_dtype)
-
 
 # The ``kernels`` layer contract: no __init__ and no members besides forward,
 # has_backward and can_torch_compile (kernels validates this); forward has the replaced

@@ -60,65 +60,16 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .functional import rms_norm
-from .modules import LayerNorm, RMSNorm
+from .modules import HFRMSNorm, LayerNorm, RMSNorm
 
 __all__ = ["replace_norms", "HFRMSNorm"]
 
-_REDUCED = (torch.bfloat16, torch.float16)
-_OUT_POLICIES = ("promote", "input", "weight")
 _HOOK_DICTS = (
     "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
     "_backward_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
     "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
 )
-
-
-class HFRMSNorm(RMSNorm):
-    """Replacement for Hugging Face-style RMSNorm modules, computed by rmsnorm_ext's kernels.
-
-    A :class:`rmsnorm_ext.RMSNorm` that also keeps the HF attribute names (``weight``,
-    ``eps`` and ``variance_epsilon``, the latter two aliases of each other) and the replaced
-    module's output-dtype rule ``out_dtype``: ``"promote"`` (Llama: ``promote_types(x, w)``),
-    ``"input"`` (Gemma) or ``"weight"`` (T5). ``weight_offset=1.0`` gives Gemma's ``1 + w``
-    (added in fp32). See :mod:`rmsnorm_ext.replace` for the numeric differences from HF.
-    """
-
-    def __init__(self, normalized_shape, eps: float = 1e-6, device=None, dtype=None, *,
-                 weight_offset: float = 0.0, out_dtype: str = "promote"):
-        if out_dtype not in _OUT_POLICIES:
-            raise ValueError(f"rmsnorm_ext: out_dtype must be one of {_OUT_POLICIES}, "
-                             f"got {out_dtype!r}")
-        super().__init__(normalized_shape, float(eps), True, device=device, dtype=dtype,
-                         weight_offset=weight_offset)
-        self.out_dtype = out_dtype
-
-    @property
-    def variance_epsilon(self) -> float:
-        return self.eps
-
-    @variance_epsilon.setter
-    def variance_epsilon(self, value: float) -> None:
-        self.eps = value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if not (w.dtype == x.dtype or (w.dtype == torch.float32 and x.dtype in _REDUCED)):
-            # Kernel takes weight in the input dtype or fp32; upcasting is exact for the
-            # usual cases (bf16/fp16 weight with fp32 input).
-            w = w.to(torch.float32 if x.dtype in _REDUCED else x.dtype)
-        y = rms_norm(x, self.normalized_shape, w, self.eps, weight_offset=self.weight_offset)
-        if self.out_dtype == "input":
-            out = x.dtype
-        elif self.out_dtype == "weight":
-            out = self.weight.dtype
-        else:
-            out = torch.promote_types(x.dtype, self.weight.dtype)
-        return y if y.dtype == out else y.to(out)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", out_dtype={self.out_dtype!r}"
 
 
 # ---------------------------------------------------------------------------------------
