@@ -24,6 +24,52 @@ def ln_ref(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return F.layer_norm(x.double(), normalized_shape, w, b, eps)
 
 
+# Row-wise references with their statistics (last dim normalized), for the kernel-path
+# checks of tests/cuda_paths.py: forward (y, stats) and backward (dx, dweight[, dbias]).
+
+def rms_rows_ref(x, w, eps, off):
+    xd = x.double()
+    rstd = 1.0 / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    y = xd * rstd
+    if w is not None:
+        y = y * (off + w.double())
+    return y, rstd.squeeze(-1)
+
+
+def rms_rows_bwd_ref(dy, x, rstd, w, off, gres):
+    xd, dyd, r = x.double(), dy.double(), rstd.double().unsqueeze(-1)
+    g = dyd * (off + w.double()) if w is not None else dyd
+    dx = r * (g - xd * r * r * (g * xd).mean(-1, keepdim=True))
+    if gres is not None:
+        dx = dx + gres.double()
+    dw = (dyd * xd * r).reshape(-1, x.shape[-1]).sum(0) if w is not None else None
+    return dx, dw
+
+
+def ln_rows_ref(x, w, b, eps):
+    xd = x.double()
+    mean = xd.mean(-1, keepdim=True)
+    var = (xd - mean).pow(2).mean(-1, keepdim=True)
+    rstd = 1.0 / torch.sqrt(var + eps)
+    y = (xd - mean) * rstd
+    if w is not None:
+        y = y * w.double()
+    if b is not None:
+        y = y + b.double()
+    return y, mean.squeeze(-1), rstd.squeeze(-1)
+
+
+def ln_rows_bwd_ref(dy, x, mean, rstd, w):
+    xd, dyd = x.double(), dy.double()
+    m, r = mean.double().unsqueeze(-1), rstd.double().unsqueeze(-1)
+    xh = (xd - m) * r
+    g = dyd * w.double() if w is not None else dyd
+    dx = r * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))
+    dw = (dyd * xh).reshape(-1, x.shape[-1]).sum(0)
+    db = dyd.reshape(-1, x.shape[-1]).sum(0)
+    return dx, dw, db
+
+
 def max_err(a, ref):
     if a.numel() == 0:
         return 0.0

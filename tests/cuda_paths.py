@@ -1,9 +1,11 @@
 """Hit every CUDA kernel path of rmsnorm_ext once and check it against a float64 reference.
 
-Runs in seconds (and is meant to also run under compute-sanitizer memcheck / racecheck /
-initcheck). Exits non-zero on any mismatch.
+Runs in seconds, also under compute-sanitizer memcheck / racecheck / initcheck
+(benchmarks/gpu_check.sh runs it as a script). tests/test_cuda_paths.py runs it under
+pytest: on cuda when a GPU is present, and always on cpu, which checks this harness itself
+(and the CPU kernels on the same cases). Exits non-zero on any mismatch.
 
-    python benchmarks/cuda_paths.py [-v]
+    python tests/cuda_paths.py [-v] [--quick] [--device cuda|cpu]
 
 Path selection (csrc/cuda/cuda_utils.cuh pick_row_config): a row of N elements is
 P = N / VEC packs (VEC = 16 bytes / element size of the narrowest streamed dtype) when
@@ -18,6 +20,10 @@ import sys
 import torch
 
 import rmsnorm_ext  # noqa: F401  (loads the ops)
+from reference import ln_rows_bwd_ref as ln_bwd_ref
+from reference import ln_rows_ref as ln_ref
+from reference import rms_rows_bwd_ref as rms_bwd_ref
+from reference import rms_rows_ref as rms_ref
 
 ops = torch.ops.rmsnorm_ext
 DEV = "cuda"
@@ -77,26 +83,7 @@ def tag(dt):
 
 # ------------------------------------------------------------------------------ RMSNorm
 
-def rms_ref(x, w, eps, off):
-    xd = x.double()
-    rstd = 1.0 / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
-    y = xd * rstd
-    if w is not None:
-        y = y * (off + w.double())
-    return y, rstd.squeeze(-1)
-
-
-def rms_bwd_ref(dy, x, rstd, w, off, gres):
-    xd, dyd, r = x.double(), dy.double(), rstd.double().unsqueeze(-1)
-    g = dyd * (off + w.double()) if w is not None else dyd
-    dx = r * (g - xd * r * r * (g * xd).mean(-1, keepdim=True))
-    if gres is not None:
-        dx = dx + gres.double()
-    dw = (dyd * xd * r).reshape(-1, x.shape[-1]).sum(0) if w is not None else None
-    return dx, dw
-
-
-def test_rms(M, N, dt, wdt, aligned=True, off=0.0, eps=1e-6, bwd=True, gres=False,
+def check_rms(M, N, dt, wdt, aligned=True, off=0.0, eps=1e-6, bwd=True, gres=False,
              want_dw=True, scale=1.0):
     name = f"rms M={M} N={N} {tag(dt)} w={tag(wdt) if wdt else None} al={aligned} off={off}"
     x = make(M, N, dt, aligned, scale)
@@ -125,7 +112,7 @@ def test_rms(M, N, dt, wdt, aligned=True, off=0.0, eps=1e-6, bwd=True, gres=Fals
         failures.append(name + ": dw should be empty")
 
 
-def test_rms_mixed(M, N, gdt, wdt, gres=True):
+def check_rms_mixed(M, N, gdt, wdt, gres=True):
     """rms_norm_bwd with fp32 x (fp32 residual stream) and bf16/fp16 grad_out."""
     name = f"rms-mixed-bwd M={M} N={N} g={tag(gdt)} w={tag(wdt)}"
     x = make(M, N, torch.float32)
@@ -141,7 +128,7 @@ def test_rms_mixed(M, N, gdt, wdt, gres=True):
         failures.append(name + ": dtypes")
 
 
-def test_fused(M, N, dt, rdt, wdt, aligned=True, off=0.0, inplace=False, noncontig=False):
+def check_fused(M, N, dt, rdt, wdt, aligned=True, off=0.0, inplace=False, noncontig=False):
     name = (f"fused M={M} N={N} {tag(dt)} r={tag(rdt)} w={tag(wdt) if wdt else None} "
             f"al={aligned} inplace={inplace} nc={noncontig}")
     eps = 1e-5
@@ -169,31 +156,7 @@ def test_fused(M, N, dt, rdt, wdt, aligned=True, off=0.0, inplace=False, noncont
 
 # ---------------------------------------------------------------------------- LayerNorm
 
-def ln_ref(x, w, b, eps):
-    xd = x.double()
-    mean = xd.mean(-1, keepdim=True)
-    var = (xd - mean).pow(2).mean(-1, keepdim=True)
-    rstd = 1.0 / torch.sqrt(var + eps)
-    y = (xd - mean) * rstd
-    if w is not None:
-        y = y * w.double()
-    if b is not None:
-        y = y + b.double()
-    return y, mean.squeeze(-1), rstd.squeeze(-1)
-
-
-def ln_bwd_ref(dy, x, mean, rstd, w):
-    xd, dyd = x.double(), dy.double()
-    m, r = mean.double().unsqueeze(-1), rstd.double().unsqueeze(-1)
-    xh = (xd - m) * r
-    g = dyd * w.double() if w is not None else dyd
-    dx = r * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))
-    dw = (dyd * xh).reshape(-1, x.shape[-1]).sum(0)
-    db = dyd.reshape(-1, x.shape[-1]).sum(0)
-    return dx, dw, db
-
-
-def test_ln(M, N, dt, wdt, aligned=True, has_w=True, has_b=True, shift=0.0):
+def check_ln(M, N, dt, wdt, aligned=True, has_w=True, has_b=True, shift=0.0):
     name = f"ln M={M} N={N} {tag(dt)} w={tag(wdt)} al={aligned} w?={has_w} b?={has_b}"
     eps = 1e-5
     x = make(M, N, dt, aligned)
@@ -228,7 +191,7 @@ def test_ln(M, N, dt, wdt, aligned=True, has_w=True, has_b=True, shift=0.0):
               torch.cat([dw.double().flatten(), db.double().flatten()]), pdt, exact=True)
 
 
-def test_empty():
+def check_empty():
     for dt in (torch.float32, torch.bfloat16):
         x = torch.empty(0, 3, 64, device=DEV, dtype=dt)
         w = param(64, dt, 1.0)
@@ -247,76 +210,91 @@ def test_empty():
         ops.fused_add_rms_norm_inplace(x, x.clone(), [64], w, 1e-6, 0.0)
 
 
-def main():
-    global verbose
-    ap = argparse.ArgumentParser()
-    ap.add_argument("-v", "--verbose", action="store_true")
-    ap.add_argument("--device", default="cuda", help="cpu: check the script itself on the CPU ops")
-    args = ap.parse_args()
-    verbose = args.verbose
-    global DEV
-    DEV = args.device
+def run_all(device="cuda", quick=False, verbose_=False):
+    """Runs every check on `device`; returns the list of failures (empty: all passed).
+    quick: one shape per path family (the compute-sanitizer runs, ~10x slower)."""
+    global DEV, verbose, checks
+    DEV, verbose, checks = device, verbose_, 0
+    failures.clear()
     torch.manual_seed(0)
     bf, hf, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+    # Quick: every size bucket and path, in fewer dtype combinations.
+    pairs = ((bf, f32), (f32, f32)) if quick else ((bf, bf), (bf, f32), (hf, hf), (hf, f32),
+                                                   (f32, f32), (f64, f64))
+    singles = (bf, f32) if quick else (bf, hf, f32, f64)
 
     # RMSNorm fwd + bwd: every dtype (+ fp32 weights for bf16/fp16), every size bucket.
     # bf16 (8 per pack): N=8 (1 pack, 256 rows/block), 64 (sub-warp rows), 1024 (warp per
     # row), 4096 (block per row, ITEMS=4), 24576 (fwd ITEMS=8; bwd re-reading),
     # 40968 (re-reading vectorized), 1003 (odd N: scalar), unaligned pointer (scalar).
-    for dt, wdt in ((bf, bf), (bf, f32), (hf, hf), (hf, f32), (f32, f32), (f64, f64)):
+    for dt, wdt in pairs:
         for M, N in ((300, 8), (300, 64), (257, 1024), (33, 4096)):
-            test_rms(M, N, dt, wdt, off=1.0 if N == 1024 else 0.0)
-        test_rms(7, 1003, dt, wdt)
-        test_rms(9, 1024, dt, wdt, aligned=False, gres=True)
-    for dt in (bf, hf, f32, f64):
-        test_rms(5, 24576, dt, dt)
-        test_rms(3, 40968, dt, dt, gres=True)
-        test_rms(5, 16384, dt, None)                 # no weight (bwd: ones fallback)
-        test_rms(64, 512, dt, dt, want_dw=False)     # no weight grad
-        test_rms(4096, 256, dt, dt, bwd=True)        # M >> N: many rows per block
-    test_rms(64, 1024, hf, hf, scale=2e4)            # fp16 near 6e4: squares in fp32
-    test_rms(4, 20000, bf, f32, aligned=False)       # long unaligned row
+            check_rms(M, N, dt, wdt, off=1.0 if N == 1024 else 0.0)
+        check_rms(7, 1003, dt, wdt)
+        check_rms(9, 1024, dt, wdt, aligned=False, gres=True)
+    for dt in singles:
+        check_rms(5, 24576, dt, dt)
+        check_rms(3, 40968, dt, dt, gres=True)
+        check_rms(5, 16384, dt, None)                 # no weight (bwd: ones fallback)
+        check_rms(64, 512, dt, dt, want_dw=False)     # no weight grad
+        check_rms(4096, 256, dt, dt, bwd=True)        # M >> N: many rows per block
+    check_rms(64, 1024, hf, hf, scale=2e4)            # fp16 near 6e4: squares in fp32
+    check_rms(4, 20000, bf, f32, aligned=False)       # long unaligned row
     # Mixed backward: fp32 x (residual stream) with bf16/fp16 grad_out.
     for gdt in (bf, hf):
         for wdt in (gdt, f32):
-            test_rms_mixed(129, 2048, gdt, wdt)
-            test_rms_mixed(3, 40960, gdt, wdt, gres=False)
-            test_rms_mixed(5, 1001, gdt, wdt)
+            check_rms_mixed(129, 2048, gdt, wdt)
+            check_rms_mixed(3, 40960, gdt, wdt, gres=False)
+            check_rms_mixed(5, 1001, gdt, wdt)
 
     # Fused add + RMSNorm: residual in the input dtype or fp32, in place or not.
-    for dt, rdt in ((bf, bf), (bf, f32), (hf, hf), (hf, f32), (f32, f32), (f64, f64)):
+    for dt, rdt in pairs:
         wd = f32 if rdt == f32 and dt != f32 else dt
         for M, N in ((300, 64), (257, 1024), (9, 8192), (5, 24576), (3, 40968)):
-            test_fused(M, N, dt, rdt, wd, off=1.0 if N == 1024 else 0.0)
-        test_fused(7, 1003, dt, rdt, dt)
-        test_fused(9, 2048, dt, rdt, None, aligned=False)
-        test_fused(65, 1024, dt, rdt, wd, inplace=True)
-        test_fused(33, 768, dt, rdt, wd, inplace=True, noncontig=True)
+            check_fused(M, N, dt, rdt, wd, off=1.0 if N == 1024 else 0.0)
+        check_fused(7, 1003, dt, rdt, dt)
+        check_fused(9, 2048, dt, rdt, None, aligned=False)
+        check_fused(65, 1024, dt, rdt, wd, inplace=True)
+        check_fused(33, 768, dt, rdt, wd, inplace=True, noncontig=True)
 
     # LayerNorm fwd + bwd.
-    for dt, wdt in ((bf, bf), (bf, f32), (hf, hf), (hf, f32), (f32, f32), (f64, f64)):
+    for dt, wdt in pairs:
         for M, N in ((300, 64), (257, 1024), (17, 8192)):
-            test_ln(M, N, dt, wdt)
-        test_ln(7, 1003, dt, wdt)
-        test_ln(9, 1024, dt, wdt, aligned=False)
-    for dt in (bf, f32, f64):
-        test_ln(5, 24576, dt, dt)                    # fwd ITEMS=8; bwd re-reading
-        test_ln(3, 40968, dt, dt)                    # re-reading
-        test_ln(33, 2048, dt, dt, has_w=False, has_b=True)
-        test_ln(33, 2048, dt, dt, has_w=True, has_b=False)
-        test_ln(33, 2048, dt, dt, has_w=False, has_b=False)
-        test_ln(4096, 256, dt, dt)
-    test_ln(64, 4096, f32, f32, shift=1e3)           # stable variance with a large mean
-    test_ln(3, 16384, bf, bf)                        # bwd: shared accumulators too big -> re-read
+            check_ln(M, N, dt, wdt)
+        check_ln(7, 1003, dt, wdt)
+        check_ln(9, 1024, dt, wdt, aligned=False)
+    for dt in singles:
+        check_ln(5, 24576, dt, dt)                    # fwd ITEMS=8; bwd re-reading
+        check_ln(3, 40968, dt, dt)                    # re-reading
+        check_ln(33, 2048, dt, dt, has_w=False, has_b=True)
+        check_ln(33, 2048, dt, dt, has_w=True, has_b=False)
+        check_ln(33, 2048, dt, dt, has_w=False, has_b=False)
+        check_ln(4096, 256, dt, dt)
+    check_ln(64, 4096, f32, f32, shift=1e3)           # stable variance with a large mean
+    check_ln(3, 16384, bf, bf)                        # bwd: shared accumulators too big -> re-read
 
-    test_empty()
+    check_empty()
     if DEV == "cuda":
         torch.cuda.synchronize()
+    return list(failures)
 
-    print(f"{checks} checks, {len(failures)} failures")
-    for f in failures:
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Check every CUDA kernel path against float64.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="every path, fewer dtype combinations (for compute-sanitizer)")
+    ap.add_argument("--device", default="cuda",
+                    help="cuda (default); cpu checks this harness on the CPU kernels")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to check (use --device cpu to check the harness)")
+        return 2
+    bad = run_all(args.device, args.quick, args.verbose)
+    print(f"{checks} checks, {len(bad)} failures")
+    for f in bad:
         print("  " + f)
-    return 1 if failures else 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
