@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common.h"
+#include "op_handles.h"
 
 namespace rmsnorm_ext::autograd_impl {
 namespace {
@@ -22,53 +23,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::Function;
 using torch::autograd::variable_list;
 
-c10::OperatorHandle op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-}
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> typed(const char* name) {
-  static_assert(std::is_function_v<Sig>);
-  return op(name).typed<Sig>();
-}
-
-using RmsFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::IntArrayRef,
-                                                     const std::optional<at::Tensor>&, double,
-                                                     double);
-using RmsBwdSig = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    c10::IntArrayRef, double, const std::optional<at::Tensor>&, bool);
-using LnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, c10::IntArrayRef, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, double);
-using LnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&, c10::IntArrayRef, bool, bool);
-using FusedFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, c10::IntArrayRef, const std::optional<at::Tensor>&,
-    double, double);
-
-// The handles are looked up once (a dispatcher lookup by name costs a hash-map probe).
-const c10::TypedOperatorHandle<RmsFwdSig>& rms_fwd_op() {
-  static const auto h = typed<RmsFwdSig>("rmsnorm_ext::rms_norm_fwd");
-  return h;
-}
-const c10::TypedOperatorHandle<RmsBwdSig>& rms_bwd_op() {
-  static const auto h = typed<RmsBwdSig>("rmsnorm_ext::rms_norm_bwd");
-  return h;
-}
-const c10::TypedOperatorHandle<LnFwdSig>& ln_fwd_op() {
-  static const auto h = typed<LnFwdSig>("rmsnorm_ext::layer_norm_fwd");
-  return h;
-}
-const c10::TypedOperatorHandle<LnBwdSig>& ln_bwd_op() {
-  static const auto h = typed<LnBwdSig>("rmsnorm_ext::layer_norm_bwd");
-  return h;
-}
-const c10::TypedOperatorHandle<FusedFwdSig>& fused_fwd_op() {
-  static const auto h = typed<FusedFwdSig>("rmsnorm_ext::fused_add_rms_norm_fwd");
-  return h;
-}
+namespace oh = rmsnorm_ext::op_handles;
 
 std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -158,7 +113,7 @@ class RmsNormFn : public Function<RmsNormFn> {
                                const std::optional<at::Tensor>& weight, double eps,
                                double offset) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, rstd] = rms_fwd_op().call(input, normalized_shape, weight, eps, offset);
+    auto [y, rstd] = oh::rms_norm_fwd().call(input, normalized_shape, weight, eps, offset);
     ctx->save_for_backward({input, rstd, weight.value_or(at::Tensor())});
     ctx->saved_data["ns"] = normalized_shape.vec();
     ctx->saved_data["eps"] = eps;
@@ -184,7 +139,7 @@ class RmsNormFn : public Function<RmsNormFn> {
                                                 want_dw);
     } else {
       std::tie(dx, dw) =
-          rms_bwd_op().call(dy, x, rstd, opt(w), ns, offset, std::nullopt, want_dw);
+          oh::rms_norm_bwd().call(dy, x, rstd, opt(w), ns, offset, std::nullopt, want_dw);
     }
     return {grad_or_undef(dx, want_dx), at::Tensor(), grad_or_undef(dw, want_dw), at::Tensor(),
             at::Tensor()};
@@ -201,7 +156,7 @@ class LayerNormFn : public Function<LayerNormFn> {
                                const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, double eps) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, mean, rstd] = ln_fwd_op().call(input, normalized_shape, weight, bias, eps);
+    auto [y, mean, rstd] = oh::layer_norm_fwd().call(input, normalized_shape, weight, bias, eps);
     ctx->save_for_backward({input, mean, rstd, weight.value_or(at::Tensor())});
     ctx->saved_data["ns"] = normalized_shape.vec();
     ctx->saved_data["eps"] = eps;
@@ -230,7 +185,7 @@ class LayerNormFn : public Function<LayerNormFn> {
       std::tie(dx, dw, db) = ln_backward_composite(dy, x, w, ctx->saved_data["eps"].toDouble(),
                                                    ns.size(), want_dw, want_db, db_dtype);
     } else {
-      std::tie(dx, dw, db) = ln_bwd_op().call(dy, x, mean, rstd, opt(w), ns, want_dw, want_db);
+      std::tie(dx, dw, db) = oh::layer_norm_bwd().call(dy, x, mean, rstd, opt(w), ns, want_dw, want_db);
       // The kernel writes dbias in the parameter dtype; only a bias without a weight, in
       // a dtype other than the input's, needs a cast.
       if (want_db && db.scalar_type() != db_dtype) db = db.to(db_dtype);
@@ -251,7 +206,7 @@ class FusedAddRmsNormFn : public Function<FusedAddRmsNormFn> {
                                const std::optional<at::Tensor>& weight, double eps,
                                double offset) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, h, rstd] = fused_fwd_op().call(input, residual, normalized_shape, weight, eps, offset);
+    auto [y, h, rstd] = oh::fused_add_rms_norm_fwd().call(input, residual, normalized_shape, weight, eps, offset);
     // h is an output: in a create_graph backward its gradient flows back through this
     // node (h = input + residual), so the composite needs no copy of the inputs.
     ctx->save_for_backward({h, rstd, weight.value_or(at::Tensor())});
@@ -282,7 +237,7 @@ class FusedAddRmsNormFn : public Function<FusedAddRmsNormFn> {
       if (dh_direct.defined()) dh = dh + dh_direct;
     } else {
       // The gradient reaching h directly is added inside the kernel.
-      std::tie(dh, dw) = rms_bwd_op().call(dy, h, rstd, opt(w), ns, offset, opt(dh_direct),
+      std::tie(dh, dw) = oh::rms_norm_bwd().call(dy, h, rstd, opt(w), ns, offset, opt(dh_direct),
                                            want_dw);
     }
     at::Tensor dx;

@@ -12,10 +12,11 @@
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
+
+#include "op_handles.h"
 
 #include <optional>
 #include <vector>
@@ -99,22 +100,7 @@ bool needs_graph(std::initializer_list<const at::Tensor*> ts) {
   return false;
 }
 
-template <typename Sig>
-const c10::TypedOperatorHandle<Sig>& handle(const char* name) {
-  // One handle per Sig (each op has its own signature here).
-  static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-  return h;
-}
-
-using RmsFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::IntArrayRef,
-                                                     const std::optional<at::Tensor>&, double,
-                                                     double);
-using LnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, c10::IntArrayRef, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, double);
-using FusedFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, c10::IntArrayRef, const std::optional<at::Tensor>&,
-    double, double);
+namespace oh = rmsnorm_ext::op_handles;
 
 template <typename F>
 auto call_maybe_below_autograd(bool graph, F&& f) {
@@ -142,7 +128,7 @@ PyObject* fast_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor none;
   const bool graph = needs_graph({&x, w ? &*w : &none});
   auto y = call_maybe_below_autograd(graph, [&] {
-    return std::get<0>(handle<RmsFwdSig>("rmsnorm_ext::rms_norm_fwd").call(x, ns, w, eps, offset));
+    return std::get<0>(oh::rms_norm_fwd().call(x, ns, w, eps, offset));
   });
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
@@ -164,7 +150,7 @@ PyObject* fast_layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor none;
   const bool graph = needs_graph({&x, w ? &*w : &none, b ? &*b : &none});
   auto y = call_maybe_below_autograd(graph, [&] {
-    return std::get<0>(handle<LnFwdSig>("rmsnorm_ext::layer_norm_fwd").call(x, ns, w, b, eps));
+    return std::get<0>(oh::layer_norm_fwd().call(x, ns, w, b, eps));
   });
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
@@ -190,7 +176,7 @@ PyObject* fast_fused_add_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t n
   const at::Tensor none;
   const bool graph = needs_graph({&x, &r, w ? &*w : &none});
   auto out = call_maybe_below_autograd(graph, [&] {
-    return handle<FusedFwdSig>("rmsnorm_ext::fused_add_rms_norm_fwd").call(x, r, ns, w, eps, offset);
+    return oh::fused_add_rms_norm_fwd().call(x, r, ns, w, eps, offset);
   });
   PyObject* y = THPVariable_Wrap(std::move(std::get<0>(out)));
   if (!y) return nullptr;
