@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -204,5 +205,90 @@ inline at::ScalarType param_dtype(const Tensor& input, const Tensor& weight, con
 // The gradient w.r.t. a parameter, or an empty tensor when it is not wanted
 // (the autograd layer turns that into None).
 inline Tensor empty_grad(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// ---------------------------------------------------------------------------------------
+// Norm + quantize (csrc/host/norm_quant.cpp). These messages spell dtypes as Python does
+// (torch.float8_e4m3fn), so the fake kernels in rmsnorm_ext/_fake.py raise the very same
+// text on meta tensors (tests/test_quant.py compares them).
+
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::ScalarType::Float8_e4m3fn: return "torch.float8_e4m3fn";
+    case at::ScalarType::Float8_e5m2: return "torch.float8_e5m2";
+    case at::ScalarType::Float8_e4m3fnuz: return "torch.float8_e4m3fnuz";
+    case at::ScalarType::Float8_e5m2fnuz: return "torch.float8_e5m2fnuz";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+inline std::string py_shape(at::IntArrayRef s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (i) r += ", ";
+    r += std::to_string(s[i]);
+  }
+  return r + "]";
+}
+
+inline bool is_quant_dtype(at::ScalarType q) {
+  return q == at::ScalarType::Float8_e4m3fn || q == at::ScalarType::Float8_e5m2 ||
+         q == at::kChar;
+}
+
+// The quantized ops take the activation dtypes (float32, bfloat16, float16).
+inline void check_quant_input(const Tensor& input, const char* op) {
+  const auto t = input.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "rmsnorm_ext: ", op,
+                   ": input must be float32, bfloat16 or float16, got ", py_dtype(t));
+}
+
+// scale / scale_ub: a one-element float32 tensor on the input's device. Only metadata is
+// checked: reading the value would need a device sync (and is impossible on meta tensors
+// and under CUDA-graph capture).
+inline void check_quant_scalar(const std::optional<Tensor>& s, const char* name,
+                               const Tensor& input, const char* op) {
+  if (!s.has_value() || !s->defined()) return;
+  TORCH_CHECK_TYPE(s->scalar_type() == at::kFloat, "rmsnorm_ext: ", op, ": ", name,
+                   " must be a float32 tensor, got ", py_dtype(s->scalar_type()));
+  TORCH_CHECK_VALUE(s->numel() == 1, "rmsnorm_ext: ", op, ": ", name,
+                    " must have exactly one element, got shape ", py_shape(s->sizes()));
+  TORCH_CHECK(s->device() == input.device(), "rmsnorm_ext: ", op, ": ", name, " is on ",
+              s->device().str(), " but the input is on ", input.device().str(),
+              "; move them to the same device");
+}
+
+// The quantization arguments; returns the group size (N for per-token and static scales).
+inline int64_t check_quant_args(const Tensor& input, int64_t N, const std::optional<Tensor>& scale,
+                                at::ScalarType quant_dtype, std::optional<int64_t> group_size,
+                                const std::optional<Tensor>& scale_ub, const char* op) {
+  TORCH_CHECK_TYPE(is_quant_dtype(quant_dtype), "rmsnorm_ext: ", op,
+                   ": quant_dtype must be torch.float8_e4m3fn, torch.float8_e5m2 or torch.int8, "
+                   "got ", py_dtype(quant_dtype));
+  check_quant_scalar(scale, "scale", input, op);
+  check_quant_scalar(scale_ub, "scale_ub", input, op);
+  const bool is_static = scale.has_value() && scale->defined();
+  TORCH_CHECK_VALUE(!(is_static && group_size.has_value()), "rmsnorm_ext: ", op,
+                    ": a static scale cannot be combined with group_size (per-group scales "
+                    "are dynamic); pass scale=None for dynamic per-group scales");
+  TORCH_CHECK_VALUE(!(is_static && scale_ub.has_value() && scale_ub->defined()), "rmsnorm_ext: ",
+                    op, ": scale_ub bounds dynamic scales; it cannot be combined with a static "
+                    "scale");
+  if (!group_size.has_value()) return N;
+  const int64_t g = *group_size;
+  TORCH_CHECK_VALUE(g > 0, "rmsnorm_ext: ", op, ": group_size must be positive, got ", g);
+  TORCH_CHECK_VALUE(N % g == 0, "rmsnorm_ext: ", op, ": group_size ", g,
+                    " does not divide the normalized size ", N);
+  return g;
+}
 
 }  // namespace rmsnorm_ext
