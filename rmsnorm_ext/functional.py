@@ -176,8 +176,9 @@ def rms_norm_quant(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Te
       ``input.shape[:-len(normalized_shape)] + (groups,)``.
 
     ``out.float() * s`` dequantizes. Scale values are not checked (that would need a device
-    sync). A NaN in ``y`` makes its row's (group's) dynamic scale NaN; NaN elements quantize
-    to NaN (fp8) or 0 (int8); a static scale saturates +-Inf to +-qmax.
+    sync). A NaN in ``y`` makes its row's (group's) dynamic scale NaN and the whole row
+    (group) quantizes to NaN (fp8) or 0 (int8); with a static scale only NaN elements do,
+    and +-Inf saturates to +-qmax.
     """
     _refuse_grad("rms_norm_quant", input, weight, scale, scale_ub)
     args = (input, _shape(normalized_shape), weight, _quant_eps(input.dtype, eps),
