@@ -142,6 +142,9 @@ def bench_case(op, mode, qd, dtype, m, n, device, rounds, target_s, do_compile):
     args = (x, r, w, b, scale)
     fns = {"ours": ours(op, mode, qd), "eager": composite(op, mode, qd)}
     if do_compile:
+        # every case compiles the same code objects: start from a clean cache, or dynamo's
+        # recompile limit (8) silently turns later cases back into eager calls
+        torch._dynamo.reset()
         fns["compiled"] = torch.compile(composite(op, mode, qd), dynamic=False)
     dst = torch.empty_like(x)
     fns["copy"] = lambda *a: dst.copy_(x)
@@ -235,11 +238,17 @@ def main(argv=None):
     ap.add_argument("--target-ms", type=float, default=20.0, help="time per sample")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds (smoke test)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    ap.add_argument("--shapes", default=None, help="e.g. 32x4096,256x4096 (default: a set per device)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype, qd = DTYPES[a.dtype], QDTYPES[a.quant]
     shapes = QUICK_SHAPES if a.quick else (CUDA_SHAPES if device.type == "cuda" else SHAPES)
+    if a.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     rounds = 3 if a.quick else a.rounds
     target_s = (1.0 if a.quick else a.target_ms) * 1e-3
     cases = CASES[:2] + CASES[3:] if a.quick else CASES
