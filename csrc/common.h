@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -24,6 +25,37 @@ struct RowShape {
   int64_t M;
   int64_t N;
 };
+
+// Messages spell dtypes as Python does (torch.float32, not c10's "Float"): that is what
+// users write, and what the fake kernels (rmsnorm_ext/_fake.py) print on meta tensors.
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::ScalarType::Float8_e4m3fn: return "torch.float8_e4m3fn";
+    case at::ScalarType::Float8_e5m2: return "torch.float8_e5m2";
+    case at::ScalarType::Float8_e4m3fnuz: return "torch.float8_e4m3fnuz";
+    case at::ScalarType::Float8_e5m2fnuz: return "torch.float8_e5m2fnuz";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+inline std::string py_shape(at::IntArrayRef s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (i) r += ", ";
+    r += std::to_string(s[i]);
+  }
+  return r + "]";
+}
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
@@ -47,7 +79,7 @@ inline std::vector<int64_t> stats_shape(const Tensor& input, at::IntArrayRef nor
 inline void check_input(const Tensor& input, const char* name) {
   TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()),
                    "rmsnorm_ext: ", name, " must be float32, float64, bfloat16 or float16, got ",
-                   input.scalar_type());
+                   py_dtype(input.scalar_type()));
 }
 
 // Checks normalized_shape against the input's trailing dims and returns the row view.
@@ -83,7 +115,7 @@ inline void check_param(const std::optional<Tensor>& p, const char* name, const 
   const auto wt = t.scalar_type();
   const auto it = input.scalar_type();
   TORCH_CHECK_TYPE(wt == it || (wt == at::kFloat && is_reduced_float(it)), "rmsnorm_ext: ", name,
-                   " dtype ", wt, " is not supported with input dtype ", it,
+                   " dtype ", py_dtype(wt), " is not supported with input dtype ", py_dtype(it),
                    " (use the input's dtype, or float32 with a bfloat16/float16 input)");
 }
 
@@ -107,7 +139,8 @@ inline void check_stats(const Tensor& s, const char* name, const Tensor& input, 
   TORCH_CHECK(s.numel() == M, "rmsnorm_ext: ", name, " must have one value per row (", M,
               " rows), got ", s.numel());
   TORCH_CHECK(s.scalar_type() == stats_dtype(input.scalar_type()), "rmsnorm_ext: ", name,
-              " must be ", stats_dtype(input.scalar_type()), ", got ", s.scalar_type());
+              " must be ", py_dtype(stats_dtype(input.scalar_type())), ", got ",
+              py_dtype(s.scalar_type()));
   check_same_device(s, name, input, "the input");
 }
 
@@ -121,7 +154,8 @@ inline void check_grad(const Tensor& g, const Tensor& input) {
   const auto gt = g.scalar_type();
   const auto it = input.scalar_type();
   TORCH_CHECK_TYPE(gt == it || (it == at::kFloat && is_reduced_float(gt)),
-                   "rmsnorm_ext: grad_out dtype ", gt, " is not supported with input dtype ", it);
+                   "rmsnorm_ext: grad_out dtype ", py_dtype(gt),
+                   " is not supported with input dtype ", py_dtype(it));
 }
 
 // residual: same shape and device as the input; dtype the input's, or float32 with a
@@ -133,7 +167,8 @@ inline void check_residual(const Tensor& input, const Tensor& residual) {
   const auto rt = residual.scalar_type();
   const auto it = input.scalar_type();
   TORCH_CHECK_TYPE(rt == it || (rt == at::kFloat && is_reduced_float(it)),
-                   "rmsnorm_ext: residual dtype ", rt, " is not supported with input dtype ", it,
+                   "rmsnorm_ext: residual dtype ", py_dtype(rt),
+                   " is not supported with input dtype ", py_dtype(it),
                    " (use the input's dtype, or float32 with a bfloat16/float16 input)");
 }
 
@@ -153,8 +188,8 @@ inline RowShape check_fused(const Tensor& input, const Tensor& residual, at::Int
 inline void check_ln_grad(const Tensor& grad_out, const Tensor& input) {
   check_grad(grad_out, input);
   TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(),
-                   "rmsnorm_ext: layer_norm_bwd: grad_out dtype ", grad_out.scalar_type(),
-                   " must match the input dtype ", input.scalar_type());
+                   "rmsnorm_ext: layer_norm_bwd: grad_out dtype ", py_dtype(grad_out.scalar_type()),
+                   " must match the input dtype ", py_dtype(input.scalar_type()));
 }
 
 // grad_residual (the gradient reaching a fused residual sum from its own output): the
@@ -164,14 +199,16 @@ inline void check_grad_residual(const Tensor& g, const Tensor& input) {
                     g.sizes(), " does not match the input shape ", input.sizes());
   check_same_device(g, "grad_residual", input, "the input");
   TORCH_CHECK_TYPE(g.scalar_type() == input.scalar_type(), "rmsnorm_ext: grad_residual dtype ",
-                   g.scalar_type(), " must match the input dtype ", input.scalar_type());
+                   py_dtype(g.scalar_type()), " must match the input dtype ",
+                   py_dtype(input.scalar_type()));
 }
 
 // LayerNorm's weight and bias are read as one parameter dtype.
 inline void check_same_param_dtype(const std::optional<Tensor>& w, const std::optional<Tensor>& b) {
   if (!w.has_value() || !w->defined() || !b.has_value() || !b->defined()) return;
   TORCH_CHECK_TYPE(w->scalar_type() == b->scalar_type(), "rmsnorm_ext: weight dtype ",
-                   w->scalar_type(), " and bias dtype ", b->scalar_type(), " must match");
+                   py_dtype(w->scalar_type()), " and bias dtype ", py_dtype(b->scalar_type()),
+                   " must match");
 }
 
 // An in-place kernel writes each element once, from the same element of its inputs: it
@@ -204,5 +241,59 @@ inline at::ScalarType param_dtype(const Tensor& input, const Tensor& weight, con
 // The gradient w.r.t. a parameter, or an empty tensor when it is not wanted
 // (the autograd layer turns that into None).
 inline Tensor empty_grad(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// ---------------------------------------------------------------------------------------
+// Norm + quantize (csrc/host/norm_quant.cpp).
+
+inline bool is_quant_dtype(at::ScalarType q) {
+  return q == at::ScalarType::Float8_e4m3fn || q == at::ScalarType::Float8_e5m2 ||
+         q == at::kChar;
+}
+
+// The quantized ops take the activation dtypes (float32, bfloat16, float16).
+inline void check_quant_input(const Tensor& input, const char* op) {
+  const auto t = input.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "rmsnorm_ext: ", op,
+                   ": input must be float32, bfloat16 or float16, got ", py_dtype(t));
+}
+
+// scale / scale_ub: a one-element float32 tensor on the input's device. Only metadata is
+// checked: reading the value would need a device sync (and is impossible on meta tensors
+// and under CUDA-graph capture).
+inline void check_quant_scalar(const std::optional<Tensor>& s, const char* name,
+                               const Tensor& input, const char* op) {
+  if (!s.has_value() || !s->defined()) return;
+  TORCH_CHECK_TYPE(s->scalar_type() == at::kFloat, "rmsnorm_ext: ", op, ": ", name,
+                   " must be a float32 tensor, got ", py_dtype(s->scalar_type()));
+  TORCH_CHECK_VALUE(s->numel() == 1, "rmsnorm_ext: ", op, ": ", name,
+                    " must have exactly one element, got shape ", py_shape(s->sizes()));
+  TORCH_CHECK(s->device() == input.device(), "rmsnorm_ext: ", op, ": ", name, " is on ",
+              s->device().str(), " but the input is on ", input.device().str(),
+              "; move them to the same device");
+}
+
+// The quantization arguments; returns the group size (N for per-token and static scales).
+inline int64_t check_quant_args(const Tensor& input, int64_t N, const std::optional<Tensor>& scale,
+                                at::ScalarType quant_dtype, std::optional<int64_t> group_size,
+                                const std::optional<Tensor>& scale_ub, const char* op) {
+  TORCH_CHECK_TYPE(is_quant_dtype(quant_dtype), "rmsnorm_ext: ", op,
+                   ": quant_dtype must be torch.float8_e4m3fn, torch.float8_e5m2 or torch.int8, "
+                   "got ", py_dtype(quant_dtype));
+  check_quant_scalar(scale, "scale", input, op);
+  check_quant_scalar(scale_ub, "scale_ub", input, op);
+  const bool is_static = scale.has_value() && scale->defined();
+  TORCH_CHECK_VALUE(!(is_static && group_size.has_value()), "rmsnorm_ext: ", op,
+                    ": a static scale cannot be combined with group_size (per-group scales "
+                    "are dynamic); pass scale=None for dynamic per-group scales");
+  TORCH_CHECK_VALUE(!(is_static && scale_ub.has_value() && scale_ub->defined()), "rmsnorm_ext: ",
+                    op, ": scale_ub bounds dynamic scales; it cannot be combined with a static "
+                    "scale");
+  if (!group_size.has_value()) return N;
+  const int64_t g = *group_size;
+  TORCH_CHECK_VALUE(g > 0, "rmsnorm_ext: ", op, ": group_size must be positive, got ", g);
+  TORCH_CHECK_VALUE(N % g == 0, "rmsnorm_ext: ", op, ": group_size ", g,
+                    " does not divide the normalized size ", N);
+  return g;
+}
 
 }  // namespace rmsnorm_ext

@@ -91,4 +91,47 @@ struct LnBwdParams {
   int sm_count;
 };
 
+// ---------------------------------------------------------------------------------------
+// Norm + quantize (rms_norm_quant, fused_add_rms_norm_quant, layer_norm_quant): one kernel
+// family, the norm's fusions as optional operands. y is the norm's output in fp32 (never
+// rounded to the input dtype); out = quantize(y * (1 / s)) with s the static scale, or per
+// group of `group` consecutive elements of a row (group == N: per token)
+// s = max(min(absmax(y_group), *scale_ub) / qmax, min_scale).
+enum class NormKind : int { rms = 0, fused_add_rms = 1, layer = 2 };
+
+// f8e4m3: float8_e4m3fn (saturated to +-448), f8e5m2: float8_e5m2 (+-57344), both round to
+// nearest even, NaN -> NaN; i8: int8, round half to even, clamped to [-128, 127], NaN -> 0.
+enum class QuantDType : int { f8e4m3 = 0, f8e5m2 = 1, i8 = 2 };
+
+// qmax and the smallest dynamic scale (vLLM's: 1 / (qmax * 512) for fp8, the float32
+// epsilon for int8).
+inline constexpr float quant_max(QuantDType q) {
+  return q == QuantDType::f8e4m3 ? 448.0f : q == QuantDType::f8e5m2 ? 57344.0f : 127.0f;
+}
+inline constexpr float quant_min_scale(QuantDType q) {
+  return q == QuantDType::i8 ? 1.1920928955078125e-07f : 1.0f / (quant_max(q) * 512.0f);
+}
+
+struct NormQuantParams {
+  NormKind kind;
+  QuantDType q;
+  DType t;  // x
+  DType w;  // weight and bias (== t when absent)
+  DType r;  // residual and h (fused only; == t otherwise)
+  const void* x;
+  const void* r_in;      // fused only
+  const void* weight;    // nullptr: no weight (offset ignored)
+  const void* bias;      // layer only; nullptr: no bias
+  void* h;               // fused only: input + residual, dtype r
+  void* out;             // M * N one-byte elements
+  float* scales;         // dynamic: M * (N / group) fp32 scales, row-major; unused if static
+  const float* scale;    // static dequantization scale (one element), nullptr: dynamic
+  const float* scale_ub; // upper bound of the dynamic absmax (one element), may be nullptr
+  int64_t M;
+  int64_t N;
+  int64_t group;         // divides N; N for per-token (and static) scales
+  double eps;
+  double offset;         // rms kinds: weight_offset
+};
+
 }  // namespace rmsnorm_ext

@@ -1,5 +1,5 @@
 // Typed dispatcher handles of the ops, for C++ code that calls them through the dispatcher
-// (csrc/autograd.cpp, csrc/python_fast.cpp). Looked up once: a lookup by name costs a
+// (csrc/autograd.cpp, csrc/quant_autograd.cpp, csrc/python_fast.cpp). Looked up once: a lookup by name costs a
 // hash-map probe per call otherwise.
 #pragma once
 
@@ -27,6 +27,18 @@ using FusedFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&
                                                     c10::IntArrayRef, const OptTensor&, double,
                                                     double);
 
+using RmsQuant = std::tuple<Tensor, Tensor>(const Tensor&, c10::IntArrayRef, const OptTensor&,
+                                            double, double, const OptTensor&, at::ScalarType,
+                                            std::optional<int64_t>, const OptTensor&);
+using FusedQuant = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                      c10::IntArrayRef, const OptTensor&, double,
+                                                      double, const OptTensor&, at::ScalarType,
+                                                      std::optional<int64_t>, const OptTensor&);
+using LnQuant = std::tuple<Tensor, Tensor>(const Tensor&, c10::IntArrayRef, const OptTensor&,
+                                           const OptTensor&, double, const OptTensor&,
+                                           at::ScalarType, std::optional<int64_t>,
+                                           const OptTensor&);
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> lookup(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -42,6 +54,9 @@ RMSNORM_EXT_OP_HANDLE(rms_norm_bwd, RmsBwd, "rms_norm_bwd")
 RMSNORM_EXT_OP_HANDLE(layer_norm_fwd, LnFwd, "layer_norm_fwd")
 RMSNORM_EXT_OP_HANDLE(layer_norm_bwd, LnBwd, "layer_norm_bwd")
 RMSNORM_EXT_OP_HANDLE(fused_add_rms_norm_fwd, FusedFwd, "fused_add_rms_norm_fwd")
+RMSNORM_EXT_OP_HANDLE(rms_norm_quant, RmsQuant, "rms_norm_quant")
+RMSNORM_EXT_OP_HANDLE(fused_add_rms_norm_quant, FusedQuant, "fused_add_rms_norm_quant")
+RMSNORM_EXT_OP_HANDLE(layer_norm_quant, LnQuant, "layer_norm_quant")
 #undef RMSNORM_EXT_OP_HANDLE
 
 }  // namespace rmsnorm_ext::op_handles

@@ -51,6 +51,25 @@ TORCH_LIBRARY(rmsnorm_ext, m) {
   m.def(
       "fused_add_rms_norm_inplace(Tensor(a!) input, Tensor(b!) residual, int[] normalized_shape, "
       "Tensor? weight, float eps, float weight_offset) -> ()");
+  // Norm + quantize, inference only (no autograd): y is the norm's output above in fp32,
+  // out = quantize(y / s) in quant_dtype (float8_e4m3fn, float8_e5m2 or int8) with s the
+  // static dequantization scale `scale` (one float32 element; scales is a copy of it), or
+  // dynamic per row (group_size None) / per group of group_size elements of a row:
+  // s = max(min(absmax(y), scale_ub) / qmax, min_scale), scales of shape leading + (groups,).
+  m.def(
+      "rms_norm_quant(Tensor input, int[] normalized_shape, Tensor? weight, float eps, "
+      "float weight_offset, Tensor? scale, ScalarType quant_dtype, int? group_size, "
+      "Tensor? scale_ub) -> (Tensor, Tensor)");
+  // Returns (out, scales, residual_out); residual_out = input + residual as in
+  // fused_add_rms_norm_fwd, and y = rms_norm(residual_out).
+  m.def(
+      "fused_add_rms_norm_quant(Tensor input, Tensor residual, int[] normalized_shape, "
+      "Tensor? weight, float eps, float weight_offset, Tensor? scale, ScalarType quant_dtype, "
+      "int? group_size, Tensor? scale_ub) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_norm_quant(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "float eps, Tensor? scale, ScalarType quant_dtype, int? group_size, Tensor? scale_ub) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {

@@ -4,14 +4,16 @@
     y = rmsnorm_ext.rms_norm(x, (4096,), weight)          # like F.rms_norm
     norm = rmsnorm_ext.RMSNorm(4096)                        # like torch.nn.RMSNorm
     out, res = rmsnorm_ext.fused_add_rms_norm(x, res, (4096,), weight)
+    q, scales = rmsnorm_ext.rms_norm_quant(x, (4096,), weight)   # fp8 + per-token scales
 """
 from ._loader import load as _load
 
 _C = _load()  # defines the op schemas; must precede every torch.library call below
 
 from . import _fake  # noqa: E402,F401  (registers fake kernels)
-from .functional import (fused_add_rms_norm, fused_add_rms_norm_, layer_norm,  # noqa: E402
-                         rms_norm)
+from .functional import (fused_add_rms_norm, fused_add_rms_norm_,  # noqa: E402
+                         fused_add_rms_norm_quant, layer_norm, layer_norm_quant, rms_norm,
+                         rms_norm_quant)
 from .modules import LayerNorm, RMSNorm  # noqa: E402
 from .replace import replace_norms  # noqa: E402
 from . import distributed  # noqa: E402  (DTensor rules: registered lazily, see distributed.py)
@@ -36,4 +38,5 @@ def build_info() -> dict:
 
 
 __all__ = ["rms_norm", "layer_norm", "fused_add_rms_norm", "fused_add_rms_norm_", "RMSNorm",
-           "LayerNorm", "replace_norms", "build_info"]
+           "LayerNorm", "replace_norms", "build_info", "rms_norm_quant",
+           "fused_add_rms_norm_quant", "layer_norm_quant"]

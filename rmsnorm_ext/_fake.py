@@ -3,8 +3,8 @@ under torch.compile(fullgraph=True) and run on meta tensors.
 
 They apply the host layer's rules (csrc/common.h, csrc/host/*.cpp) in the same order, with
 the same exception types and messages, so a bad call fails at trace time exactly as it
-fails eagerly on any device; tests/test_same_errors.py compares them. Messages print dtypes
-and numbers the way C++ does (``Float``, ``1e-05``).
+fails eagerly on any device; tests/test_same_errors.py compares them. Numbers print the way
+C++ does (``1e-05``), dtypes the way Python does (``torch.float32``), on both sides.
 """
 import math
 
@@ -13,18 +13,9 @@ import torch
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _REDUCED = (torch.bfloat16, torch.float16)
 
-# c10::ScalarType names, as the C++ checks print them.
-_C10_NAMES = {
-    torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
-    torch.float16: "Half", torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short",
-    torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool",
-    torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
-    torch.float8_e4m3fn: "Float8_e4m3fn", torch.float8_e5m2: "Float8_e5m2",
-}
-
-
 def dt(dtype):
-    return _C10_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+    """A dtype as the C++ checks print it (py_dtype in csrc/common.h): torch.float32."""
+    return str(dtype)
 
 
 def num(v):
@@ -268,3 +259,109 @@ def _(input, residual, normalized_shape, weight, eps, weight_offset):
     check_fused(input, residual, normalized_shape, weight, eps, weight_offset)
     check_inplace_operands(input, "input", residual, "residual", "fused_add_rms_norm_")
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# Norm + quantize (csrc/host/norm_quant.cpp; checks in csrc/common.h, same messages)
+
+_QUANT_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
+QUANT_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0, torch.int8: 127.0}
+QUANT_MIN_SCALE = {torch.float8_e4m3fn: 1.0 / (448.0 * 512.0),
+                   torch.float8_e5m2: 1.0 / (57344.0 * 512.0),
+                   torch.int8: torch.finfo(torch.float32).eps}
+
+
+def check_quant_input(x, op):
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"rmsnorm_ext: {op}: input must be float32, bfloat16 or float16, "
+                        f"got {x.dtype}")
+
+
+def _check_quant_scalar(s, name, x, op):
+    if s is None:
+        return
+    if s.dtype != torch.float32:
+        raise TypeError(f"rmsnorm_ext: {op}: {name} must be a float32 tensor, got {s.dtype}")
+    if s.numel() != 1:
+        raise ValueError(f"rmsnorm_ext: {op}: {name} must have exactly one element, got shape "
+                         f"{list(s.shape)}")
+    if s.device != x.device:
+        raise RuntimeError(f"rmsnorm_ext: {op}: {name} is on {s.device} but the input is on "
+                           f"{x.device}; move them to the same device")
+
+
+def check_quant_args(x, n, scale, quant_dtype, group_size, scale_ub, op):
+    """Returns the number of scales per row (1 for per-token; unused for static)."""
+    if quant_dtype not in _QUANT_DTYPES:
+        raise TypeError(f"rmsnorm_ext: {op}: quant_dtype must be torch.float8_e4m3fn, "
+                        f"torch.float8_e5m2 or torch.int8, got {quant_dtype}")
+    _check_quant_scalar(scale, "scale", x, op)
+    _check_quant_scalar(scale_ub, "scale_ub", x, op)
+    if scale is not None and group_size is not None:
+        raise ValueError(f"rmsnorm_ext: {op}: a static scale cannot be combined with group_size "
+                         "(per-group scales are dynamic); pass scale=None for dynamic "
+                         "per-group scales")
+    if scale is not None and scale_ub is not None:
+        raise ValueError(f"rmsnorm_ext: {op}: scale_ub bounds dynamic scales; it cannot be "
+                         "combined with a static scale")
+    if group_size is None:
+        return 1
+    if group_size <= 0:
+        raise ValueError(f"rmsnorm_ext: {op}: group_size must be positive, got {group_size}")
+    if n % group_size != 0:
+        raise ValueError(f"rmsnorm_ext: {op}: group_size {group_size} does not divide the "
+                         f"normalized size {n}")
+    return n // group_size
+
+
+def _quant_outputs(x, lead, normalized_shape, scale, quant_dtype, group_size, scale_ub, op):
+    n = math.prod(normalized_shape)
+    groups = check_quant_args(x, n, scale, quant_dtype, group_size, scale_ub, op)
+    out = x.new_empty(x.shape, dtype=quant_dtype)
+    if scale is not None:
+        scales = scale.new_empty(scale.shape)
+    else:
+        scales = x.new_empty((*lead, groups), dtype=torch.float32)
+    return out, scales
+
+
+@torch.library.register_fake("rmsnorm_ext::rms_norm_quant")
+def _(input, normalized_shape, weight, eps, weight_offset, scale, quant_dtype, group_size,
+      scale_ub):
+    op = "rms_norm_quant"
+    check_quant_input(input, op)
+    lead = check_normalized_shape(input, normalized_shape)
+    check_param(weight, "weight", input, normalized_shape)
+    check_eps(eps)
+    check_offset(weight_offset)
+    return _quant_outputs(input, lead, normalized_shape, scale, quant_dtype, group_size,
+                          scale_ub, op)
+
+
+@torch.library.register_fake("rmsnorm_ext::fused_add_rms_norm_quant")
+def _(input, residual, normalized_shape, weight, eps, weight_offset, scale, quant_dtype,
+      group_size, scale_ub):
+    op = "fused_add_rms_norm_quant"
+    check_quant_input(input, op)
+    check_residual(input, residual)
+    lead = check_normalized_shape(input, normalized_shape)
+    check_param(weight, "weight", input, normalized_shape)
+    check_eps(eps)
+    check_offset(weight_offset)
+    out, scales = _quant_outputs(input, lead, normalized_shape, scale, quant_dtype, group_size,
+                                 scale_ub, op)
+    h = torch.empty_like(residual, memory_format=torch.contiguous_format)
+    return out, scales, h
+
+
+@torch.library.register_fake("rmsnorm_ext::layer_norm_quant")
+def _(input, normalized_shape, weight, bias, eps, scale, quant_dtype, group_size, scale_ub):
+    op = "layer_norm_quant"
+    check_quant_input(input, op)
+    lead = check_normalized_shape(input, normalized_shape)
+    check_param(weight, "weight", input, normalized_shape)
+    check_param(bias, "bias", input, normalized_shape)
+    check_same_param_dtype(weight, bias)
+    check_eps(eps)
+    return _quant_outputs(input, lead, normalized_shape, scale, quant_dtype, group_size,
+                          scale_ub, op)

@@ -119,3 +119,95 @@ def fused_add_rms_norm_(input: Tensor, residual: Tensor, normalized_shape: _Shap
     _fused_inplace(input, residual, _shape(normalized_shape), weight, _fused_eps(input, residual, eps),
                    float(weight_offset))
     return input, residual
+
+
+# ---------------------------------------------------------------------------------------
+# Norm + quantize (inference only)
+
+_rms_quant = _ops.rms_norm_quant.default
+_fused_quant = _ops.fused_add_rms_norm_quant.default
+_ln_quant = _ops.layer_norm_quant.default
+
+
+def _refuse_grad(op, *tensors):
+    # Same text as the ops' Autograd kernels (csrc/quant_autograd.cpp), raised here first so
+    # that torch.compile reports it at trace time too.
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"rmsnorm_ext: {op} is inference-only: its quantized output has no gradient. Call "
+            "it under torch.no_grad() or torch.inference_mode(), or pass tensors that do not "
+            "require grad (.detach())")
+
+
+def _quant_eps(dtype, eps):
+    # An unsupported input dtype is left to the op, whose message names the quantized op.
+    return float(eps) if eps is not None else _FINFO_EPS.get(dtype, 0.0)
+
+
+def _group(group_size):
+    return None if group_size is None else int(group_size)
+
+
+def rms_norm_quant(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
+                   eps: Optional[float] = None, *, scale: Optional[Tensor] = None,
+                   quant_dtype: torch.dtype = torch.float8_e4m3fn,
+                   group_size: Optional[int] = None, scale_ub: Optional[Tensor] = None,
+                   weight_offset: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """RMSNorm and quantization in one pass (inference only). Returns ``(out, scales)``.
+
+    ``y = rms_norm(input, normalized_shape, weight, eps, weight_offset=weight_offset)`` in
+    fp32 (not rounded to the input dtype), then ``out = quantize(y / s)`` in ``quant_dtype``
+    (``torch.float8_e4m3fn``: saturated to +-448; ``torch.float8_e5m2``: +-57344; both round
+    to nearest even; ``torch.int8``: round half to even, clamped to [-128, 127]):
+
+    - ``scale`` given (a one-element float32 tensor, the dequantization scale): ``s = scale``,
+      ``scales`` is a copy of it;
+    - otherwise dynamic, per row (``group_size=None``) or per group of ``group_size``
+      consecutive elements of a row: ``s = max(min(absmax(y), scale_ub) / qmax, min_scale)``
+      (``qmax`` = 448, 57344 or 127; ``min_scale`` = ``1 / (qmax * 512)`` for fp8, float32
+      epsilon for int8; the ``min`` only with ``scale_ub``), ``scales`` float32 of shape
+      ``input.shape[:-len(normalized_shape)] + (groups,)``.
+
+    ``out.float() * s`` dequantizes. Scale values are not checked (that would need a device
+    sync). A NaN in ``y`` makes its row's (group's) dynamic scale NaN and the whole row
+    (group) quantizes to NaN (fp8) or 0 (int8); with a static scale only NaN elements do,
+    and +-Inf saturates to +-qmax.
+    """
+    _refuse_grad("rms_norm_quant", input, weight, scale, scale_ub)
+    args = (input, _shape(normalized_shape), weight, _quant_eps(input.dtype, eps),
+            float(weight_offset), scale, quant_dtype, _group(group_size), scale_ub)
+    return _rms_quant(*args)
+
+
+def fused_add_rms_norm_quant(input: Tensor, residual: Tensor, normalized_shape: _ShapeT,
+                             weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
+                             scale: Optional[Tensor] = None,
+                             quant_dtype: torch.dtype = torch.float8_e4m3fn,
+                             group_size: Optional[int] = None, scale_ub: Optional[Tensor] = None,
+                             weight_offset: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+    """``residual_out = input + residual``, then :func:`rms_norm_quant` of it, in one pass.
+
+    Returns ``(out, scales, residual_out)``. As in :func:`fused_add_rms_norm`,
+    ``residual`` may be float32 next to a bfloat16/float16 input (``residual_out`` keeps the
+    residual's dtype, and ``y`` is the norm of ``residual_out`` as stored) and ``eps=None``
+    means ``torch.finfo(residual.dtype).eps``. Inference only.
+    """
+    _refuse_grad("fused_add_rms_norm_quant", input, residual, weight, scale, scale_ub)
+    args = (input, residual, _shape(normalized_shape), weight,
+            _quant_eps(residual.dtype, eps), float(weight_offset), scale, quant_dtype,
+            _group(group_size), scale_ub)
+    return _fused_quant(*args)
+
+
+def layer_norm_quant(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None, eps: float = 1e-5, *,
+                     scale: Optional[Tensor] = None,
+                     quant_dtype: torch.dtype = torch.float8_e4m3fn,
+                     group_size: Optional[int] = None,
+                     scale_ub: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """LayerNorm (as :func:`layer_norm`) and quantization in one pass, with the scale
+    modes of :func:`rms_norm_quant`. Returns ``(out, scales)``. Inference only."""
+    _refuse_grad("layer_norm_quant", input, weight, bias, scale, scale_ub)
+    args = (input, _shape(normalized_shape), weight, bias, float(eps), scale, quant_dtype,
+            _group(group_size), scale_ub)
+    return _ln_quant(*args)

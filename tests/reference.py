@@ -109,3 +109,41 @@ def poison_allocator(device, nbytes):
 def reduction_scale(dy, xhat, n):
     """max over columns of sum over rows |dy * xhat|: the scale of a weight gradient."""
     return (dy.double().abs() * xhat.double().abs()).reshape(-1, n).sum(0).max().item()
+
+
+# ---------------------------------------------------------------------------------------
+# Norm + quantize: the float64 definition of the scales and of the quantized values.
+
+QUANT_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0, torch.int8: 127.0}
+QUANT_MIN_SCALE = {torch.float8_e4m3fn: 1.0 / (448.0 * 512.0),
+                   torch.float8_e5m2: 1.0 / (57344.0 * 512.0),
+                   torch.int8: torch.finfo(torch.float32).eps}
+# (mantissa bits, exponent of the smallest normal) of the fp8 formats
+_FP8 = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+
+
+def quant_scales_ref(y64, quant_dtype, group, scale_ub=None):
+    """Dynamic scales of y64 [M, N] per group of `group` elements: [M, N // group], float64.
+    NaN in a group gives a NaN scale."""
+    m, n = y64.shape
+    amax = y64.reshape(m, n // group, group).abs().amax(-1)
+    if scale_ub is not None:
+        amax = torch.minimum(amax, scale_ub.double().reshape(()))
+    return torch.clamp(amax / QUANT_MAX[quant_dtype], min=QUANT_MIN_SCALE[quant_dtype])
+
+
+def quantize_ref(z, quant_dtype):
+    """quantize(z) of float64 values already divided by the scale, as float64 values."""
+    if quant_dtype == torch.int8:
+        return torch.round(z.clamp(-128.0, 127.0))
+    qmax = QUANT_MAX[quant_dtype]
+    return z.clamp(-qmax, qmax).float().to(quant_dtype).double()
+
+
+def quant_step(v, quant_dtype):
+    """The spacing of quant_dtype's values at magnitude |v| (elementwise)."""
+    if quant_dtype == torch.int8:
+        return torch.ones_like(v)
+    mb, emin = _FP8[quant_dtype]
+    e = torch.floor(torch.log2(v.abs().clamp(min=2.0 ** emin)))
+    return torch.exp2(e - mb)

@@ -667,8 +667,8 @@ def _x(m=4, n=8, dtype=torch.float32):
     (torch.ones(5), RuntimeError, r"rstd must have one value per row \(4 rows\), got 5"),
     (torch.ones(0), RuntimeError, r"rstd must have one value per row"),
     (torch.ones(4, 8), RuntimeError, r"rstd must have one value per row"),
-    (torch.ones(4, dtype=torch.float64), RuntimeError, r"rstd must be Float, got Double"),
-    (torch.ones(4, dtype=torch.bfloat16), RuntimeError, r"rstd must be Float, got BFloat16"),
+    (torch.ones(4, dtype=torch.float64), RuntimeError, r"rstd must be torch.float32, got torch.float64"),
+    (torch.ones(4, dtype=torch.bfloat16), RuntimeError, r"rstd must be torch.float32, got torch.bfloat16"),
     pytest.param(torch.ones(4, device="meta"), RuntimeError, r"rstd is on meta"),
 ])
 def test_rms_bwd_bad_rstd(rstd, exc, match):
@@ -681,7 +681,7 @@ def test_rms_bwd_bad_rstd(rstd, exc, match):
 @pytest.mark.parametrize("bad,match", [
     (torch.ones(3), r"must have one value per row \(4 rows\), got 3"),
     (torch.ones(40), r"must have one value per row"),
-    (torch.ones(4, dtype=torch.float64), r"must be Float, got Double"),
+    (torch.ones(4, dtype=torch.float64), r"must be torch.float32, got torch.float64"),
     pytest.param(torch.ones(4, device="meta"), r"is on meta"),
 ])
 def test_ln_bwd_bad_stats(which, bad, match):
@@ -744,7 +744,7 @@ def test_bwd_bad_grad_out(op, g, exc, match):
     (torch.ones(3, 8), ValueError, r"grad_residual shape \[3, 8\] does not match the input "
      r"shape \[4, 8\]"),
     (torch.ones(4, 8, dtype=torch.float64), TypeError,
-     "grad_residual dtype Double must match the input dtype Float"),
+     "grad_residual dtype torch.float64 must match the input dtype torch.float32"),
     pytest.param(torch.ones(4, 8, device="meta"), RuntimeError, "grad_residual is on meta"),
 ])
 def test_rms_bwd_bad_grad_residual(gres, exc, match):

@@ -12,5 +12,6 @@ void fused_add_rms_fwd(const RmsFwdParams& p, const Launch& l);  // rms_norm_cpu
 void rms_bwd(const RmsBwdParams& p, const Launch& l);            // rms_norm_cpu.cpp
 void ln_fwd(const LnFwdParams& p, const Launch& l);              // layer_norm_cpu.cpp
 void ln_bwd(const LnBwdParams& p, const Launch& l);              // layer_norm_cpu.cpp
+void norm_quant(const NormQuantParams& p, const Launch& l);      // norm_quant_cpu.cpp
 
 }  // namespace rmsnorm_ext::cpu

@@ -6,6 +6,7 @@
 #include "dispatch.h"
 #include "kernels.h"
 #include "param_rows.h"
+#include "row_stats.h"
 #include "vec_io.h"
 
 #include <ATen/Parallel.h>
@@ -36,38 +37,10 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
     for (int64_t i = rb; i < re; ++i) {
       const T* xr = x + i * N;
       V a, b;
-      const auto ts = blocked_row_sum<4, V>(N, 2 * S, [&](int64_t j, int64_t n, auto& p) {
-        V c, d;
-        IO::load2_n(xr + j, n, a, b, c, d);
-        p[0] = p[0] + a;
-        p[1] = p[1] + b;
-        p[2] = p[2] + c;
-        p[3] = p[3] + d;
-      });
-      const A mean0 = reduce_add((ts[0] + ts[1]) + (ts[2] + ts[3])) / static_cast<A>(N);
-      const V vm0(mean0);
-      // Corrected two-pass (Bjorck): with d = x - mean0, sum(d) is the rounding error of
-      // mean0 times N. mean = mean0 + sum(d)/N is accurate to about an ulp, and
-      // var = (sum(d^2) - sum(d)^2/N) / N removes that error from the variance, so rows
-      // with |mean| >> std (where (x - mean) * rstd amplifies an error in the mean) stay
-      // accurate, at no extra pass.
-      const auto tv = blocked_row_sum<4, V>(N, S, [&](int64_t j, int64_t n, auto& p) {
-        load_step(xr, j, n, a, b);
-        a = a - vm0;
-        b = b - vm0;
-        if (n < S) zero_tail(a, b, n);
-        p[0] = at::vec::fmadd(a, a, p[0]);
-        p[1] = at::vec::fmadd(b, b, p[1]);
-        p[2] = p[2] + a;
-        p[3] = p[3] + b;
-      });
-      const A inv_n = A(1) / static_cast<A>(N);
-      const A sd = reduce_add(tv[2] + tv[3]);
-      const A mean = mean0 + sd * inv_n;
+      const auto st = ln_row_stats<T>(xr, N, eps);
+      const A mean = st.mean;
+      const A rstd = st.rstd;
       const V vm(mean);
-      const A var_raw = (reduce_add(tv[0] + tv[1]) - sd * sd * inv_n) * inv_n;
-      const A var = var_raw < A(0) ? A(0) : var_raw;  // keeps NaN (std::max would drop it)
-      const A rstd = A(1) / std::sqrt(var + static_cast<A>(eps));
       mean_out[i] = mean;
       rstd_out[i] = rstd;
       const V vr(rstd);

@@ -6,6 +6,7 @@
 #include "dispatch.h"
 #include "kernels.h"
 #include "param_rows.h"
+#include "row_stats.h"
 #include "vec_io.h"
 
 #include <ATen/Parallel.h>
@@ -14,26 +15,6 @@
 
 namespace rmsnorm_ext::cpu {
 namespace {
-
-template <typename T>
-acc_t<T> row_sumsq(const T* x, int64_t N) {
-  using IO = RowIO<T>;
-  using V = typename IO::V;
-  const auto t = blocked_row_sum<4, V>(N, 2 * IO::kStep, [&](int64_t j, int64_t n, auto& p) {
-    V a, b, c, d;
-    IO::load2_n(x + j, n, a, b, c, d);
-    p[0] = at::vec::fmadd(a, a, p[0]);
-    p[1] = at::vec::fmadd(b, b, p[1]);
-    p[2] = at::vec::fmadd(c, c, p[2]);
-    p[3] = at::vec::fmadd(d, d, p[3]);
-  });
-  return reduce_add((t[0] + t[1]) + (t[2] + t[3]));
-}
-
-template <typename A>
-inline A rstd_from(A sumsq, int64_t N, double eps) {
-  return A(1) / std::sqrt(sumsq / static_cast<A>(N) + static_cast<A>(eps));
-}
 
 // y = x * rstd * w  (w == nullptr: no weight). x and y may alias. `next` (may be null):
 // the row the caller reads next, prefetched while this one is written, so its trip from
@@ -97,39 +78,14 @@ void rms_fwd_rows(const T* x, T* y, acc_t<T>* rstd, const acc_t<T>* w, int64_t M
 template <typename T, typename R>
 void fused_add_rows(const T* x, const R* r, R* h, T* y, acc_t<T>* rstd, const acc_t<T>* w,
                     int64_t M, int64_t N, double eps) {
-  using XIO = RowIO<T>;
-  using HIO = RowIO<R>;
   using A = acc_t<T>;
-  using V = typename XIO::V;
   static_assert(std::is_same_v<A, acc_t<R>>);
   at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const T* xr = x + i * N;
       const R* rr = r + i * N;
       R* hr = h + i * N;
-      // Sum of squares of h as stored (rounded to R), so the fused result equals the
-      // unfused add-then-normalize exactly.
-      // Same accumulation order as row_sumsq, so fused and unfused round alike.
-      constexpr int64_t S = XIO::kStep;
-      const auto t = blocked_row_sum<4, V>(N, 2 * S, [&](int64_t j, int64_t n, auto& p) {
-        const int64_t n1 = std::min(n, S);
-        V xa, xb, ra, rb, hc(0), hd(0);
-        XIO::load_n(xr + j, n1, xa, xb);
-        HIO::load_n(rr + j, n1, ra, rb);
-        HIO::store_n(hr + j, n1, xa + ra, xb + rb);
-        HIO::load_n(hr + j, n1, ra, rb);
-        if (n > S) {
-          XIO::load_n(xr + j + S, n - S, xa, xb);
-          HIO::load_n(rr + j + S, n - S, hc, hd);
-          HIO::store_n(hr + j + S, n - S, xa + hc, xb + hd);
-          HIO::load_n(hr + j + S, n - S, hc, hd);
-        }
-        p[0] = at::vec::fmadd(ra, ra, p[0]);
-        p[1] = at::vec::fmadd(rb, rb, p[1]);
-        p[2] = at::vec::fmadd(hc, hc, p[2]);
-        p[3] = at::vec::fmadd(hd, hd, p[3]);
-      });
-      const A rs = rstd_from(reduce_add((t[0] + t[1]) + (t[2] + t[3])), N, eps);
+      const A rs = rstd_from(fused_add_row_sumsq<T, R>(xr, rr, hr, N), N, eps);
       rstd[i] = rs;
       row_scale(static_cast<const R*>(hr), w, rs, N, y + i * N);
     }

@@ -16,6 +16,7 @@ cudaError_t fused_add_rms_fwd(const RmsFwdParams& p, cudaStream_t stream);  // f
 cudaError_t rms_bwd(const RmsBwdParams& p, Workspace ws, cudaStream_t stream);  // rms_norm_bwd_kernels.cu
 cudaError_t ln_fwd(const LnFwdParams& p, cudaStream_t stream);  // layer_norm_fwd_kernels.cu
 cudaError_t ln_bwd(const LnBwdParams& p, Workspace ws, cudaStream_t stream);  // layer_norm_bwd_kernels.cu
+cudaError_t norm_quant(const NormQuantParams& p, cudaStream_t stream);  // norm_quant_kernels.cu
 
 }  // namespace cuda
 }  // namespace rmsnorm_ext

@@ -60,4 +60,8 @@ void run_ln_bwd(const LnBwdParams& p, const Launch& l) {
   on_device(l, [&](cudaStream_t s) { return ln_bwd(q, l.ws, s); });
 }
 
+void run_norm_quant(const NormQuantParams& p, const Launch& l) {
+  on_device(l, [&](cudaStream_t s) { return norm_quant(p, s); });
+}
+
 }  // namespace rmsnorm_ext::cuda

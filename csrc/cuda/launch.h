@@ -11,5 +11,6 @@ void run_fused_add_rms_fwd(const RmsFwdParams& p, const Launch& l);
 void run_rms_bwd(const RmsBwdParams& p, const Launch& l);
 void run_ln_fwd(const LnFwdParams& p, const Launch& l);
 void run_ln_bwd(const LnBwdParams& p, const Launch& l);
+void run_norm_quant(const NormQuantParams& p, const Launch& l);
 
 }  // namespace rmsnorm_ext::cuda

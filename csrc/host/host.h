@@ -33,6 +33,7 @@ struct DeviceKernels {
   void (*rms_bwd)(const RmsBwdParams&, const Launch&);
   void (*ln_fwd)(const LnFwdParams&, const Launch&);
   void (*ln_bwd)(const LnBwdParams&, const Launch&);
+  void (*norm_quant)(const NormQuantParams&, const Launch&);
 };
 
 // The kernels of a device type this build has kernels for (ops are registered only for

@@ -38,4 +38,24 @@ void fused_add_rms_norm_inplace(const Tensor& input, const Tensor& residual,
                                 const std::optional<Tensor>& weight, double eps,
                                 double weight_offset);
 
+// Norm + quantize (norm_quant.cpp): (out, scales) and, fused, (out, scales, residual_out).
+std::tuple<Tensor, Tensor> rms_norm_quant(const Tensor& input, at::IntArrayRef normalized_shape,
+                                          const std::optional<Tensor>& weight, double eps,
+                                          double weight_offset, const std::optional<Tensor>& scale,
+                                          at::ScalarType quant_dtype,
+                                          std::optional<int64_t> group_size,
+                                          const std::optional<Tensor>& scale_ub);
+std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm_quant(
+    const Tensor& input, const Tensor& residual, at::IntArrayRef normalized_shape,
+    const std::optional<Tensor>& weight, double eps, double weight_offset,
+    const std::optional<Tensor>& scale, at::ScalarType quant_dtype,
+    std::optional<int64_t> group_size, const std::optional<Tensor>& scale_ub);
+std::tuple<Tensor, Tensor> layer_norm_quant(const Tensor& input, at::IntArrayRef normalized_shape,
+                                            const std::optional<Tensor>& weight,
+                                            const std::optional<Tensor>& bias, double eps,
+                                            const std::optional<Tensor>& scale,
+                                            at::ScalarType quant_dtype,
+                                            std::optional<int64_t> group_size,
+                                            const std::optional<Tensor>& scale_ub);
+
 }  // namespace rmsnorm_ext::host

@@ -13,6 +13,9 @@ void register_host(torch::Library& m) {
   m.impl("layer_norm_bwd", &layer_norm_bwd);
   m.impl("fused_add_rms_norm_fwd", &fused_add_rms_norm_fwd);
   m.impl("fused_add_rms_norm_inplace", &fused_add_rms_norm_inplace);
+  m.impl("rms_norm_quant", &rms_norm_quant);
+  m.impl("fused_add_rms_norm_quant", &fused_add_rms_norm_quant);
+  m.impl("layer_norm_quant", &layer_norm_quant);
 }
 
 }  // namespace
