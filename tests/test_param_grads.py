@@ -349,3 +349,29 @@ def test_fused_add_vs_float64(dtype, rdtype):
     for name, o, rf, t in zip(["dx", "dresidual", "dweight"], ours, ref, tg):
         assert_accurate(o, rf, t, dtype=o.dtype, what=f"fused {name}")
     assert torch.equal(ours[0].double(), ours[1].double()) or dtype != rdtype
+
+
+# ------------------------------------- RMSNorm backward at extreme scales (eps = 0)
+
+@pytest.mark.parametrize("scale", [3e-20, 1e15])
+def test_rms_norm_backward_extreme_scale(scale):
+    """rms ~ 3e-20 with eps = 0: rstd ~ 3e19, so rstd^2 overflows fp32 (> 3.4e38) and a
+    backward that forms rstd * rstd * mean(g * x) returns inf/NaN. rms ~ 1e15: rstd^3
+    underflows. The kernel forms c = rstd * mean(g * x) and dx = rstd * (g - xhat * c),
+    whose intermediates are O(|dx|). Bar: relative to the largest element; loose at the
+    small scale, where the forward's squares (~1e-39) are fp32 subnormals with fewer bits."""
+    M, N = 8, 512
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(M, N, generator=g) * scale
+    dy = torch.randn(M, N, generator=g)
+    w = torch.randn(N, generator=g)
+    dx, dw = _grads(lambda a, b: rmsnorm_ext.rms_norm(a, (N,), b, 0.0), [x, w], dy)
+    x64 = x.double()
+    rstd = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True))
+    xhat, gw = x64 * rstd, dy.double() * w.double()
+    dx_ref = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+    dw_ref = (dy.double() * xhat).sum(0)
+    rel = 1e-4 if scale < 1 else 1e-5
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    assert _err(dx, dx_ref) <= rel * dx_ref.abs().max().item()
+    assert _err(dw, dw_ref) <= rel * dw_ref.abs().max().item()
