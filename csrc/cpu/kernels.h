@@ -1,6 +1,6 @@
 // The CPU entries of the host layer's kernel table (csrc/host/devices.cpp). Each takes the
 // parameter struct, dispatches on its dtype tags and runs rows in parallel with ATen's
-// thread pool; the workspace holds the per-chunk parameter-gradient partials.
+// thread pool; the workspace holds the parameter-gradient partial rows (param_rows.h).
 #pragma once
 
 #include "../host/host.h"

@@ -68,7 +68,8 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
 
 // xhat = (x - mean) * rstd, g = dy * w:
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
-// dwp / dbp (may be null): this chunk's partial rows of sum(dy * xhat) and sum(dy).
+// dwp / dbp (may be null): the partial rows of sum(dy * xhat) and sum(dy) that rows
+// [row_begin, row_end) add to.
 template <typename T>
 void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* rstd,
                  const acc_t<T>* w, T* dx, acc_t<T>* dwp, acc_t<T>* dbp, int64_t row_begin,
@@ -162,19 +163,21 @@ void ln_bwd(const LnBwdParams& p, const Launch& l) {
     }
     const RowChunks chunks(p.M);
     const int64_t stride = padded<A>(p.N);
-    // Per chunk: [dweight partial | dbias partial], each padded to a whole step.
-    A* partial = alloc_partials<A>(l.ws, chunks.count * 2 * stride);
+    // Each partial row: [dweight | dbias] (only the wanted ones), each padded to a whole step.
+    const int64_t db_off = want_dw ? stride : 0;
+    const TreeWorkspace<A> ws(l.ws, chunks, (want_dw + want_db) * stride);
+    std::vector<A*> sums(static_cast<size_t>(chunks.count));
     for_each_chunk(chunks, [&](int64_t c) {
-      A* part = partial + c * 2 * stride;
-      std::fill(part, part + 2 * stride, A(0));
-      ln_bwd_rows<T>(dyp, xp, mp, rp, wp.get(), dxp, want_dw ? part : nullptr,
-                     want_db ? part + stride : nullptr, chunks.begin(c), chunks.end(c), p.N);
+      PartialTree<A> tree = ws.tree(c);
+      for_each_block(tree, chunks.begin(c), chunks.end(c), [&](int64_t b, int64_t e, A* part) {
+        ln_bwd_rows<T>(dyp, xp, mp, rp, wp.get(), dxp, want_dw ? part : nullptr,
+                       want_db ? part + db_off : nullptr, b, e, p.N);
+      });
+      sums[c] = tree.finish();
     });
     // dw and db have dtype W (the weight's, or T without a weight: then W == T).
-    if (want_dw) sum_partials<A, W>(partial, chunks.count, 2 * stride, p.N, static_cast<W*>(p.dw));
-    if (want_db) {
-      sum_partials<A, W>(partial + stride, chunks.count, 2 * stride, p.N, static_cast<W*>(p.db));
-    }
+    if (want_dw) sum_chunk_rows<A, W>(sums, 0, p.N, static_cast<W*>(p.dw));
+    if (want_db) sum_chunk_rows<A, W>(sums, db_off, p.N, static_cast<W*>(p.db));
   });
 }
 

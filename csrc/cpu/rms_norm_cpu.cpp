@@ -92,8 +92,8 @@ void fused_add_rows(const T* x, const R* r, R* h, T* y, acc_t<T>* rstd, const ac
   });
 }
 
-// dx = rstd * (g - x * rstd^2 * mean(g * x)) (+ grad_residual), g = dy * w.
-// dwp (may be null): this chunk's partial row of sum(dy * x * rstd).
+// dx = rstd * (g - xhat * rstd * mean(g * x)) (+ grad_residual), g = dy * w, xhat = x * rstd.
+// dwp (may be null): the partial row of sum(dy * xhat) that rows [row_begin, row_end) add to.
 template <typename X, typename G>
 void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>* w,
                   const X* gres, X* dx, acc_t<X>* dwp, int64_t row_begin, int64_t row_end,
@@ -124,25 +124,28 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
       p[0] = at::vec::fmadd(ga, xa, p[0]);
       p[1] = at::vec::fmadd(gb, xb, p[1]);
     });
-    // (r^2 * mean(g*x)) * r: r^3 alone underflows to a denormal for |x| >~ 1e13 in fp32.
-    const A k = (r * r * (reduce_add(t[0] + t[1]) / static_cast<A>(N))) * r;
-    const V vr(r), vk(k);
+    // dx = r * (g - xhat * c) with xhat = x * r and c = r * mean(g * x): the same value as
+    // r * (g - x * r^2 * mean(g * x)), grouped so that no intermediate outgrows |dx|:
+    // r^2 overflows fp32 for rms < ~5e-20 (eps = 0) and r^3 underflows for |x| >~ 1e13,
+    // while xhat is O(1) and c is O(|g|). Same grouping as the CUDA kernel, so the two agree.
+    const A c = r * (reduce_add(t[0] + t[1]) / static_cast<A>(N));
+    const V vr(r), vc(c);
     for (int64_t j = 0; j < N; j += S) {
       const int64_t n = std::min(S, N - j);
       load_g(j, n);
-      if (dwp) {  // dweight += dy * x * rstd (before dy is scaled by w)
+      xa = xa * vr;  // xhat
+      xb = xb * vr;
+      if (dwp) {  // dweight += dy * xhat (before dy is scaled by w)
         V pa, pb;
         AIO::load(dwp + j, pa, pb);  // dwp rows are padded to a whole step
-        pa = at::vec::fmadd(ga * xa, vr, pa);
-        pb = at::vec::fmadd(gb * xb, vr, pb);
-        AIO::store(dwp + j, pa, pb);
+        AIO::store(dwp + j, at::vec::fmadd(ga, xa, pa), at::vec::fmadd(gb, xb, pb));
       }
       if (w) {
         ga = ga * wa;
         gb = gb * wb;
       }
-      V da = ga * vr - xa * vk;
-      V db = gb * vr - xb * vk;
+      V da = (ga - xa * vc) * vr;
+      V db = (gb - xb * vc) * vr;
       if (gres) {
         V ra, rb;
         XIO::load_n(gres + i * N + j, n, ra, rb);
@@ -207,15 +210,16 @@ void rms_bwd(const RmsBwdParams& p, const Launch& l) {
         return;
       }
       const RowChunks chunks(p.M);
-      const int64_t stride = padded<A>(p.N);
-      A* partial = alloc_partials<A>(l.ws, chunks.count * stride);
+      const TreeWorkspace<A> ws(l.ws, chunks, padded<A>(p.N));
+      std::vector<A*> sums(static_cast<size_t>(chunks.count));
       for_each_chunk(chunks, [&](int64_t c) {
-        A* part = partial + c * stride;
-        std::fill(part, part + stride, A(0));
-        rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, part, chunks.begin(c),
-                           chunks.end(c), p.N);
+        PartialTree<A> tree = ws.tree(c);
+        for_each_block(tree, chunks.begin(c), chunks.end(c), [&](int64_t b, int64_t e, A* part) {
+          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, part, b, e, p.N);
+        });
+        sums[c] = tree.finish();
       });
-      sum_partials<A, W>(partial, chunks.count, stride, p.N, static_cast<W*>(p.dw));
+      sum_chunk_rows<A, W>(sums, 0, p.N, static_cast<W*>(p.dw));
     });
   });
 }
