@@ -208,7 +208,8 @@ def _subtree(e):
 
 def norm_times(events, steps: int) -> NormTimes:
     """Forward: top-level norm ops (inclusive time = the self times of their subtree).
-    Backward: the autograd nodes created inside those ops, found by sequence number -- a
+    Backward: the autograd nodes created inside those ops (their own time, without the
+    engine's gradient accumulation around them), found by sequence number -- a
     sequence number counts only if every forward event carrying it is inside a norm, since an
     op that creates no node carries the next op's number -- plus norm ops called directly
     from a compiled backward graph (torch.compile calls our bwd op without an autograd node
@@ -248,9 +249,14 @@ def norm_times(events, steps: int) -> NormTimes:
     def walk(e):
         nonlocal fwd, bwd, calls_fwd, calls_bwd
         if e.name.startswith(BACKWARD_PREFIX) and e.sequence_nr in norm_seq:
-            bwd += e.cpu_time_total
+            # The node itself, not the engine's wrapper around it: the wrapper also sums the
+            # node's output into the gradient of a tensor used twice -- in a pre-norm block,
+            # the residual stream's, which is not norm work -- on either side.
+            node = e.name[len(BACKWARD_PREFIX):]
+            for c in [c for c in e.cpu_children if c.name == node] or [e]:
+                bwd += c.cpu_time_total
+                account(c, "bwd")
             calls_bwd += 1
-            account(e, "bwd")
             return
         if _is_norm_root(e.name):
             return  # accounted below, with its direction
@@ -429,7 +435,9 @@ LEGEND = ("Step times: median of interleaved rounds (native and ours alternating
           "(IQR / median); `!` = a spread above 10%. speedup = native / ours. Norm ms: "
           "profiler time per step inside the norm ops, forward + backward (fwd: the norm "
           "ops with their composite pieces; bwd: the autograd nodes they created, or our bwd "
-          "op called from a compiled backward); share = norm ms / profiled step time. "
+          "op called from a compiled backward; the autograd engine's summing of gradients "
+          "into the residual stream is left out on both sides); share = norm ms / profiled "
+          "step time. "
           "`fused`: Inductor fused torch's RMSNorm into neighbouring kernels, so its time "
           "cannot be attributed.")
 
