@@ -21,6 +21,14 @@ lives in one place:
   rounds, and ``spread`` = IQR / median. A row whose spread exceeds ``SPREAD_LIMIT`` (10%) is
   ``noisy``: its median is not to be trusted to better than that. When some implementation is
   still noisy after ``rounds`` rounds, up to ``max_rounds`` rounds are taken in total.
+
+Use (from a script in benchmarks/, which has this folder on sys.path)::
+
+    import _timer
+    stats = _timer.interleaved({"ours": lambda: f(x), "native": lambda: g(x)}, rounds=7)
+    stats["ours"].median, stats["ours"].spread, stats["ours"].noisy   # seconds, IQR/median
+    stats["native"].median / stats["ours"].median                     # speedup
+    # stats[name].samples[r] is round r's sample: ratios within a round are also meaningful.
 """
 from __future__ import annotations
 
