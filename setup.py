@@ -175,7 +175,7 @@ def _extension():
     sanitize = os.environ.get("RMSNORM_EXT_SANITIZE", "") == "1"
     if not sanitize:  # a sanitizer build goes elsewhere (see .ci/sanitize.sh); keep this one's
         _write_build_config(isa, use_cuda, sanitize)
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = [f for d in ("csrc", "csrc/host", "csrc/cpu") for f in sorted(glob.glob(f"{d}/*.cpp"))]
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", f'-DRMSNORM_EXT_CPU_ISA="{isa}"']
     cxx += isa_flags
     ldflags = ["-fopenmp"]
@@ -186,7 +186,7 @@ def _extension():
     if use_cuda:
         _default_arch_list()
         cxx.append(f'-DRMSNORM_EXT_CUDA_ARCHS="{_arch_list_as_built()}"')
-        cu = sorted(glob.glob("csrc/cuda/*.cu"))
+        cu = sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         if not cu:
             sys.exit("rmsnorm_ext: CUDA build requested but csrc/cuda/*.cu is empty")
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",

@@ -1,19 +1,19 @@
-// Shared argument checks, shape helpers and dtype dispatch for the CPU and CUDA
-// implementations. Every op validates its arguments here, before any kernel runs,
-// so a bad call raises a Python exception naming the problem instead of reading
-// out of bounds.
+// Argument checks and shape helpers of the host layer (csrc/host/), the same for every
+// device. Every op validates its arguments here, before any kernel runs, so a bad call
+// raises a Python exception naming the problem instead of reading out of bounds.
+// rmsnorm_ext/_fake.py applies the same rules, with the same messages, to meta and fake
+// tensors (tests/test_bad_inputs.py compares them).
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <c10/util/irange.h>
 
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 namespace rmsnorm_ext {
 
@@ -149,13 +149,6 @@ inline RowShape check_fused(const Tensor& input, const Tensor& residual, at::Int
   return rs;
 }
 
-// The CPU kernels' own device check (the dispatcher may route a call with a CPU input and
-// a tensor elsewhere to them).
-inline void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "rmsnorm_ext: ", name, " must be a CPU tensor here, got ",
-              t.device());
-}
-
 // LayerNorm's backward has no mixed activation dtype: grad_out matches the input exactly.
 inline void check_ln_grad(const Tensor& grad_out, const Tensor& input) {
   check_grad(grad_out, input);
@@ -164,78 +157,48 @@ inline void check_ln_grad(const Tensor& grad_out, const Tensor& input) {
                    " must match the input dtype ", input.scalar_type());
 }
 
+// grad_residual (the gradient reaching a fused residual sum from its own output): the
+// input's shape, device and dtype.
+inline void check_grad_residual(const Tensor& g, const Tensor& input) {
+  TORCH_CHECK_VALUE(g.sizes().equals(input.sizes()), "rmsnorm_ext: grad_residual shape ",
+                    g.sizes(), " does not match the input shape ", input.sizes());
+  check_same_device(g, "grad_residual", input, "the input");
+  TORCH_CHECK_TYPE(g.scalar_type() == input.scalar_type(), "rmsnorm_ext: grad_residual dtype ",
+                   g.scalar_type(), " must match the input dtype ", input.scalar_type());
+}
+
+// LayerNorm's weight and bias are read as one parameter dtype.
+inline void check_same_param_dtype(const std::optional<Tensor>& w, const std::optional<Tensor>& b) {
+  if (!w.has_value() || !w->defined() || !b.has_value() || !b->defined()) return;
+  TORCH_CHECK_TYPE(w->scalar_type() == b->scalar_type(), "rmsnorm_ext: weight dtype ",
+                   w->scalar_type(), " and bias dtype ", b->scalar_type(), " must match");
+}
+
+// An in-place kernel writes each element once, from the same element of its inputs: it
+// refuses a tensor whose elements share memory (expanded) and two tensors whose elements
+// overlap. Views of one buffer that share no element (interleaved columns) are fine.
+inline void check_inplace_operands(const Tensor& a, const char* an, const Tensor& b,
+                                   const char* bn, const char* op) {
+  for (const auto& [t, n] : {std::pair<const Tensor*, const char*>{&a, an}, {&b, bn}}) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, "rmsnorm_ext: ", op,
+                      ": ", n, " has elements that share memory (expanded or overlapping); it "
+                      "cannot be written in place");
+  }
+  const auto s = at::get_overlap_status(a, b);
+  TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial,
+                    "rmsnorm_ext: ", op, ": ", an, " and ", bn,
+                    " overlap in memory; they cannot both be written in place");
+}
+
 inline Tensor contiguous_or_empty(const std::optional<Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->contiguous() : Tensor();
 }
-
-template <typename T>
-inline const T* data_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-// Dispatch over the input dtype (T) and the parameter dtype (W: T, or float for
-// bfloat16/float16 inputs). `PARAM_DTYPE` is the dtype of weight/bias, or of the
-// input when there are none.
-#define RMSNORM_EXT_DISPATCH_TW(INPUT_DTYPE, PARAM_DTYPE, NAME, ...)                          \
-  [&] {                                                                                       \
-    const auto _it = (INPUT_DTYPE);                                                           \
-    const bool _wf = (PARAM_DTYPE) == at::kFloat;                                             \
-    switch (_it) {                                                                            \
-      case at::kFloat: {                                                                      \
-        using scalar_t = float;                                                               \
-        using param_t = float;                                                                \
-        return __VA_ARGS__();                                                                 \
-      }                                                                                       \
-      case at::kDouble: {                                                                     \
-        using scalar_t = double;                                                              \
-        using param_t = double;                                                               \
-        return __VA_ARGS__();                                                                 \
-      }                                                                                       \
-      case at::kBFloat16: {                                                                   \
-        using scalar_t = c10::BFloat16;                                                       \
-        if (_wf) {                                                                            \
-          using param_t = float;                                                              \
-          return __VA_ARGS__();                                                               \
-        } else {                                                                              \
-          using param_t = c10::BFloat16;                                                      \
-          return __VA_ARGS__();                                                               \
-        }                                                                                     \
-      }                                                                                       \
-      case at::kHalf: {                                                                       \
-        using scalar_t = c10::Half;                                                           \
-        if (_wf) {                                                                            \
-          using param_t = float;                                                              \
-          return __VA_ARGS__();                                                               \
-        } else {                                                                              \
-          using param_t = c10::Half;                                                          \
-          return __VA_ARGS__();                                                               \
-        }                                                                                     \
-      }                                                                                       \
-      default:                                                                                \
-        TORCH_CHECK_TYPE(false, "rmsnorm_ext: ", NAME, ": unsupported dtype ", _it);          \
-    }                                                                                         \
-  }()
 
 // The parameter dtype to dispatch on: the weight's (or bias's) when present.
 inline at::ScalarType param_dtype(const Tensor& input, const Tensor& weight, const Tensor& bias) {
   if (weight.defined()) return weight.scalar_type();
   if (bias.defined()) return bias.scalar_type();
   return input.scalar_type();
-}
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// The dtype of a tensor that is either `S` or, when `S` is bfloat16/float16, float32 (the
-// fp32 residual stream of fused_add_rms_norm): calls f(TypeTag<that type>{}).
-template <typename S, typename F>
-inline void dispatch_same_or_float(at::ScalarType t, F&& f) {
-  if constexpr (std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>) {
-    if (t == at::kFloat) return f(TypeTag<float>{});
-  }
-  f(TypeTag<S>{});
 }
 
 // The gradient w.r.t. a parameter, or an empty tensor when it is not wanted

@@ -53,4 +53,15 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+namespace rmsnorm_ext {
+int add_fast_functions(PyObject* module);  // csrc/python_fast.cpp
+}
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&module_def);
+  if (m && rmsnorm_ext::add_fast_functions(m) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -10,11 +10,13 @@ from ._loader import load as _load
 _C = _load()  # defines the op schemas; must precede every torch.library call below
 
 from . import _fake  # noqa: E402,F401  (registers fake kernels)
-from . import _autograd  # noqa: E402,F401  (registers autograd)
 from .functional import (fused_add_rms_norm, fused_add_rms_norm_, layer_norm,  # noqa: E402
                          rms_norm)
 from .modules import LayerNorm, RMSNorm  # noqa: E402
 from .replace import replace_norms  # noqa: E402
+from . import distributed  # noqa: E402  (DTensor rules: registered lazily, see distributed.py)
+
+distributed._install()
 
 __version__ = "0.1.0"
 

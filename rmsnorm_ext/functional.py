@@ -1,12 +1,17 @@
 """Public functions: same signatures, defaults and semantics as torch.nn.functional.
 
-Kept thin on purpose (small-shape calls are dominated by host overhead): each function
-normalizes its arguments and calls one op; all checks and math happen in C++.
+Kept thin on purpose (small-shape calls are dominated by host overhead). In eager mode each
+function goes straight to a C entry point (csrc/python_fast.cpp) that calls the op through
+the C++ dispatcher; that entry declines (returns NotImplemented) anything but plain tensors
+and well-formed arguments, which then take the torch.ops path below -- as does everything
+under torch.compile, which traces torch.ops. All checks and math happen in C++.
 """
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from . import _C
 
 _ops = torch.ops.rmsnorm_ext
 _rms_fwd = _ops.rms_norm_fwd.default
@@ -14,25 +19,13 @@ _ln_fwd = _ops.layer_norm_fwd.default
 _fused_fwd = _ops.fused_add_rms_norm_fwd.default
 _fused_inplace = _ops.fused_add_rms_norm_inplace.default
 
-_ShapeT = Union[int, Sequence[int], torch.Size]
+_fast_rms = _C._rms_norm
+_fast_ln = _C._layer_norm
+_fast_fused = _C._fused_add_rms_norm
 
-# The autograd kernel that torch.library.register_autograd installs is Python: every
-# call through the Autograd dispatch key pays ~20-30 us on a small CPU, 3-4x the whole
-# [1, 4096] forward. Calls that need no graph (no grad mode, or nothing requires grad:
-# inference, decode loops) skip that key and go straight to the kernel. Under
-# torch.compile the op is always called normally (the guard would break the graph, and
-# the compiled graph pays no Python dispatch cost anyway).
-_below_autograd = torch._C._AutoDispatchBelowAutograd
 _is_compiling = torch.compiler.is_compiling
 
-
-def _no_graph(a, b=None, c=None):
-    if _is_compiling():
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    return not (a.requires_grad or (b is not None and b.requires_grad) or
-                (c is not None and c.requires_grad))
+_ShapeT = Union[int, Sequence[int], torch.Size]
 
 
 def _shape(normalized_shape):
@@ -72,21 +65,22 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] 
     ``torch.finfo(input.dtype).eps``. ``weight_offset=1.0`` gives Gemma's ``1 + w``
     (added in fp32). Statistics accumulate in fp32 (fp64 for fp64).
     """
-    args = (input, _shape(normalized_shape), weight, _eps(input, eps), float(weight_offset))
-    if _no_graph(input, weight):
-        with _below_autograd():
-            return _rms_fwd(*args)[0]
-    return _rms_fwd(*args)[0]
+    if not _is_compiling():
+        y = _fast_rms(input, normalized_shape, weight, eps, weight_offset)
+        if y is not NotImplemented:
+            return y
+    return _rms_fwd(input, _shape(normalized_shape), weight, _eps(input, eps),
+                    float(weight_offset))[0]
 
 
 def layer_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims, like ``F.layer_norm``."""
-    args = (input, _shape(normalized_shape), weight, bias, float(eps))
-    if _no_graph(input, weight, bias):
-        with _below_autograd():
-            return _ln_fwd(*args)[0]
-    return _ln_fwd(*args)[0]
+    if not _is_compiling():
+        y = _fast_ln(input, normalized_shape, weight, bias, eps)
+        if y is not NotImplemented:
+            return y
+    return _ln_fwd(input, _shape(normalized_shape), weight, bias, float(eps))[0]
 
 
 def fused_add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _ShapeT,
@@ -100,13 +94,12 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _Shape
     the dtype of the tensor being normalized, so the result equals
     ``F.rms_norm(input + residual, ...)``. Differentiable w.r.t. input, residual and weight.
     """
-    args = (input, residual, _shape(normalized_shape), weight, _fused_eps(input, residual, eps),
-            float(weight_offset))
-    if _no_graph(input, residual, weight) and not residual.requires_grad:
-        with _below_autograd():
-            y, h, _ = _fused_fwd(*args)
-    else:
-        y, h, _ = _fused_fwd(*args)
+    if not _is_compiling():
+        out = _fast_fused(input, residual, normalized_shape, weight, eps, weight_offset)
+        if out is not NotImplemented:
+            return out
+    y, h, _ = _fused_fwd(input, residual, _shape(normalized_shape), weight,
+                         _fused_eps(input, residual, eps), float(weight_offset))
     return y, h
 
 

@@ -8,8 +8,6 @@ every batch, first under DDP, then under FSDP2, and saves losses, gradients and 
 parameters. The test trains the same model on whole batches in one process and compares.
 """
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 
@@ -19,6 +17,8 @@ from torch import nn
 
 import rmsnorm_ext
 from rmsnorm_ext.replace import replace_norms
+
+from _dist_utils import run_workers  # tests/ is on sys.path (pytest rootdir, or as a script)
 
 WORLD, DIM, SEQ, BATCH, STEPS, LR = 2, 16, 6, 4, 3, 0.05
 
@@ -175,34 +175,10 @@ def _worker(out_path):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_and_fsdp2_match_single_process():
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "results.pt")
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                   WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), out_path],
-                                  env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=repo,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for r in range(WORLD)]
-        logs = []
-        try:
-            for p in procs:
-                out, _ = p.communicate(timeout=120)
-                logs.append(out)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        for r, (p, log) in enumerate(zip(procs, logs)):
-            assert p.returncode == 0, f"rank {r} failed (rc {p.returncode}):\n{log[-4000:]}"
+        run_workers(__file__, WORLD, out_path, timeout=120)
         results = torch.load(out_path)
 
     ref_losses, ref_grads, ref_state = _reference()

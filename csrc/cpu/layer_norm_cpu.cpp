@@ -3,13 +3,12 @@
 // Forward reads a row from memory once and makes three passes over it while it sits in
 // L1/L2: the mean, then the variance as sum((x - mean)^2) (two-pass, so a large mean does
 // not cancel the variance away as E[x^2] - E[x]^2 would), then the output.
-#include "../common.h"
+#include "dispatch.h"
+#include "kernels.h"
 #include "param_rows.h"
 #include "vec_io.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <cmath>
 
@@ -152,114 +151,58 @@ void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* 
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
-                                                  at::IntArrayRef normalized_shape,
-                                                  const std::optional<Tensor>& weight,
-                                                  const std::optional<Tensor>& bias, double eps) {
-  check_input(input, "input");
-  check_cpu(input, "input");
-  const auto rs = check_normalized_shape(input, normalized_shape);
-  check_param(weight, "weight", input, normalized_shape);
-  check_param(bias, "bias", input, normalized_shape);
-  check_eps(eps);
-  const Tensor x = input.contiguous();
-  const Tensor w = contiguous_or_empty(weight);
-  const Tensor bi = contiguous_or_empty(bias);
-  Tensor y = at::empty(input.sizes(), x.options());
-  const auto sopt = x.options().dtype(stats_dtype(x.scalar_type()));
-  Tensor mean = at::empty(stats_shape(input, normalized_shape), sopt);
-  Tensor rstd = at::empty(stats_shape(input, normalized_shape), sopt);
-  if (rs.M == 0) return {y, mean, rstd};
-  if (w.defined() && bi.defined()) {
-    TORCH_CHECK_TYPE(w.scalar_type() == bi.scalar_type(), "rmsnorm_ext: weight dtype ",
-                     w.scalar_type(), " and bias dtype ", bi.scalar_type(), " must match");
-  }
-  RMSNORM_EXT_DISPATCH_TW(x.scalar_type(), param_dtype(x, w, bi), "layer_norm_fwd", [&] {
-    using A = acc_t<scalar_t>;
-    EffectiveParam<A> wp(data_or_null<param_t>(w), rs.N, 0.0);
-    EffectiveParam<A> bp(data_or_null<param_t>(bi), rs.N, 0.0);
-    ln_fwd_rows<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                          mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), wp.get(),
-                          bp.get(), rs.M, rs.N, eps);
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Entries of the host layer's kernel table (kernels.h)
+
+void ln_fwd(const LnFwdParams& p, const Launch&) {
+  dispatch_pair(p.t, p.w, [&](auto t_tag, auto w_tag) {
+    using T = typename decltype(t_tag)::type;
+    using W = typename decltype(w_tag)::type;
+    using A = acc_t<T>;
+    EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, 0.0);
+    EffectiveParam<A> bp(static_cast<const W*>(p.bias), p.N, 0.0);
+    ln_fwd_rows<T>(static_cast<const T*>(p.x), static_cast<T*>(p.y), static_cast<A*>(p.mean),
+                   static_cast<A*>(p.rstd), wp.get(), bp.get(), p.M, p.N, p.eps);
   });
-  return {y, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const Tensor& input,
-                                                  const Tensor& mean, const Tensor& rstd,
-                                                  const std::optional<Tensor>& weight,
-                                                  at::IntArrayRef normalized_shape,
-                                                  bool compute_weight_grad,
-                                                  bool compute_bias_grad) {
-  check_input(input, "input");
-  check_cpu(input, "input");
-  const auto rs = check_normalized_shape(input, normalized_shape);
-  check_ln_grad(grad_out, input);
-  check_param(weight, "weight", input, normalized_shape);
-  check_stats(mean, "mean", input, rs.M);
-  check_stats(rstd, "rstd", input, rs.M);
-  const Tensor x = input.contiguous();
-  const Tensor dy = grad_out.contiguous();
-  const Tensor mt = mean.contiguous();
-  const Tensor rt = rstd.contiguous();
-  const Tensor w = contiguous_or_empty(weight);
-  const bool want_dw = compute_weight_grad && w.defined();
-  const bool want_db = compute_bias_grad;
-  // dbias takes the parameters' dtype: the weight's when there is one, else the input's.
-  const auto popt = w.defined() ? w.options() : x.options();
-  Tensor dx = at::empty(input.sizes(), x.options());
-  Tensor dw = want_dw ? at::empty(normalized_shape, popt) : empty_grad(x);
-  Tensor db = want_db ? at::empty(normalized_shape, popt) : empty_grad(x);
-  if (rs.M == 0 || rs.N == 0) {
-    if (want_dw) dw.zero_();
-    if (want_db) db.zero_();
-    return {dx, dw, db};
-  }
-  RMSNORM_EXT_DISPATCH_TW(x.scalar_type(), param_dtype(x, w, Tensor()), "layer_norm_bwd", [&] {
-    using A = acc_t<scalar_t>;
-    EffectiveParam<A> wp(data_or_null<param_t>(w), rs.N, 0.0);
-    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const A* mp = mt.const_data_ptr<A>();
-    const A* rp = rt.const_data_ptr<A>();
-    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+void ln_bwd(const LnBwdParams& p, const Launch& l) {
+  dispatch_pair(p.t, p.w, [&](auto t_tag, auto w_tag) {
+    using T = typename decltype(t_tag)::type;
+    using W = typename decltype(w_tag)::type;
+    using A = acc_t<T>;
+    EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, 0.0);
+    const T* dyp = static_cast<const T*>(p.dy);
+    const T* xp = static_cast<const T*>(p.x);
+    const A* mp = static_cast<const A*>(p.mean);
+    const A* rp = static_cast<const A*>(p.rstd);
+    T* dxp = static_cast<T*>(p.dx);
+    const bool want_dw = p.dw != nullptr;
+    const bool want_db = p.db != nullptr;
     if (!want_dw && !want_db) {
-      at::parallel_for(0, rs.M, row_grain(rs.N), [&](int64_t b, int64_t e) {
-        ln_bwd_rows<scalar_t>(dyp, xp, mp, rp, wp.get(), dxp, nullptr, nullptr, b, e, rs.N);
+      at::parallel_for(0, p.M, row_grain(p.N), [&](int64_t b, int64_t e) {
+        ln_bwd_rows<T>(dyp, xp, mp, rp, wp.get(), dxp, nullptr, nullptr, b, e, p.N);
       });
       return;
     }
-    const RowChunks chunks(rs.M);
-    const int64_t stride = padded<A>(rs.N);
+    const RowChunks chunks(p.M);
+    const int64_t stride = padded<A>(p.N);
     // Per chunk: [dweight partial | dbias partial], each padded to a whole step.
-    std::vector<A> partial(static_cast<size_t>(chunks.count * 2 * stride));
+    A* partial = alloc_partials<A>(l.ws, chunks.count * 2 * stride);
     for_each_chunk(chunks, [&](int64_t c) {
-      A* p = partial.data() + c * 2 * stride;
-      std::fill(p, p + 2 * stride, A(0));
-      ln_bwd_rows<scalar_t>(dyp, xp, mp, rp, wp.get(), dxp, want_dw ? p : nullptr,
-                            want_db ? p + stride : nullptr, chunks.begin(c), chunks.end(c), rs.N);
+      A* part = partial + c * 2 * stride;
+      std::fill(part, part + 2 * stride, A(0));
+      ln_bwd_rows<T>(dyp, xp, mp, rp, wp.get(), dxp, want_dw ? part : nullptr,
+                     want_db ? part + stride : nullptr, chunks.begin(c), chunks.end(c), p.N);
     });
-    if (want_dw) {
-      sum_partials<A, param_t>(partial.data(), chunks.count, 2 * stride, rs.N,
-                               dw.mutable_data_ptr<param_t>());
-    }
+    // dw and db have dtype W (the weight's, or T without a weight: then W == T).
+    if (want_dw) sum_partials<A, W>(partial, chunks.count, 2 * stride, p.N, static_cast<W*>(p.dw));
     if (want_db) {
-      if (w.defined()) {
-        sum_partials<A, param_t>(partial.data() + stride, chunks.count, 2 * stride, rs.N,
-                                 db.mutable_data_ptr<param_t>());
-      } else {
-        sum_partials<A, scalar_t>(partial.data() + stride, chunks.count, 2 * stride, rs.N,
-                                  db.mutable_data_ptr<scalar_t>());
-      }
+      sum_partials<A, W>(partial + stride, chunks.count, 2 * stride, p.N, static_cast<W*>(p.db));
     }
   });
-  return {dx, dw, db};
 }
 
-}  // namespace
 }  // namespace rmsnorm_ext::cpu
-
-TORCH_LIBRARY_IMPL(rmsnorm_ext, CPU, m) {
-  m.impl("layer_norm_fwd", &rmsnorm_ext::cpu::layer_norm_fwd);
-  m.impl("layer_norm_bwd", &rmsnorm_ext::cpu::layer_norm_bwd);
-}

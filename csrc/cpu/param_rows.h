@@ -8,6 +8,7 @@
 //    is bitwise reproducible for a given thread count.
 #pragma once
 
+#include "../kernel_params.h"
 #include "vec_io.h"
 
 #include <ATen/Parallel.h>
@@ -74,6 +75,12 @@ void for_each_chunk(const RowChunks& chunks, F&& f) {
   at::parallel_for(0, chunks.count, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) f(c);
   });
+}
+
+// The per-chunk partial rows, from the host layer's workspace (freed when the op returns).
+template <typename A>
+A* alloc_partials(const Workspace& ws, int64_t count) {
+  return static_cast<A*>(ws.alloc(ws.ctx, static_cast<size_t>(count) * sizeof(A)));
 }
 
 // out[j] = sum over chunks c (in order) of partials[c * stride + j], cast to W.

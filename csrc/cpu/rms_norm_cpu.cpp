@@ -3,15 +3,12 @@
 // Each row is read from memory once: the first pass (sum of squares) brings it into L1/L2
 // and the second pass (scale and store) re-reads it from there. Rows run in parallel;
 // nothing here calls ATen math.
-#include "../common.h"
+#include "dispatch.h"
+#include "kernels.h"
 #include "param_rows.h"
 #include "vec_io.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <cmath>
 
@@ -201,163 +198,70 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
   }
 }
 
-// ---------------------------------------------------------------------------------------
-// Ops
+}  // namespace
 
-std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef normalized_shape,
-                                        const std::optional<Tensor>& weight, double eps,
-                                        double weight_offset) {
-  check_input(input, "input");
-  check_cpu(input, "input");
-  const auto rs = check_normalized_shape(input, normalized_shape);
-  check_param(weight, "weight", input, normalized_shape);
-  check_eps(eps);
-  check_offset(weight_offset);
-  const Tensor x = input.contiguous();
-  const Tensor w = contiguous_or_empty(weight);
-  Tensor y = at::empty(input.sizes(), x.options());
-  Tensor rstd = at::empty(stats_shape(input, normalized_shape),
-                          x.options().dtype(stats_dtype(x.scalar_type())));
-  if (rs.M == 0) return {y, rstd};
-  RMSNORM_EXT_DISPATCH_TW(x.scalar_type(), param_dtype(x, w, Tensor()), "rms_norm_fwd", [&] {
-    using A = acc_t<scalar_t>;
-    EffectiveParam<A> wp(data_or_null<param_t>(w), rs.N, weight_offset);
-    rms_fwd_rows<scalar_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                           rstd.mutable_data_ptr<A>(), wp.get(), rs.M, rs.N, eps);
+// ---------------------------------------------------------------------------------------
+// Entries of the host layer's kernel table (kernels.h)
+
+void rms_fwd(const RmsFwdParams& p, const Launch&) {
+  dispatch_pair(p.t, p.w, [&](auto t_tag, auto w_tag) {
+    using T = typename decltype(t_tag)::type;
+    using W = typename decltype(w_tag)::type;
+    using A = acc_t<T>;
+    EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, p.offset);
+    rms_fwd_rows<T>(static_cast<const T*>(p.x), static_cast<T*>(p.y), static_cast<A*>(p.rstd),
+                    wp.get(), p.M, p.N, p.eps);
   });
-  return {y, rstd};
 }
 
-// Runs the fused kernel; x/y may alias and r/h may alias (in-place variant).
-void fused_add_dispatch(const Tensor& x, const Tensor& r, const Tensor& h, const Tensor& y,
-                        const Tensor& rstd, const Tensor& w, RowShape rs, double eps,
-                        double weight_offset) {
-  RMSNORM_EXT_DISPATCH_TW(x.scalar_type(), param_dtype(x, w, Tensor()), "fused_add_rms_norm", [&] {
-    using A = acc_t<scalar_t>;
-    EffectiveParam<A> wp(data_or_null<param_t>(w), rs.N, weight_offset);
-    dispatch_same_or_float<scalar_t>(r.scalar_type(), [&](auto tag) {
-      using R = typename decltype(tag)::type;
-      fused_add_rows<scalar_t, R>(x.const_data_ptr<scalar_t>(), r.const_data_ptr<R>(),
-                                  h.mutable_data_ptr<R>(), y.mutable_data_ptr<scalar_t>(),
-                                  rstd.mutable_data_ptr<A>(), wp.get(), rs.M, rs.N, eps);
+// x/y may alias and r/h may alias (the in-place variant).
+void fused_add_rms_fwd(const RmsFwdParams& p, const Launch&) {
+  dispatch_pair(p.t, p.w, [&](auto t_tag, auto w_tag) {
+    using T = typename decltype(t_tag)::type;
+    using W = typename decltype(w_tag)::type;
+    using A = acc_t<T>;
+    EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, p.offset);
+    dispatch_companion<T>(p.r, [&](auto r_tag) {
+      using R = typename decltype(r_tag)::type;
+      fused_add_rows<T, R>(static_cast<const T*>(p.x), static_cast<const R*>(p.r_in),
+                           static_cast<R*>(p.h), static_cast<T*>(p.y), static_cast<A*>(p.rstd),
+                           wp.get(), p.M, p.N, p.eps);
     });
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm_fwd(
-    const Tensor& input, const Tensor& residual, at::IntArrayRef normalized_shape,
-    const std::optional<Tensor>& weight, double eps, double weight_offset) {
-  check_cpu(input, "input");
-  const auto rs = check_fused(input, residual, normalized_shape, weight, eps, weight_offset);
-  const Tensor x = input.contiguous();
-  const Tensor r = residual.contiguous();
-  const Tensor w = contiguous_or_empty(weight);
-  Tensor y = at::empty(input.sizes(), x.options());
-  Tensor h = at::empty(input.sizes(), r.options());
-  Tensor rstd = at::empty(stats_shape(input, normalized_shape),
-                          x.options().dtype(stats_dtype(x.scalar_type())));
-  if (rs.M > 0) fused_add_dispatch(x, r, h, y, rstd, w, rs, eps, weight_offset);
-  return {y, h, rstd};
-}
-
-void fused_add_rms_norm_inplace(const Tensor& input, const Tensor& residual,
-                                at::IntArrayRef normalized_shape,
-                                const std::optional<Tensor>& weight, double eps,
-                                double weight_offset) {
-  check_cpu(input, "input");
-  const auto rs = check_fused(input, residual, normalized_shape, weight, eps, weight_offset);
-  // Refuse, before writing anything, arguments whose elements share memory: the kernel
-  // would write one location twice (an expanded tensor) or read what it already wrote.
-  TORCH_CHECK_VALUE(at::has_internal_overlap(input) != at::MemOverlap::Yes,
-                    "rmsnorm_ext: fused_add_rms_norm_: input has elements that share memory "
-                    "(expanded or overlapping); it cannot be written in place");
-  TORCH_CHECK_VALUE(at::has_internal_overlap(residual) != at::MemOverlap::Yes,
-                    "rmsnorm_ext: fused_add_rms_norm_: residual has elements that share memory "
-                    "(expanded or overlapping); it cannot be written in place");
-  TORCH_CHECK_VALUE(!input.is_same(residual) && (input.numel() == 0 || !(
-                        input.storage().is_alias_of(residual.storage()))),
-                    "rmsnorm_ext: fused_add_rms_norm_: input and residual must not share memory");
-  if (rs.M == 0 || rs.N == 0) return;
-  const Tensor w = contiguous_or_empty(weight);
-  const Tensor x = input.contiguous();
-  const Tensor r = residual.contiguous();
-  Tensor rstd = at::empty({rs.M}, x.options().dtype(stats_dtype(x.scalar_type())));
-  fused_add_dispatch(x, r, r, x, rstd, w, rs, eps, weight_offset);
-  // Non-contiguous arguments were computed in contiguous copies: write them back.
-  if (!x.is_same(input)) input.copy_(x);
-  if (!r.is_same(residual)) residual.copy_(r);
-}
-
-std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& input,
-                                        const Tensor& rstd, const std::optional<Tensor>& weight,
-                                        at::IntArrayRef normalized_shape, double weight_offset,
-                                        const std::optional<Tensor>& grad_residual,
-                                        bool compute_weight_grad) {
-  check_input(input, "input");
-  check_cpu(input, "input");
-  const auto rs = check_normalized_shape(input, normalized_shape);
-  check_grad(grad_out, input);
-  // The weight goes with the activation dtype, which is grad_out's.
-  check_param(weight, "weight", grad_out, normalized_shape);
-  check_stats(rstd, "rstd", input, rs.M);
-  check_offset(weight_offset);
-  if (grad_residual.has_value() && grad_residual->defined()) {
-    TORCH_CHECK_VALUE(grad_residual->sizes().equals(input.sizes()) &&
-                          grad_residual->scalar_type() == input.scalar_type(),
-                      "rmsnorm_ext: grad_residual must match the input's shape and dtype");
-    check_same_device(*grad_residual, "grad_residual", input, "the input");
-  }
-  const Tensor x = input.contiguous();
-  const Tensor dy = grad_out.contiguous();
-  const Tensor rs_t = rstd.contiguous();
-  const Tensor w = contiguous_or_empty(weight);
-  const Tensor gres = contiguous_or_empty(grad_residual);
-  const bool want_dw = compute_weight_grad && w.defined();
-  Tensor dx = at::empty(input.sizes(), x.options());
-  Tensor dw = want_dw ? at::empty(w.sizes(), w.options()) : empty_grad(x);
-  if (rs.M == 0 || rs.N == 0) {
-    if (want_dw) dw.zero_();
-    return {dx, dw};
-  }
-  RMSNORM_EXT_DISPATCH_TW(dy.scalar_type(), param_dtype(dy, w, Tensor()), "rms_norm_bwd", [&] {
-    using G = scalar_t;
+void rms_bwd(const RmsBwdParams& p, const Launch& l) {
+  // The weight goes with grad_out's dtype G; x is G, or float32 next to a half G.
+  dispatch_pair(p.g, p.w, [&](auto g_tag, auto w_tag) {
+    using G = typename decltype(g_tag)::type;
+    using W = typename decltype(w_tag)::type;
     using A = acc_t<G>;
-    EffectiveParam<A> wp(data_or_null<param_t>(w), rs.N, weight_offset);
-    dispatch_same_or_float<G>(x.scalar_type(), [&](auto tag) {
-      using X = typename decltype(tag)::type;
-      const X* xptr = x.const_data_ptr<X>();
-      const G* dyp = dy.const_data_ptr<G>();
-      const A* rp = rs_t.const_data_ptr<A>();
-      const X* gp = data_or_null<X>(gres);
-      X* dxp = dx.mutable_data_ptr<X>();
-      if (!want_dw) {
-        at::parallel_for(0, rs.M, row_grain(rs.N), [&](int64_t b, int64_t e) {
-          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, nullptr, b, e, rs.N);
+    EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, p.offset);
+    dispatch_companion<G>(p.x, [&](auto x_tag) {
+      using X = typename decltype(x_tag)::type;
+      const X* xptr = static_cast<const X*>(p.x_in);
+      const G* dyp = static_cast<const G*>(p.dy);
+      const A* rp = static_cast<const A*>(p.rstd);
+      const X* gp = static_cast<const X*>(p.gres);
+      X* dxp = static_cast<X*>(p.dx);
+      if (p.dw == nullptr) {
+        at::parallel_for(0, p.M, row_grain(p.N), [&](int64_t b, int64_t e) {
+          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, nullptr, b, e, p.N);
         });
         return;
       }
-      const RowChunks chunks(rs.M);
-      const int64_t stride = padded<A>(rs.N);
-      std::vector<A> partial(static_cast<size_t>(chunks.count * stride));
+      const RowChunks chunks(p.M);
+      const int64_t stride = padded<A>(p.N);
+      A* partial = alloc_partials<A>(l.ws, chunks.count * stride);
       for_each_chunk(chunks, [&](int64_t c) {
-        A* p = partial.data() + c * stride;
-        std::fill(p, p + stride, A(0));
-        rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, p, chunks.begin(c), chunks.end(c),
-                           rs.N);
+        A* part = partial + c * stride;
+        std::fill(part, part + stride, A(0));
+        rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, part, chunks.begin(c),
+                           chunks.end(c), p.N);
       });
-      sum_partials<A, param_t>(partial.data(), chunks.count, stride, rs.N,
-                               dw.mutable_data_ptr<param_t>());
+      sum_partials<A, W>(partial, chunks.count, stride, p.N, static_cast<W*>(p.dw));
     });
   });
-  return {dx, dw};
 }
 
-}  // namespace
 }  // namespace rmsnorm_ext::cpu
-
-TORCH_LIBRARY_IMPL(rmsnorm_ext, CPU, m) {
-  m.impl("rms_norm_fwd", &rmsnorm_ext::cpu::rms_norm_fwd);
-  m.impl("rms_norm_bwd", &rmsnorm_ext::cpu::rms_norm_bwd);
-  m.impl("fused_add_rms_norm_fwd", &rmsnorm_ext::cpu::fused_add_rms_norm_fwd);
-  m.impl("fused_add_rms_norm_inplace", &rmsnorm_ext::cpu::fused_add_rms_norm_inplace);
-}

@@ -16,7 +16,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 namespace rmsnorm_ext {
 namespace cuda {
@@ -215,9 +218,13 @@ struct PersistentGrid {
   int64_t chunk;
 };
 
+// max_chunk (a multiple of rpb) caps the rows per block where a block's running sums must
+// stay short (see kRunRows / kRunsPerPartial); more blocks than fit at once then run in
+// waves.
 template <typename Kernel>
 inline PersistentGrid persistent_grid(Kernel kernel, int threads, size_t smem, int64_t M,
-                                      int rpb, int sm_count) {
+                                      int rpb, int sm_count,
+                                      int64_t max_chunk = INT64_MAX) {
   int per_sm = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) !=
       cudaSuccess) {
@@ -227,8 +234,66 @@ inline PersistentGrid persistent_grid(Kernel kernel, int threads, size_t smem, i
   const int64_t max_blocks = static_cast<int64_t>(sm_count) * std::max(per_sm, 1);
   const int64_t groups = ceil_div(M, rpb);
   const int64_t blocks = std::min(groups, max_blocks);
-  const int64_t chunk = ceil_div(groups, blocks) * rpb;
+  const int64_t chunk = std::min(ceil_div(groups, blocks) * rpb, std::max<int64_t>(max_chunk, rpb));
   return {ceil_div(M, chunk), chunk};
+}
+
+// Lets `kernel` launch with `dynamic_bytes` of dynamic shared memory on the current device.
+//
+// A launch may use at most the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize, which
+// starts at 48 KB *minus the kernel's static shared memory* (its __shared__ arrays), not at
+// 48 KB: a request of exactly 48 KB (or anything above 48 KB - static) fails with "invalid
+// argument" unless the kernel has opted in. So the rule reads the static size
+// (cudaFuncGetAttributes) and the attribute's current value, and raises the attribute only
+// when needed, never lowering a value already set: another thread may be about to launch
+// the same kernel with a larger request. The check-and-set runs under one mutex and the
+// largest value set is cached per (kernel, device), so concurrent callers only ever raise
+// it and the steady state costs one uncontended lock (no CUDA call, which also keeps
+// CUDA-graph capture free of them after the first launch).
+//
+// *fits = false (and cudaSuccess) when static + dynamic exceeds the device's opt-in
+// maximum (cudaDevAttrMaxSharedMemoryPerBlockOptin, e.g. 64 KB on sm_75, 99 KB on sm_86):
+// the caller falls back to a kernel that needs less.
+inline cudaError_t ensure_dynamic_smem(const void* kernel, size_t dynamic_bytes, bool* fits) {
+  struct Entry {
+    size_t static_bytes;
+    size_t max_dynamic;  // what a launch may use now
+    size_t optin;        // the device's per-block opt-in limit
+  };
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, Entry> cache;
+  *fits = false;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({kernel, dev});
+  if (it == cache.end()) {
+    cudaFuncAttributes fa{};
+    err = cudaFuncGetAttributes(&fa, kernel);
+    if (err != cudaSuccess) return err;
+    int optin = 0;
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (err != cudaSuccess) return err;
+    // The default limit, whatever the attribute reports: 48 KB less the static part.
+    constexpr size_t kDefault = 48 * 1024;
+    const size_t st = fa.sharedSizeBytes;
+    const size_t def = st < kDefault ? kDefault - st : 0;
+    const size_t cur = std::min<size_t>(def, static_cast<size_t>(std::max(fa.maxDynamicSharedSizeBytes, 0)));
+    it = cache.emplace(std::make_pair(kernel, dev), Entry{st, cur, static_cast<size_t>(optin)}).first;
+  }
+  Entry& e = it->second;
+  if (dynamic_bytes <= e.max_dynamic) {
+    *fits = true;
+    return cudaSuccess;
+  }
+  if (e.static_bytes + dynamic_bytes > e.optin) return cudaSuccess;  // *fits stays false
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(dynamic_bytes));
+  if (err != cudaSuccess) return err;
+  e.max_dynamic = dynamic_bytes;
+  *fits = true;
+  return cudaSuccess;
 }
 
 // Calls f(T{}) with the C++ storage type of a dtype tag.

@@ -5,10 +5,12 @@
 //   dw[j] = sum over rows of dy * xhat, db[j] = sum over rows of dy
 //
 // T: x / dy / dx dtype; W: weight (and dw, db) dtype. Same structure as
-// rms_norm_bwd_kernels.cu (see there for the why): persistent blocks over contiguous row
-// chunks, dw/db accumulated per block (shared memory in the register kernel, the block's
-// own workspace rows in the re-reading kernel), then a fixed-order column reduction.
-// A missing weight runs as ones (runtime "has weight" branches made ptxas spill).
+// rms_norm_bwd_kernels.cu (see there for the why): blocks over contiguous row chunks;
+// the register kernel keeps dw/db as cascaded sums (col_reduce.cuh: runs in shared
+// memory, a tree over groups, one partial row per block), the re-reading kernel computes
+// dx only and dw/db come from the column-parallel col_partials_kernel; then a tree column
+// reduction. A missing weight runs as ones (runtime "has weight" branches made ptxas
+// spill).
 #include "col_reduce.cuh"
 #include "cuda_utils.cuh"
 
@@ -29,7 +31,7 @@ struct LnBwdArgs {
   const acc_t<T>* rstd;
   const W* w;      // never nullptr (ones when the op has no weight)
   T* dx;
-  acc_t<T>* ws;    // partial rows: plane 0 dw, plane 1 db; nullptr: neither wanted
+  acc_t<T>* ws;    // register kernel's partial rows: plane 0 dw, plane 1 db; nullptr: neither wanted
   int64_t ws_plane;  // elements per plane
   int64_t M;
   int64_t N;
@@ -69,7 +71,11 @@ __global__ void __launch_bounds__(kLnBwdMaxThreads) ln_bwd_reg_kernel(const LnBw
     }
   }
 
+  A* wsr = want ? a.ws + static_cast<int64_t>(blockIdx.x) * a.N : nullptr;
+  int run = 0;        // rows of the current run (per group)
+  bool first = true;  // the block's partial rows are not yet written
   int parity = 0;
+  // Uniform trip count for the whole block: group_sum and flush_runs __syncthreads.
   for (int64_t base = row_begin; base < row_end; base += a.rpb) {
     const int64_t row = base + group;
     const bool valid = row < row_end;
@@ -155,26 +161,18 @@ __global__ void __launch_bounds__(kLnBwdMaxThreads) ln_bwd_reg_kernel(const LnBw
         }
       }
     }
-  }
-
-  if (!want) return;
-  __syncthreads();
-  const A* sm = reinterpret_cast<const A*>(dsmem);
-  A* wsw = a.ws + static_cast<int64_t>(blockIdx.x) * a.N;
-  A* wsb = wsw + a.ws_plane;
-  for (int c = threadIdx.x; c < a.N; c += blockDim.x) {
-    A sw = sm[c];
-    A sb = sm[splane + c];
-    for (int g = 1; g < a.rpb; ++g) {
-      sw += sm[static_cast<int64_t>(g) * a.N + c];
-      sb += sm[splane + static_cast<int64_t>(g) * a.N + c];
+    if (want && ++run == kRunRows) {
+      flush_runs<A>(reinterpret_cast<A*>(dsmem), a.rpb, a.N, 2, splane, wsr, a.ws_plane, first);
+      first = false;
+      run = 0;
     }
-    wsw[c] = sw;
-    wsb[c] = sb;
   }
+  // The last, partial run (every block has at least one row, so its rows get written).
+  if (want && run > 0)
+    flush_runs<A>(reinterpret_cast<A*>(dsmem), a.rpb, a.N, 2, splane, wsr, a.ws_plane, first);
 }
 
-// Re-reading kernel; partial rows gridDim.x * rpb per plane, one per group.
+// Re-reading kernel: dx only (dw / db: see launch).
 template <typename T, typename W, int VEC>
 __global__ void __launch_bounds__(kLnBwdMaxThreads)
     ln_bwd_reread_kernel(const LnBwdArgs<T, W> a) {
@@ -187,21 +185,8 @@ __global__ void __launch_bounds__(kLnBwdMaxThreads)
   const int t = threadIdx.x - group * tpr;
   const int64_t P = a.N / VEC;
   const int64_t step = static_cast<int64_t>(U) * tpr;
-  const bool want = a.ws != nullptr;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * a.chunk;
   const int64_t row_end = row_begin + a.chunk < a.M ? row_begin + a.chunk : a.M;
-  A* wsw = want ? a.ws + (static_cast<int64_t>(blockIdx.x) * a.rpb + group) * a.N : nullptr;
-  A* wsb = want ? wsw + a.ws_plane : nullptr;
-
-  if (want) {
-    Pack<A, VEC> z;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) z.v[j] = A(0);
-    for (int64_t pi = t; pi < P; pi += tpr) {
-      store_pack<A, VEC>(wsw, pi, z);
-      store_pack<A, VEC>(wsb, pi, z);
-    }
-  }
 
   int parity = 0;
   for (int64_t base = row_begin; base < row_end; base += a.rpb) {
@@ -269,27 +254,13 @@ __global__ void __launch_bounds__(kLnBwdMaxThreads)
         const int64_t pi = b + static_cast<int64_t>(u) * tpr;
         if (pi < P) {
           Pack<T, VEC> o;
-          Pack<A, VEC> aw, ab;
-          if (want) {
-            aw = load_pack<A, VEC>(wsw, pi);
-            ab = load_pack<A, VEC>(wsb, pi);
-          }
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const A xh = (to_acc<A>(xv[u].v[j]) - mean) * rstd;
-            const A dyf = to_acc<A>(gv[u].v[j]);
-            const A g = mul_rn(dyf, to_acc<A>(wv[u].v[j]));
+            const A g = mul_rn(to_acc<A>(gv[u].v[j]), to_acc<A>(wv[u].v[j]));
             o.v[j] = from_acc<T>(rstd * (g - mg - xh * mgx));
-            if (want) {
-              aw.v[j] += dyf * xh;
-              ab.v[j] += dyf;
-            }
           }
           store_pack<T, VEC>(dxr, pi, o);
-          if (want) {
-            store_pack<A, VEC>(wsw, pi, aw);
-            store_pack<A, VEC>(wsb, pi, ab);
-          }
         }
       }
     }
@@ -330,32 +301,48 @@ cudaError_t launch(const LnBwdParams& p, Workspace ws, cudaStream_t stream) {
                    is_aligned(a.dy, V * sizeof(T)) && is_aligned(a.w, V * sizeof(W)) &&
                    is_aligned(a.dx, V * sizeof(T));
   const int64_t P = vec ? a.N / V : a.N;
-  const RowConfig c = pick_row_config(P, kLnBwdMaxThreads, 4, vec);
+  RowConfig c = pick_row_config(P, kLnBwdMaxThreads, 4, vec);
+  const size_t acc_smem = want ? 2 * static_cast<size_t>(c.rpb) * a.N * sizeof(A) : 0;
+  bool reg = vec && c.items == 4 && acc_smem <= kMaxAccSmem;
+  if (reg && acc_smem > 0) {
+    // e.g. bf16 N = 768 asks for exactly 48 KB on top of the 512-byte static `red`: above
+    // the default limit, so it must opt in (ensure_dynamic_smem); where the device cannot
+    // give it, the re-reading kernel takes over.
+    bool fits = false;
+    err = ensure_dynamic_smem(reinterpret_cast<const void*>(ln_bwd_reg_kernel<T, W, V, 4>),
+                              acc_smem, &fits);
+    if (err != cudaSuccess) return err;
+    reg = fits;
+  }
+  if (!reg && vec && c.items == 4) c = pick_row_config(P, kLnBwdMaxThreads, 4, false);
   a.tpr = c.tpr;
   a.rpb = c.rpb;
-  const size_t acc_smem = want ? 2 * static_cast<size_t>(c.rpb) * a.N * sizeof(A) : 0;
-  const bool reg = vec && c.items == 4 && acc_smem <= kMaxAccSmem;
   auto kernel = reg ? ln_bwd_reg_kernel<T, W, V, 4>
                     : (vec ? ln_bwd_reread_kernel<T, W, V> : ln_bwd_reread_kernel<T, W, 1>);
   const size_t smem = reg ? acc_smem : 0;
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return e;
-  }
-  const PersistentGrid pg = persistent_grid(kernel, c.threads(), smem, a.M, c.rpb, p.sm_count);
+  // Register kernel with dw/db: at most kRunsPerPartial runs per block (col_reduce.cuh).
+  const int64_t max_chunk =
+      (reg && want) ? static_cast<int64_t>(kRunRows) * kRunsPerPartial * c.rpb : INT64_MAX;
+  const PersistentGrid pg =
+      persistent_grid(kernel, c.threads(), smem, a.M, c.rpb, p.sm_count, max_chunk);
   a.chunk = pg.chunk;
-  const int64_t partial_rows = reg ? pg.blocks : pg.blocks * c.rpb;
-  if (want) {
-    a.ws_plane = partial_rows * a.N;
+  if (reg && want) {
+    a.ws_plane = pg.blocks * a.N;
     a.ws = static_cast<A*>(ws.alloc(ws.ctx, 2 * static_cast<size_t>(a.ws_plane) * sizeof(A)));
     if (a.ws == nullptr) return cudaErrorMemoryAllocation;
   }
   kernel<<<static_cast<unsigned>(pg.blocks), c.threads(), smem, stream>>>(a);
   RMSNORM_EXT_LAUNCH_CHECK(err);
   if (err != cudaSuccess || !want) return err;
-  return launch_col_reduce<A, W>(a.ws, partial_rows, a.N, 2, static_cast<W*>(p.dw),
-                                 static_cast<W*>(p.db), stream);
+  if (reg) {
+    return launch_col_reduce<A, W>(a.ws, pg.blocks, a.N, 2, static_cast<W*>(p.dw),
+                                   static_cast<W*>(p.db), stream);
+  }
+  // Long (or unaligned) rows: dw / db from a column-parallel pass over x and dy, with a
+  // workspace of a few partial rows instead of one per thread group.
+  return launch_col_partials<T, T, W, true>(a.x, a.dy, a.mean, a.rstd, a.M, a.N, vec,
+                                            p.sm_count, ws, static_cast<W*>(p.dw),
+                                            static_cast<W*>(p.db), stream);
 }
 
 }  // namespace

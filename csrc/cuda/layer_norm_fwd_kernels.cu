@@ -1,6 +1,11 @@
-// layer_norm_fwd kernels: mean and biased variance in acc_t<T> with an exact two-pass
-// formula (sum(x) / N, then sum((x - mean)^2) / N over the row again -- never
-// E[x^2] - E[x]^2), rstd = 1 / sqrt(var + eps), y = (x - mean) * rstd * w + b.
+// layer_norm_fwd kernels: mean and biased variance in acc_t<T> with the corrected
+// two-pass formula, the same as the CPU kernels (csrc/cpu/layer_norm_cpu.cpp):
+//   mean0 = sum(x) / N; d = x - mean0 (second pass over the row)
+//   mean = mean0 + sum(d) / N                      (sum(d) is N x the rounding error of mean0)
+//   var = max(0, (sum(d^2) - sum(d)^2 / N) / N)    (never E[x^2] - E[x]^2)
+//   rstd = 1 / sqrt(var + eps), y = (x - mean) * rstd * w + b.
+// Rows with |mean| >> std are where it matters: (x - mean) * rstd amplifies an error in
+// the mean by rstd, and a plain two-pass mean is off by up to ~N ulps of |mean|.
 //
 // Same launch shapes as rms_norm_fwd (rms_norm_fwd_kernels.cuh): register kernel with the
 // row cached (ITEMS = 4 / 8 packs per thread), or a re-reading kernel for long /
@@ -45,10 +50,22 @@ __device__ __forceinline__ Pack<T, VEC> ln_out(const Pack<T, VEC>& xv, const Pac
   return o;
 }
 
+// The corrected statistics from mean0 = sum(x) / N and the second pass's sums of
+// d = x - mean0: s[0] = sum(d^2), s[1] = sum(d). Same operation order as the CPU.
+template <typename A>
+__device__ __forceinline__ void corrected_stats(A mean0, const A (&s)[2], int64_t N, A eps,
+                                                A& mean, A& rstd) {
+  const A inv_n = A(1) / static_cast<A>(N);
+  mean = mean0 + s[1] * inv_n;
+  const A var_raw = (s[0] - s[1] * s[1] * inv_n) * inv_n;
+  const A var = var_raw < A(0) ? A(0) : var_raw;  // keeps NaN (fmax would drop it)
+  rstd = A(1) / sqrt(var + eps);
+}
+
 template <typename T, typename W, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kLnMaxThreads) ln_fwd_reg_kernel(const LnFwdArgs<T, W> a) {
   using A = acc_t<T>;
-  __shared__ A red[2 * 32];
+  __shared__ A red[32 + 2 * 32];  // first sum, then the two sums of the second pass
 
   const int tpr = a.tpr;
   const int group = threadIdx.x / tpr;
@@ -80,9 +97,9 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_fwd_reg_kernel(const LnFwdAr
   }
   A v[1] = {s1};
   group_sum<A, 1>(v, tpr, red);
-  const A mean = v[0] / static_cast<A>(a.N);
+  const A mean0 = v[0] / static_cast<A>(a.N);
 
-  A s2 = A(0);
+  A s2[2] = {A(0), A(0)};
   if (valid) {
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -90,15 +107,16 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_fwd_reg_kernel(const LnFwdAr
       if (pi < P) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const A d = to_acc<A>(xv[i].v[j]) - mean;
-          s2 += d * d;
+          const A d = to_acc<A>(xv[i].v[j]) - mean0;
+          s2[0] += d * d;
+          s2[1] += d;
         }
       }
     }
   }
-  v[0] = s2;
-  group_sum<A, 1>(v, tpr, red + 32);
-  const A rstd = A(1) / sqrt(v[0] / static_cast<A>(a.N) + a.eps);
+  group_sum<A, 2>(s2, tpr, red + 32);
+  A mean, rstd;
+  corrected_stats<A>(mean0, s2, a.N, a.eps, mean, rstd);
   if (!valid) return;
   if (t == 0) {
     a.mean[row] = mean;
@@ -133,7 +151,7 @@ template <typename T, typename W, int VEC>
 __global__ void __launch_bounds__(kLnMaxThreads) ln_fwd_reread_kernel(const LnFwdArgs<T, W> a) {
   using A = acc_t<T>;
   constexpr int U = 4;
-  __shared__ A red[2 * 32];
+  __shared__ A red[32 + 2 * 32];
 
   const int tpr = a.tpr;
   const int group = threadIdx.x / tpr;
@@ -169,10 +187,10 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_fwd_reread_kernel(const LnFw
   }
   A v[1] = {s1};
   group_sum<A, 1>(v, tpr, red);
-  const A mean = v[0] / static_cast<A>(a.N);
+  const A mean0 = v[0] / static_cast<A>(a.N);
 
-  // Pass 2: centered sum of squares.
-  A s2 = A(0);
+  // Pass 2: sums of d = x - mean0 and d^2.
+  A s2[2] = {A(0), A(0)};
   if (valid) {
     for (int64_t b = t; b < P; b += step) {
       Pack<T, VEC> xv[U];
@@ -187,16 +205,17 @@ __global__ void __launch_bounds__(kLnMaxThreads) ln_fwd_reread_kernel(const LnFw
         if (pi < P) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            const A d = to_acc<A>(xv[u].v[j]) - mean;
-            s2 += d * d;
+            const A d = to_acc<A>(xv[u].v[j]) - mean0;
+            s2[0] += d * d;
+            s2[1] += d;
           }
         }
       }
     }
   }
-  v[0] = s2;
-  group_sum<A, 1>(v, tpr, red + 32);
-  const A rstd = A(1) / sqrt(v[0] / static_cast<A>(a.N) + a.eps);
+  group_sum<A, 2>(s2, tpr, red + 32);
+  A mean, rstd;
+  corrected_stats<A>(mean0, s2, a.N, a.eps, mean, rstd);
   if (!valid) return;
   if (t == 0) {
     a.mean[row] = mean;

@@ -1,17 +1,24 @@
 // rms_norm_bwd kernels.
 //
-//   g = dy * (offset + w)  (dy without a weight)
-//   dx = rstd * (g - x * rstd^2 * mean(g * x))  [+ grad_residual, in fp32 before rounding]
-//   dw[j] = sum over rows of dy * x * rstd
+//   g = dy * (offset + w)  (dy without a weight), rounded on its own (mul_rn) in both
+//       passes: were it contracted into an FMA in one pass and not the other, the
+//       mean(g * x) of pass 1 would not be that of the g pass 2 uses.
+//   xhat = x * rstd, c = rstd * mean(g * x)
+//   dx = rstd * (g - xhat * c)  [+ grad_residual, in fp32 before rounding]
+//      (= rstd * (g - x * rstd^2 * mean(g * x)), grouped so that no intermediate is
+//      larger than the result: rstd^2 alone overflows fp32 for rms < ~5e-20 with eps = 0,
+//      and rstd^3 underflows for |x| >~ 1e13; xhat and c are O(|x| rstd) and O(|g|).)
+//   dw[j] = sum over rows of dy * xhat
 //
 // X: dtype of x, dx and grad_residual; G: grad_out's (== X, or bf16/fp16 with fp32 X: the
 // fp32 residual stream of fused_add_rms_norm); W: the weight's (G, or f32 next to a
 // bf16/fp16 G). Accumulation in acc_t<X>.
 //
-// Each block loops over a contiguous chunk of rows (persistent grid, ~one wave), one row
-// per thread group at a time, so that dw is a per-thread register accumulation over the
-// chunk followed by one partial row per block; col_reduce_kernel then sums the partial
-// rows in a fixed order. Deterministic, and cheap when M >> N (few partial rows).
+// Register kernel: each block loops over a contiguous chunk of rows, one row per thread
+// group at a time, and keeps dw as cascaded sums (col_reduce.cuh: runs of kRunRows rows
+// per group in shared memory, a tree over the groups, one partial row per block);
+// col_reduce_kernel then adds the partial rows as a tree. Re-reading kernel (long rows):
+// dx only; dw comes from the column-parallel col_partials_kernel. Deterministic.
 #include "col_reduce.cuh"
 #include "cuda_utils.cuh"
 
@@ -30,7 +37,7 @@ struct RmsBwdArgs {
   const W* w;       // never nullptr: ones (and offset 0) when the op has no weight
   const X* gres;    // nullptr: no grad_residual
   X* dx;
-  acc_t<X>* ws;     // partial dw rows; nullptr: dw not wanted
+  acc_t<X>* ws;     // register kernel: partial dw rows, one per block; nullptr: not wanted
   int64_t M;
   int64_t N;
   int64_t chunk;    // rows per block (multiple of rpb)
@@ -45,9 +52,9 @@ __device__ __forceinline__ A weight_at(const Pack<W, VEC>& wp, int j, A offset) 
 }
 
 // Register kernel: rows of up to tpr * ITEMS packs; x and dy stay in registers between
-// the row reduction and dx. The dw accumulators live in shared memory (each thread only
-// touches its own columns of its group's row, so no syncs until the final combine):
-// in registers they pushed the kernel past 128 registers and it spilled.
+// the row reduction and dx. The dw run sums live in shared memory (each thread only
+// touches its own columns of its group's row, so no syncs until a flush): in registers
+// they pushed the kernel past 128 registers and it spilled.
 template <typename X, typename G, typename W, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kBwdMaxThreads)
     rms_bwd_reg_kernel(const RmsBwdArgs<X, G, W> a) {
@@ -76,8 +83,11 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
     }
   }
 
+  A* wsr = want_dw ? a.ws + static_cast<int64_t>(blockIdx.x) * a.N : nullptr;
+  int run = 0;        // rows of the current run (per group)
+  bool first = true;  // the block's partial row is not yet written
   int parity = 0;
-  // Uniform trip count for the whole block: group_sum may __syncthreads.
+  // Uniform trip count for the whole block: group_sum and flush_runs __syncthreads.
   for (int64_t base = row_begin; base < row_end; base += a.rpb) {
     const int64_t row = base + group;
     const bool valid = row < row_end;
@@ -110,7 +120,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
           for (int j = 0; j < VEC; ++j) {
             const A xf = to_acc<A>(xv[i].v[j]);
             const A dyf = to_acc<A>(gv[i].v[j]);
-            sgx += dyf * weight_at<A>(wv[i], j, a.offset) * xf;
+            sgx += mul_rn(dyf, weight_at<A>(wv[i], j, a.offset)) * xf;
             if (want_dw) acc.v[j] += dyf * (xf * rstd);
           }
           if (want_dw) store_pack<A, VEC>(dwsm, pi, acc);
@@ -122,7 +132,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
     parity ^= 1;
 
     if (valid) {
-      const A c = rstd * rstd * (v[0] / static_cast<A>(a.N));
+      const A c = rstd * (v[0] / static_cast<A>(a.N));
       X* dxr = a.dx + off;
       const X* rr = a.gres != nullptr ? a.gres + off : nullptr;
       constexpr int CH = ITEMS < 4 ? ITEMS : 4;
@@ -146,8 +156,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
             Pack<X, VEC> o;
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
-              const A g = to_acc<A>(gv[i].v[j]) * weight_at<A>(wv[k], j, a.offset);
-              A d = rstd * (g - to_acc<A>(xv[i].v[j]) * c);
+              const A g = mul_rn(to_acc<A>(gv[i].v[j]), weight_at<A>(wv[k], j, a.offset));
+              A d = rstd * (g - (to_acc<A>(xv[i].v[j]) * rstd) * c);
               if (rr != nullptr) d += to_acc<A>(rv[k].v[j]);
               o.v[j] = from_acc<X>(d);
             }
@@ -156,24 +166,18 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
         }
       }
     }
+    if (want_dw && ++run == kRunRows) {
+      flush_runs<A>(reinterpret_cast<A*>(dsmem), a.rpb, a.N, 1, 0, wsr, 0, first);
+      first = false;
+      run = 0;
+    }
   }
-
-  if (!want_dw) return;
-  // One partial row per block: the groups' accumulators added in group order.
-  __syncthreads();
-  const A* sm = reinterpret_cast<const A*>(dsmem);
-  A* wsr = a.ws + static_cast<int64_t>(blockIdx.x) * a.N;
-  for (int c = threadIdx.x; c < a.N; c += blockDim.x) {
-    A s = sm[c];
-    for (int g = 1; g < a.rpb; ++g) s += sm[static_cast<int64_t>(g) * a.N + c];
-    wsr[c] = s;
-  }
+  // The last, partial run (every block has at least one row, so its row gets written).
+  if (want_dw && run > 0) flush_runs<A>(reinterpret_cast<A*>(dsmem), a.rpb, a.N, 1, 0, wsr, 0, first);
 }
 
 // Re-reading kernel: any row length and alignment. Pass 1 reduces sum(g * x); pass 2
-// re-reads the row (mostly from L1/L2) and writes dx. dw accumulates in this group's own
-// partial row of the workspace (read-modify-write by the owning thread, so in order and
-// race free); partial rows: gridDim.x * rpb.
+// re-reads the row (mostly from L1/L2) and writes dx. No dw here (see launch).
 template <typename X, typename G, typename W, int VEC>
 __global__ void __launch_bounds__(kBwdMaxThreads)
     rms_bwd_reread_kernel(const RmsBwdArgs<X, G, W> a) {
@@ -186,17 +190,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
   const int t = threadIdx.x - group * tpr;
   const int64_t P = a.N / VEC;
   const int64_t step = static_cast<int64_t>(U) * tpr;
-  const bool want_dw = a.ws != nullptr;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * a.chunk;
   const int64_t row_end = row_begin + a.chunk < a.M ? row_begin + a.chunk : a.M;
-  A* wsr = want_dw ? a.ws + (static_cast<int64_t>(blockIdx.x) * a.rpb + group) * a.N : nullptr;
-
-  if (want_dw) {
-    Pack<A, VEC> z;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) z.v[j] = A(0);
-    for (int64_t pi = t; pi < P; pi += tpr) store_pack<A, VEC>(wsr, pi, z);
-  }
 
   int parity = 0;
   for (int64_t base = row_begin; base < row_end; base += a.rpb) {
@@ -228,7 +223,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
           if (pi < P) {
 #pragma unroll
             for (int j = 0; j < VEC; ++j)
-              sgx += to_acc<A>(gv[u].v[j]) * weight_at<A>(wv[u], j, a.offset) *
+              sgx += mul_rn(to_acc<A>(gv[u].v[j]), weight_at<A>(wv[u], j, a.offset)) *
                      to_acc<A>(xv[u].v[j]);
           }
         }
@@ -239,7 +234,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
     parity ^= 1;
     if (!valid) continue;  // the trip count stays uniform: `base` does not depend on it
 
-    const A c = rstd * rstd * (v[0] / static_cast<A>(a.N));
+    const A c = rstd * (v[0] / static_cast<A>(a.N));
     X* dxr = a.dx + off;
     const X* rr = a.gres != nullptr ? a.gres + off : nullptr;
     for (int64_t b = t; b < P; b += step) {
@@ -262,19 +257,14 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
         const int64_t pi = b + static_cast<int64_t>(u) * tpr;
         if (pi < P) {
           Pack<X, VEC> o;
-          Pack<A, VEC> acc;
-          if (want_dw) acc = load_pack<A, VEC>(wsr, pi);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            const A xf = to_acc<A>(xv[u].v[j]);
-            const A dyf = to_acc<A>(gv[u].v[j]);
-            A d = rstd * (dyf * weight_at<A>(wv[u], j, a.offset) - xf * c);
+            const A g = mul_rn(to_acc<A>(gv[u].v[j]), weight_at<A>(wv[u], j, a.offset));
+            A d = rstd * (g - (to_acc<A>(xv[u].v[j]) * rstd) * c);
             if (rr != nullptr) d += to_acc<A>(rv[u].v[j]);
             o.v[j] = from_acc<X>(d);
-            if (want_dw) acc.v[j] += dyf * (xf * rstd);
           }
           store_pack<X, VEC>(dxr, pi, o);
-          if (want_dw) store_pack<A, VEC>(wsr, pi, acc);
         }
       }
     }
@@ -319,33 +309,50 @@ cudaError_t launch(const RmsBwdParams& p, Workspace ws, cudaStream_t stream) {
                    is_aligned(a.dy, V * sizeof(G)) && is_aligned(a.w, V * sizeof(W)) &&
                    is_aligned(a.gres, V * sizeof(X)) && is_aligned(a.dx, V * sizeof(X));
   const int64_t P = vec ? a.N / V : a.N;
-  const RowConfig c = pick_row_config(P, kBwdMaxThreads, 4, vec);
+  RowConfig c = pick_row_config(P, kBwdMaxThreads, 4, vec);
+  bool reg = vec && c.items == 4;
+  // dw run sums of the register kernel: rpb * N <= threads * 4 * V accumulators, at most
+  // 64 KB (fp32, 512 threads, bf16 packs), on top of the static `red`. Where the device
+  // cannot give that much, the re-reading kernel (no dynamic shared memory) takes over.
+  const size_t smem = (reg && want_dw) ? static_cast<size_t>(c.rpb) * a.N * sizeof(A) : 0;
+  if (smem > 0) {
+    bool fits = false;
+    err = ensure_dynamic_smem(reinterpret_cast<const void*>(rms_bwd_reg_kernel<X, G, W, V, 4>),
+                              smem, &fits);
+    if (err != cudaSuccess) return err;
+    if (!fits) {
+      reg = false;
+      c = pick_row_config(P, kBwdMaxThreads, 4, false);
+    }
+  }
   a.tpr = c.tpr;
   a.rpb = c.rpb;
-
-  const bool reg = vec && c.items == 4;
   auto kernel = reg ? rms_bwd_reg_kernel<X, G, W, V, 4>
                     : (vec ? rms_bwd_reread_kernel<X, G, W, V> : rms_bwd_reread_kernel<X, G, W, 1>);
-  // dw accumulators of the register kernel: rpb * N <= threads * 4 * V accumulators,
-  // at most 64 KB (fp32, 512 threads, bf16 packs): opt in above the default 48 KB.
-  const size_t smem = (reg && want_dw) ? static_cast<size_t>(c.rpb) * a.N * sizeof(A) : 0;
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return e;
-  }
-  const PersistentGrid pg = persistent_grid(kernel, c.threads(), smem, a.M, c.rpb, p.sm_count);
+  const size_t dyn = reg ? smem : 0;
+  // Register kernel with dw: at most kRunsPerPartial runs per block (see col_reduce.cuh);
+  // for huge M that means more blocks than fit at once, not longer sums.
+  const int64_t max_chunk =
+      (reg && want_dw) ? static_cast<int64_t>(kRunRows) * kRunsPerPartial * c.rpb : INT64_MAX;
+  const PersistentGrid pg =
+      persistent_grid(kernel, c.threads(), dyn, a.M, c.rpb, p.sm_count, max_chunk);
   a.chunk = pg.chunk;
-  const int64_t partial_rows = reg ? pg.blocks : pg.blocks * c.rpb;
-  if (want_dw) {
-    a.ws = static_cast<A*>(ws.alloc(ws.ctx, static_cast<size_t>(partial_rows * a.N) * sizeof(A)));
+  if (reg && want_dw) {
+    // One partial row per block: at most ~(SMs x blocks per SM) or M / 512 rows of N.
+    a.ws = static_cast<A*>(ws.alloc(ws.ctx, static_cast<size_t>(pg.blocks * a.N) * sizeof(A)));
     if (a.ws == nullptr) return cudaErrorMemoryAllocation;
   }
-  kernel<<<static_cast<unsigned>(pg.blocks), c.threads(), smem, stream>>>(a);
+  kernel<<<static_cast<unsigned>(pg.blocks), c.threads(), dyn, stream>>>(a);
   RMSNORM_EXT_LAUNCH_CHECK(err);
   if (err != cudaSuccess || !want_dw) return err;
-  return launch_col_reduce<A, W>(a.ws, partial_rows, a.N, 1, static_cast<W*>(p.dw), nullptr,
-                                 stream);
+  if (reg) {
+    return launch_col_reduce<A, W>(a.ws, pg.blocks, a.N, 1, static_cast<W*>(p.dw), nullptr,
+                                   stream);
+  }
+  // Long (or unaligned) rows: dw from a column-parallel pass over x and dy.
+  return launch_col_partials<X, G, W, false>(a.x, a.dy, nullptr, a.rstd, a.M, a.N, vec,
+                                             p.sm_count, ws, static_cast<W*>(p.dw), nullptr,
+                                             stream);
 }
 
 }  // namespace

@@ -1,0 +1,16 @@
+// The CPU entries of the host layer's kernel table (csrc/host/devices.cpp). Each takes the
+// parameter struct, dispatches on its dtype tags and runs rows in parallel with ATen's
+// thread pool; the workspace holds the per-chunk parameter-gradient partials.
+#pragma once
+
+#include "../host/host.h"
+
+namespace rmsnorm_ext::cpu {
+
+void rms_fwd(const RmsFwdParams& p, const Launch& l);            // rms_norm_cpu.cpp
+void fused_add_rms_fwd(const RmsFwdParams& p, const Launch& l);  // rms_norm_cpu.cpp
+void rms_bwd(const RmsBwdParams& p, const Launch& l);            // rms_norm_cpu.cpp
+void ln_fwd(const LnFwdParams& p, const Launch& l);              // layer_norm_cpu.cpp
+void ln_bwd(const LnBwdParams& p, const Launch& l);              // layer_norm_cpu.cpp
+
+}  // namespace rmsnorm_ext::cpu

@@ -1,0 +1,15 @@
+// The CUDA entries of the host layer's kernel table (csrc/host/devices.cpp): each runs
+// one kernel entry of kernels_api.h on the current stream of the launch's device.
+#pragma once
+
+#include "../host/host.h"
+
+namespace rmsnorm_ext::cuda {
+
+void run_rms_fwd(const RmsFwdParams& p, const Launch& l);
+void run_fused_add_rms_fwd(const RmsFwdParams& p, const Launch& l);
+void run_rms_bwd(const RmsBwdParams& p, const Launch& l);
+void run_ln_fwd(const LnFwdParams& p, const Launch& l);
+void run_ln_bwd(const LnBwdParams& p, const Launch& l);
+
+}  // namespace rmsnorm_ext::cuda

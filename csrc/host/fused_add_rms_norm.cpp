@@ -1,0 +1,64 @@
+// Host functions of fused_add_rms_norm_fwd and its in-place variant, for every device.
+#include "host.h"
+#include "ops.h"
+
+namespace rmsnorm_ext::host {
+namespace {
+
+// x/y may be the same tensor and r/h too (the in-place variant): the kernels read each
+// element before writing it, from the same thread.
+void run_fused(const Tensor& x, const Tensor& r, const Tensor& w, const Tensor& y,
+               const Tensor& h, const Tensor& rstd, RowShape rs, double eps, double offset) {
+  RmsFwdParams p{};
+  p.t = to_dtype(x.scalar_type());
+  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.t;
+  p.r = to_dtype(r.scalar_type());
+  p.x = x.const_data_ptr();
+  p.r_in = r.const_data_ptr();
+  p.weight = ptr_or_null(w);
+  p.y = y.data_ptr();
+  p.h = h.data_ptr();
+  p.rstd = rstd.data_ptr();
+  p.M = rs.M;
+  p.N = rs.N;
+  p.eps = eps;
+  p.offset = offset;
+  WorkspaceHolder ws(x);
+  kernels_for(x).fused_add_rms_fwd(p, ws.launch(x));
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm_fwd(const Tensor& input,
+                                                          const Tensor& residual,
+                                                          at::IntArrayRef normalized_shape,
+                                                          const std::optional<Tensor>& weight,
+                                                          double eps, double weight_offset) {
+  const RowShape rs = check_fused(input, residual, normalized_shape, weight, eps, weight_offset);
+  Tensor y = at::empty(input.sizes(), input.options());
+  Tensor h = at::empty(residual.sizes(), residual.options());
+  if (rs.M == 0 || rs.N == 0) return {y, h, empty_row_stats(input, normalized_shape)};
+  Tensor rstd = at::empty(stats_shape(input, normalized_shape), stats_options(input));
+  run_fused(input.contiguous(), residual.contiguous(), contiguous_or_empty(weight), y, h, rstd,
+            rs, eps, weight_offset);
+  return {y, h, rstd};
+}
+
+void fused_add_rms_norm_inplace(const Tensor& input, const Tensor& residual,
+                                at::IntArrayRef normalized_shape,
+                                const std::optional<Tensor>& weight, double eps,
+                                double weight_offset) {
+  const RowShape rs = check_fused(input, residual, normalized_shape, weight, eps, weight_offset);
+  check_inplace_operands(input, "input", residual, "residual", "fused_add_rms_norm_");
+  if (rs.M == 0 || rs.N == 0) return;
+  // Contiguous operands are updated in place; others go through contiguous copies that
+  // are copied back.
+  const Tensor x = input.contiguous();
+  const Tensor r = residual.contiguous();
+  Tensor rstd = at::empty({rs.M}, stats_options(input));
+  run_fused(x, r, contiguous_or_empty(weight), x, r, rstd, rs, eps, weight_offset);
+  if (!x.is_same(input)) const_cast<Tensor&>(input).copy_(x);
+  if (!r.is_same(residual)) const_cast<Tensor&>(residual).copy_(r);
+}
+
+}  // namespace rmsnorm_ext::host

@@ -1,0 +1,92 @@
+// The host layer: what every op does before and after its kernel, written once for every
+// device. Each op's host function (csrc/host/*.cpp) checks its arguments (csrc/common.h),
+// allocates the outputs, handles empty sizes, fills the kernel's parameter struct
+// (csrc/kernel_params.h) and hands it to the input's device through the table below.
+// Devices contribute kernels only: csrc/cpu/kernels.h and csrc/cuda/launch.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/ScalarType.h>
+
+#include <limits>
+#include <vector>
+
+#include "../common.h"
+#include "../kernel_params.h"
+
+namespace rmsnorm_ext {
+
+// What a kernel gets besides its parameters: the device it runs on (CUDA picks that
+// device's current stream) and a workspace allocator for partial sums.
+struct Launch {
+  int device_index;
+  Workspace ws;
+};
+
+// One device's kernels. A new kernel is one more entry here, filled by each device.
+struct DeviceKernels {
+  void (*rms_fwd)(const RmsFwdParams&, const Launch&);
+  void (*fused_add_rms_fwd)(const RmsFwdParams&, const Launch&);
+  void (*rms_bwd)(const RmsBwdParams&, const Launch&);
+  void (*ln_fwd)(const LnFwdParams&, const Launch&);
+  void (*ln_bwd)(const LnBwdParams&, const Launch&);
+};
+
+// The kernels of a device type this build has kernels for (ops are registered only for
+// those dispatch keys, so any other device never reaches the host layer).
+const DeviceKernels& kernels_for(const Tensor& t);  // csrc/host/devices.cpp
+
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return DType::f32;
+    case at::kDouble:
+      return DType::f64;
+    case at::kBFloat16:
+      return DType::bf16;
+    case at::kHalf:
+      return DType::f16;
+    default:
+      TORCH_CHECK_TYPE(false, "rmsnorm_ext: unsupported dtype ", t);
+  }
+}
+
+// Workspace buffers from the tensor's allocator (for CUDA the caching allocator: no
+// cudaMalloc, CUDA-graph safe). They live until the host function returns, after the
+// kernels that use them are enqueued on the current stream, which is what the caching
+// allocator's stream semantics require.
+class WorkspaceHolder {
+ public:
+  explicit WorkspaceHolder(const Tensor& like) : opts_(like.options().dtype(at::kByte)) {}
+  Launch launch(const Tensor& like) {
+    return Launch{like.is_cpu() ? -1 : like.get_device(), Workspace{&WorkspaceHolder::alloc, this}};
+  }
+
+ private:
+  static void* alloc(void* ctx, size_t bytes) {
+    auto* self = static_cast<WorkspaceHolder*>(ctx);
+    self->bufs_.push_back(at::empty({static_cast<int64_t>(bytes)}, self->opts_));
+    return self->bufs_.back().data_ptr();
+  }
+  at::TensorOptions opts_;
+  std::vector<Tensor> bufs_;
+};
+
+inline at::TensorOptions stats_options(const Tensor& input) {
+  return input.options().dtype(stats_dtype(input.scalar_type()));
+}
+
+// Per-row statistics when no kernel runs: no rows (an empty tensor), or rows of length 0,
+// whose mean is 0/0 = NaN (as torch.mean gives).
+inline Tensor empty_row_stats(const Tensor& input, at::IntArrayRef normalized_shape) {
+  return at::full(stats_shape(input, normalized_shape), std::numeric_limits<double>::quiet_NaN(),
+                  stats_options(input));
+}
+
+inline const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+inline void* mut_ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+}  // namespace rmsnorm_ext

@@ -1,0 +1,95 @@
+// Host functions of layer_norm_fwd and layer_norm_bwd, for every device.
+#include "host.h"
+#include "ops.h"
+
+namespace rmsnorm_ext::host {
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
+                                                  at::IntArrayRef normalized_shape,
+                                                  const std::optional<Tensor>& weight,
+                                                  const std::optional<Tensor>& bias,
+                                                  double eps) {
+  check_input(input, "input");
+  const RowShape rs = check_normalized_shape(input, normalized_shape);
+  check_param(weight, "weight", input, normalized_shape);
+  check_param(bias, "bias", input, normalized_shape);
+  check_same_param_dtype(weight, bias);
+  check_eps(eps);
+
+  Tensor y = at::empty(input.sizes(), input.options());
+  if (rs.M == 0 || rs.N == 0) {
+    return {y, empty_row_stats(input, normalized_shape), empty_row_stats(input, normalized_shape)};
+  }
+  const auto sshape = stats_shape(input, normalized_shape);
+  Tensor mean = at::empty(sshape, stats_options(input));
+  Tensor rstd = at::empty(sshape, stats_options(input));
+  const Tensor x = input.contiguous();
+  const Tensor w = contiguous_or_empty(weight);
+  const Tensor b = contiguous_or_empty(bias);
+
+  LnFwdParams p{};
+  p.t = to_dtype(x.scalar_type());
+  p.w = to_dtype(param_dtype(x, w, b));
+  p.x = x.const_data_ptr();
+  p.weight = ptr_or_null(w);
+  p.bias = ptr_or_null(b);
+  p.y = y.data_ptr();
+  p.mean = mean.data_ptr();
+  p.rstd = rstd.data_ptr();
+  p.M = rs.M;
+  p.N = rs.N;
+  p.eps = eps;
+  WorkspaceHolder ws(x);
+  kernels_for(x).ln_fwd(p, ws.launch(x));
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const Tensor& input,
+                                                  const Tensor& mean, const Tensor& rstd,
+                                                  const std::optional<Tensor>& weight,
+                                                  at::IntArrayRef normalized_shape,
+                                                  bool compute_weight_grad,
+                                                  bool compute_bias_grad) {
+  check_input(input, "input");
+  const RowShape rs = check_normalized_shape(input, normalized_shape);
+  check_ln_grad(grad_out, input);
+  check_param(weight, "weight", input, normalized_shape);
+  check_stats(mean, "mean", input, rs.M);
+  check_stats(rstd, "rstd", input, rs.M);
+
+  const Tensor w = contiguous_or_empty(weight);
+  const bool want_dw = compute_weight_grad && w.defined();
+  const bool want_db = compute_bias_grad;
+  // dbias takes the parameter dtype: the weight's, or the input's without a weight.
+  const auto popts = w.defined() ? w.options() : input.options();
+  Tensor dx = at::empty(input.sizes(), input.options());
+  if (rs.M == 0 || rs.N == 0) {
+    return {dx, want_dw ? at::zeros(normalized_shape, popts) : empty_grad(input),
+            want_db ? at::zeros(normalized_shape, popts) : empty_grad(input)};
+  }
+  Tensor dw = want_dw ? at::empty(normalized_shape, popts) : empty_grad(input);
+  Tensor db = want_db ? at::empty(normalized_shape, popts) : empty_grad(input);
+  const Tensor x = input.contiguous();
+  const Tensor dy = grad_out.contiguous();
+  const Tensor mean_c = mean.contiguous();
+  const Tensor rstd_c = rstd.contiguous();
+
+  LnBwdParams p{};
+  p.t = to_dtype(x.scalar_type());
+  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.t;
+  p.x = x.const_data_ptr();
+  p.dy = dy.const_data_ptr();
+  p.mean = mean_c.const_data_ptr();
+  p.rstd = rstd_c.const_data_ptr();
+  p.weight = ptr_or_null(w);
+  p.dx = dx.data_ptr();
+  p.dw = want_dw ? dw.data_ptr() : nullptr;
+  p.db = want_db ? db.data_ptr() : nullptr;
+  p.M = rs.M;
+  p.N = rs.N;
+  WorkspaceHolder ws(x);
+  kernels_for(x).ln_bwd(p, ws.launch(x));
+  return {dx, dw, db};
+}
+
+}  // namespace rmsnorm_ext::host

@@ -1,0 +1,85 @@
+// Host functions of rms_norm_fwd and rms_norm_bwd, for every device.
+#include "host.h"
+#include "ops.h"
+
+namespace rmsnorm_ext::host {
+
+std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef normalized_shape,
+                                        const std::optional<Tensor>& weight, double eps,
+                                        double weight_offset) {
+  check_input(input, "input");
+  const RowShape rs = check_normalized_shape(input, normalized_shape);
+  check_param(weight, "weight", input, normalized_shape);
+  check_eps(eps);
+  check_offset(weight_offset);
+
+  Tensor y = at::empty(input.sizes(), input.options());
+  if (rs.M == 0 || rs.N == 0) return {y, empty_row_stats(input, normalized_shape)};
+  Tensor rstd = at::empty(stats_shape(input, normalized_shape), stats_options(input));
+  const Tensor x = input.contiguous();
+  const Tensor w = contiguous_or_empty(weight);
+
+  RmsFwdParams p{};
+  p.t = to_dtype(x.scalar_type());
+  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.t;
+  p.r = p.t;
+  p.x = x.const_data_ptr();
+  p.weight = ptr_or_null(w);
+  p.y = y.data_ptr();
+  p.rstd = rstd.data_ptr();
+  p.M = rs.M;
+  p.N = rs.N;
+  p.eps = eps;
+  p.offset = weight_offset;
+  WorkspaceHolder ws(x);
+  kernels_for(x).rms_fwd(p, ws.launch(x));
+  return {y, rstd};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& input,
+                                        const Tensor& rstd, const std::optional<Tensor>& weight,
+                                        at::IntArrayRef normalized_shape, double weight_offset,
+                                        const std::optional<Tensor>& grad_residual,
+                                        bool compute_weight_grad) {
+  check_input(input, "input");
+  const RowShape rs = check_normalized_shape(input, normalized_shape);
+  check_grad(grad_out, input);
+  // The weight goes with the normalized output, whose dtype is grad_out's (it differs from
+  // the input's for the fp32 residual stream of fused_add_rms_norm).
+  check_param(weight, "weight", grad_out, normalized_shape);
+  check_stats(rstd, "rstd", input, rs.M);
+  check_offset(weight_offset);
+  const Tensor gres = contiguous_or_empty(grad_residual);
+  if (gres.defined()) check_grad_residual(gres, input);
+
+  const Tensor w = contiguous_or_empty(weight);
+  const bool want_dw = compute_weight_grad && w.defined();
+  Tensor dx = at::empty(input.sizes(), input.options());
+  if (rs.M == 0 || rs.N == 0) {
+    return {dx, want_dw ? at::zeros(normalized_shape, w.options()) : empty_grad(input)};
+  }
+  Tensor dw = want_dw ? at::empty(normalized_shape, w.options()) : empty_grad(input);
+  const Tensor x = input.contiguous();
+  const Tensor dy = grad_out.contiguous();
+  const Tensor rs_c = rstd.contiguous();
+
+  RmsBwdParams p{};
+  p.x = to_dtype(x.scalar_type());
+  p.g = to_dtype(dy.scalar_type());
+  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.g;
+  p.x_in = x.const_data_ptr();
+  p.dy = dy.const_data_ptr();
+  p.rstd = rs_c.const_data_ptr();
+  p.weight = ptr_or_null(w);
+  p.gres = ptr_or_null(gres);
+  p.dx = dx.data_ptr();
+  p.dw = want_dw ? dw.data_ptr() : nullptr;
+  p.M = rs.M;
+  p.N = rs.N;
+  p.offset = weight_offset;
+  WorkspaceHolder ws(x);
+  kernels_for(x).rms_bwd(p, ws.launch(x));
+  return {dx, dw};
+}
+
+}  // namespace rmsnorm_ext::host

@@ -1,0 +1,224 @@
+// The eager fast path of the public functions (rmsnorm_ext/functional.py): a C function
+// that calls the op through the C++ dispatcher. Calling an op through torch.ops costs
+// ~4-5 us of Python argument handling, more than a [1, 4096] norm itself; here the whole
+// call costs about as much as F.layer_norm's binding.
+//
+// Only the plain case is served: exact torch.Tensor/Parameter arguments, no torch-function
+// mode or override, well-formed normalized_shape and eps. Anything else returns
+// NotImplemented and the Python caller takes the torch.ops path, so every error message,
+// subclass (DTensor) and mode behaves exactly as it does there. Dispatch modes, functorch
+// transforms, autograd and the profiler all sit behind the dispatcher and see the op as
+// usual. Under torch.compile the Python caller never comes here (it traces torch.ops).
+#include <Python.h>
+
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <vector>
+
+namespace rmsnorm_ext {
+namespace {
+
+// normalized_shape: an int or a list/tuple (torch.Size) of ints.
+bool parse_shape(PyObject* o, std::vector<int64_t>& out) {
+  if (PyLong_CheckExact(o)) {
+    out.push_back(PyLong_AsLongLong(o));
+    return !PyErr_Occurred();
+  }
+  if (!PyList_Check(o) && !PyTuple_Check(o)) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+  PyObject** items = PySequence_Fast_ITEMS(o);
+  out.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!PyLong_CheckExact(items[i])) return false;
+    out.push_back(PyLong_AsLongLong(items[i]));
+    if (PyErr_Occurred()) return false;
+  }
+  return true;
+}
+
+bool plain_tensor(PyObject* o) { return THPVariable_CheckExact(o); }
+
+bool plain_opt_tensor(PyObject* o) { return o == Py_None || THPVariable_CheckExact(o); }
+
+std::optional<at::Tensor> opt_tensor(PyObject* o) {
+  if (o == Py_None) return std::nullopt;
+  return THPVariable_Unpack(o);
+}
+
+// eps: a Python float or int, or None for torch.finfo(dtype).eps of a supported dtype.
+bool parse_eps(PyObject* o, at::ScalarType dtype, double& eps) {
+  if (o == Py_None) {
+    switch (dtype) {
+      case at::kFloat: eps = 1.1920928955078125e-07; return true;
+      case at::kDouble: eps = 2.220446049250313e-16; return true;
+      case at::kBFloat16: eps = 0.0078125; return true;
+      case at::kHalf: eps = 0.0009765625; return true;
+      default: return false;
+    }
+  }
+  if (PyFloat_CheckExact(o)) {
+    eps = PyFloat_AS_DOUBLE(o);
+    return true;
+  }
+  if (PyLong_CheckExact(o)) {
+    eps = PyLong_AsDouble(o);
+    return !PyErr_Occurred();
+  }
+  return false;
+}
+
+bool parse_double(PyObject* o, double& v) {
+  if (PyFloat_CheckExact(o)) {
+    v = PyFloat_AS_DOUBLE(o);
+    return true;
+  }
+  if (PyLong_CheckExact(o)) {
+    v = PyLong_AsDouble(o);
+    return !PyErr_Occurred();
+  }
+  return false;
+}
+
+PyObject* not_implemented() {
+  PyErr_Clear();
+  Py_RETURN_NOTIMPLEMENTED;
+}
+
+// Whether the call records a graph: otherwise the op is called below the Autograd key,
+// skipping the autograd kernel's bookkeeping (inference and decode loops).
+bool needs_graph(std::initializer_list<const at::Tensor*> ts) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : ts) {
+    if (t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
+template <typename Sig>
+const c10::TypedOperatorHandle<Sig>& handle(const char* name) {
+  // One handle per Sig (each op has its own signature here).
+  static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+  return h;
+}
+
+using RmsFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::IntArrayRef,
+                                                     const std::optional<at::Tensor>&, double,
+                                                     double);
+using LnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, c10::IntArrayRef, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, double);
+using FusedFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, c10::IntArrayRef, const std::optional<at::Tensor>&,
+    double, double);
+
+template <typename F>
+auto call_maybe_below_autograd(bool graph, F&& f) {
+  pybind11::gil_scoped_release no_gil;
+  if (graph) return f();
+  at::AutoDispatchBelowADInplaceOrView below;
+  return f();
+}
+
+// _rms_norm(input, normalized_shape, weight, eps, weight_offset) -> Tensor | NotImplemented
+PyObject* fast_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5 || !plain_tensor(args[0]) || !plain_opt_tensor(args[2]) ||
+      at::impl::torch_function_mode_enabled()) {
+    return not_implemented();
+  }
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  std::vector<int64_t> ns;
+  double eps = 0, offset = 0;
+  if (!parse_shape(args[1], ns) || !parse_eps(args[3], x.scalar_type(), eps) ||
+      !parse_double(args[4], offset)) {
+    return not_implemented();
+  }
+  const auto w = opt_tensor(args[2]);
+  const at::Tensor none;
+  const bool graph = needs_graph({&x, w ? &*w : &none});
+  auto y = call_maybe_below_autograd(graph, [&] {
+    return std::get<0>(handle<RmsFwdSig>("rmsnorm_ext::rms_norm_fwd").call(x, ns, w, eps, offset));
+  });
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// _layer_norm(input, normalized_shape, weight, bias, eps) -> Tensor | NotImplemented
+PyObject* fast_layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5 || !plain_tensor(args[0]) || !plain_opt_tensor(args[2]) ||
+      !plain_opt_tensor(args[3]) || at::impl::torch_function_mode_enabled()) {
+    return not_implemented();
+  }
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  std::vector<int64_t> ns;
+  double eps = 0;
+  if (!parse_shape(args[1], ns) || !parse_double(args[4], eps)) return not_implemented();
+  const auto w = opt_tensor(args[2]);
+  const auto b = opt_tensor(args[3]);
+  const at::Tensor none;
+  const bool graph = needs_graph({&x, w ? &*w : &none, b ? &*b : &none});
+  auto y = call_maybe_below_autograd(graph, [&] {
+    return std::get<0>(handle<LnFwdSig>("rmsnorm_ext::layer_norm_fwd").call(x, ns, w, b, eps));
+  });
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// _fused_add_rms_norm(input, residual, normalized_shape, weight, eps, weight_offset)
+//   -> (output, residual_out) | NotImplemented. eps=None is the residual's dtype's eps.
+PyObject* fast_fused_add_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6 || !plain_tensor(args[0]) || !plain_tensor(args[1]) ||
+      !plain_opt_tensor(args[3]) || at::impl::torch_function_mode_enabled()) {
+    return not_implemented();
+  }
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  const at::Tensor& r = THPVariable_Unpack(args[1]);
+  std::vector<int64_t> ns;
+  double eps = 0, offset = 0;
+  if (!parse_shape(args[2], ns) || !parse_eps(args[4], r.scalar_type(), eps) ||
+      !parse_double(args[5], offset)) {
+    return not_implemented();
+  }
+  const auto w = opt_tensor(args[3]);
+  const at::Tensor none;
+  const bool graph = needs_graph({&x, &r, w ? &*w : &none});
+  auto out = call_maybe_below_autograd(graph, [&] {
+    return handle<FusedFwdSig>("rmsnorm_ext::fused_add_rms_norm_fwd").call(x, r, ns, w, eps, offset);
+  });
+  PyObject* y = THPVariable_Wrap(std::move(std::get<0>(out)));
+  if (!y) return nullptr;
+  PyObject* h = THPVariable_Wrap(std::move(std::get<1>(out)));
+  if (!h) {
+    Py_DECREF(y);
+    return nullptr;
+  }
+  PyObject* t = PyTuple_Pack(2, y, h);
+  Py_DECREF(y);
+  Py_DECREF(h);
+  return t;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef fast_methods[] = {
+    {"_rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(fast_rms_norm)),
+     METH_FASTCALL, "Eager fast path of rmsnorm_ext.rms_norm (NotImplemented: use torch.ops)."},
+    {"_layer_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(fast_layer_norm)),
+     METH_FASTCALL, "Eager fast path of rmsnorm_ext.layer_norm (NotImplemented: use torch.ops)."},
+    {"_fused_add_rms_norm",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(fast_fused_add_rms_norm)),
+     METH_FASTCALL,
+     "Eager fast path of rmsnorm_ext.fused_add_rms_norm (NotImplemented: use torch.ops)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+int add_fast_functions(PyObject* module) { return PyModule_AddFunctions(module, fast_methods); }
+
+}  // namespace rmsnorm_ext

@@ -1,0 +1,326 @@
+"""DTensor support: sharding rules for the rmsnorm_ext ops (tensor / sequence parallel).
+
+With these rules a DTensor can flow through ``rmsnorm_ext.rms_norm``, ``layer_norm``,
+``fused_add_rms_norm`` (forward and backward) and ``fused_add_rms_norm_`` exactly like
+through torch's native norms, so torchtitan-style plans (``SequenceParallel`` on the norms,
+FSDP2 x TP) work with our modules.
+
+The rules, per mesh dimension (DTensor expands them over every mesh dimension):
+
+* a shard on a leading (non-normalized) dim ``d`` passes through: every row-shaped tensor
+  (input, residual, grad_out, outputs) is ``Shard(d)``, the per-row statistics (rstd,
+  mean) are ``Shard(d)`` too, no communication;
+* everything ``Replicate``;
+* weight and bias are always ``Replicate``; their gradients computed from ``Shard(d)``
+  rows are ``Partial("sum")`` (DTensor reduces them when needed);
+* any other input placement -- a shard on a normalized dim, ``Partial`` -- is
+  redistributed by DTensor to one of the above (an all-gather or all-to-all), so the
+  answer is never wrong, only slower.
+
+These are the strategies torch gives its own ``rms_norm``/``layer_norm``
+(torch/distributed/tensor/_ops/_math_ops.py).
+
+How they are registered
+-----------------------
+The functional ops use torch's public ``torch.distributed.tensor.experimental
+.register_sharding``. Importing ``torch.distributed.tensor`` costs ~0.5 s, so
+``import rmsnorm_ext`` does not do it: it only installs a tiny post-import hook. When
+``torch.distributed.tensor`` is imported (by the user, FSDP2, torch.compile...), the hook
+registers a ``torch.library.register_torch_dispatch`` rule for ``DTensor`` on each of our
+ops (this imports nothing); the first DTensor that reaches one of them registers the
+sharding rules (importing ``register_sharding``) and removes those dispatch rules, so from
+then on DTensor's own dispatch serves every call at no extra cost. Call
+:func:`register_sharding_rules` to do it eagerly. A torch without ``register_sharding``
+gets a ``RuntimeError`` that says so when a DTensor reaches our ops.
+
+The in-place op ``fused_add_rms_norm_inplace`` returns nothing, which ``register_sharding``
+cannot serve correctly: DTensor would run it on redistributed copies and the in-place
+writes would be lost (pytorch#167219). Its DTensor rule therefore runs it directly on the
+local shards when ``input`` and ``residual`` have the same placements, sharded only on
+leading dims (weight is replicated if needed), and raises a clear error otherwise.
+
+Adding an op
+------------
+Add its output roles to ``_OUTPUT_ROLES`` (and a role for any new tensor argument name to
+``_ARG_ROLES``); :func:`register_sharding_rules` derives the rule from the op schema.
+"""
+import importlib.abc
+import sys
+import threading
+
+import torch
+
+__all__ = ["register_sharding_rules", "sharding_rule"]
+
+_NS = "rmsnorm_ext"
+
+# Roles of tensors in a rule. ROW: the input's shape (sharded with the input); STAT: one
+# value per row, indexed by the input's leading dims (rstd, mean, per-token scales shaped
+# like the leading dims); PARAM: normalized_shape-shaped, replicated; REPLICATE: always
+# replicated (e.g. a one-element scale). GRAD(param, flag): gradient of PARAM `param`,
+# computed when argument `flag` is true (and `param` is given): Partial("sum") when rows
+# are sharded; otherwise an empty tensor, replicated.
+ROW, STAT, PARAM, REPLICATE = "row", "stat", "param", "replicate"
+
+
+class GRAD:
+    __slots__ = ("param", "flag")
+
+    def __init__(self, param, flag):
+        self.param, self.flag = param, flag
+
+
+# Tensor arguments, by schema name.
+_ARG_ROLES = {
+    "input": ROW, "residual": ROW, "grad_out": ROW, "grad_residual": ROW,
+    "rstd": STAT, "mean": STAT,
+    "weight": PARAM, "bias": PARAM,
+}
+
+# Outputs of each functional op, in schema order.
+_OUTPUT_ROLES = {
+    "rms_norm_fwd": (ROW, STAT),                                      # y, rstd
+    "rms_norm_bwd": (ROW, GRAD("weight", "compute_weight_grad")),     # dx, dw
+    "layer_norm_fwd": (ROW, STAT, STAT),                              # y, mean, rstd
+    "layer_norm_bwd": (ROW, GRAD("weight", "compute_weight_grad"),    # dx, dw, db
+                       GRAD(None, "compute_bias_grad")),
+    "fused_add_rms_norm_fwd": (ROW, ROW, STAT),                       # y, h, rstd
+}
+
+# Ops that write their arguments and return nothing: served by a DTensor dispatch rule that
+# runs them on the local shards (see module docstring). Value: the mutated arguments.
+_INPLACE_OPS = {"fused_add_rms_norm_inplace": ("input", "residual")}
+
+_lock = threading.Lock()
+_registered = False
+_hook_installed = False
+_dispatch_rules_installed = False
+
+
+def _op(name):
+    return getattr(getattr(torch.ops, _NS), name).default
+
+
+def _tensor_args(op):
+    """(name, role) of each Tensor/Tensor? argument in the schema, in order."""
+    out = []
+    for a in op._schema.arguments:
+        t = a.type
+        if isinstance(t, torch.OptionalType):
+            t = t.getElementType()
+        if isinstance(t, torch.TensorType):
+            if a.name not in _ARG_ROLES:
+                raise RuntimeError(f"rmsnorm_ext.distributed: no sharding role for argument "
+                                   f"'{a.name}' of {op}; add it to _ARG_ROLES")
+            out.append((a.name, _ARG_ROLES[a.name]))
+    return out
+
+
+def sharding_rule(op, output_roles):
+    """Build the ``register_sharding`` function for ``op`` from its output roles."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    arg_names = [a.name for a in op._schema.arguments]
+    tensor_args = _tensor_args(op)
+    if len(output_roles) != len(op._schema.returns):
+        raise RuntimeError(f"rmsnorm_ext.distributed: {op} returns {len(op._schema.returns)} "
+                           f"tensors but {len(output_roles)} output roles are given")
+
+    def rule(*args, **kwargs):
+        bound = dict(zip(arg_names, args))
+        bound.update(kwargs)
+        x = bound["input"]
+        axis = x.ndim - len(bound["normalized_shape"])
+
+        def place(role, d):
+            if isinstance(role, GRAD):
+                computed = bool(bound[role.flag]) and (role.param is None or
+                                                      bound[role.param] is not None)
+                return Partial("sum") if (computed and d is not None) else Replicate()
+            if role in (ROW, STAT) and d is not None:
+                return Shard(d)
+            return Replicate()
+
+        strategies = []
+        for d in [None, *range(axis)]:  # None: all replicated
+            outs = [place(r, d) for r in output_roles]
+            ins = [None if bound[n] is None else place(r, d) for n, r in tensor_args]
+            strategies.append((outs, ins))
+        return strategies
+
+    rule.__name__ = f"{op._schema.name.split('::')[-1]}_sharding"
+    return rule
+
+
+def register_sharding_rules():
+    """Register DTensor sharding rules for every rmsnorm_ext op (idempotent).
+
+    Called automatically the first time a DTensor reaches one of our ops; call it yourself
+    to pay the import cost up front. Raises ``RuntimeError`` on a torch without
+    ``torch.distributed.tensor.experimental.register_sharding``.
+    """
+    global _registered
+    if _registered:
+        return
+    with _lock:
+        if _registered:
+            return
+        if not torch.distributed.is_available():
+            raise RuntimeError("rmsnorm_ext: DTensor sharding rules need torch.distributed, "
+                               "which this torch build does not have")
+        try:
+            from torch.distributed.tensor import DTensor
+            from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+            from torch.distributed.tensor.experimental import register_sharding
+            propagator = DTensor._op_dispatcher.sharding_propagator
+            schema_infos = propagator.op_to_schema_info
+        except (ImportError, AttributeError) as e:
+            raise RuntimeError(
+                f"rmsnorm_ext: a DTensor reached an rmsnorm_ext op, but torch {torch.__version__} "
+                "lacks the API the sharding rules are registered with "
+                "(torch.distributed.tensor.experimental.register_sharding and DTensor's "
+                f"sharding propagator): {e}. Use a torch that has it (tested with 2.14), or call "
+                "the op on local tensors (dtensor.full_tensor() / to_local()).") from e
+        for name, roles in _OUTPUT_ROLES.items():
+            op = _op(name)
+            register_sharding(op)(sharding_rule(op, roles))
+            # register_sharding keys DTensor's sharding cache only on arguments from the first
+            # `int` argument on; ours are int[]/float/bool, and the bool flags change the
+            # outputs' shapes (an empty gradient vs a weight-shaped one), so every argument
+            # from index 1 must be part of the key.
+            schema_infos[op] = RuntimeSchemaInfo(static_argnum=1, needs_pytree=True)
+        _registered = True
+    _drop_lazy_rules()
+
+
+# ---------------------------------------------------------------------------------------
+# In-place op on DTensors: run on the local shards.
+
+def _inplace_on_dtensors(op, mutated, args, kwargs):
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    names = [a.name for a in op._schema.arguments]
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, r = (bound[n] for n in mutated)
+    name = f"rmsnorm_ext.{op._schema.name.split('::')[-1]}"
+    if not (isinstance(x, DTensor) and isinstance(r, DTensor)):
+        raise RuntimeError(f"{name}: {mutated[0]} and {mutated[1]} must both be DTensors or "
+                           "both plain tensors")
+    axis = x.ndim - len(bound["normalized_shape"])
+    ok = (x.device_mesh == r.device_mesh and tuple(x.placements) == tuple(r.placements) and
+          all(isinstance(p, Replicate) or (type(p) is Shard and p.dim % x.ndim < axis)
+              for p in x.placements))
+    if not ok:
+        raise RuntimeError(
+            f"{name} (in place) on DTensors needs {mutated[0]} and {mutated[1]} on the same "
+            "mesh with the same placements, each Replicate() or Shard(d) on a leading "
+            f"(non-normalized) dim d < {axis}; got {tuple(x.placements)} and "
+            f"{tuple(r.placements)}. Redistribute them first, or use the out-of-place "
+            "rmsnorm_ext.fused_add_rms_norm.")
+    local = dict(bound)
+    local[mutated[0]], local[mutated[1]] = x.to_local(), r.to_local()
+    for n, v in bound.items():
+        if n in mutated or not isinstance(v, torch.Tensor):
+            continue
+        if not isinstance(v, DTensor):
+            raise RuntimeError(f"{name}: got a DTensor {mutated[0]} and a plain tensor {n}; "
+                               "make it a DTensor (e.g. distribute_tensor(..., [Replicate()]))")
+        if v.device_mesh != x.device_mesh:
+            raise RuntimeError(f"{name}: {n} is on a different device mesh than {mutated[0]}")
+        local[n] = v.redistribute(x.device_mesh, [Replicate()] * x.device_mesh.ndim).to_local()
+    op(*(local[n] for n in names))
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Lazy installation.
+
+def _inplace_rule(cls, func, types, args=(), kwargs=None):
+    name = func._schema.name.split("::")[-1]
+    return _inplace_on_dtensors(func, _INPLACE_OPS[name], args, kwargs or {})
+
+
+def _first_dtensor_call(cls, func, types, args=(), kwargs=None):
+    # Registers the sharding rules, which also removes this rule (see _drop_lazy_rules),
+    # then calls the op again: this time DTensor's own dispatch serves it.
+    register_sharding_rules()
+    return func(*args, **(kwargs or {}))
+
+
+_lazy_lib = None  # holds the _first_dtensor_call rules; dropping it removes them
+_inplace_lib = None
+
+
+def _drop_lazy_rules():
+    global _lazy_lib
+    lib, _lazy_lib = _lazy_lib, None
+    if lib is not None:
+        destroy = getattr(lib, "_destroy", None)
+        if destroy is not None:
+            destroy()
+        # else: the Library's finalizer removes its registrations once `lib` is collected
+
+
+def _install_dispatch_rules(dtensor_module):
+    """Route DTensors reaching our ops through the rules above. Cheap: imports nothing
+    (torch.distributed.tensor is already loaded)."""
+    global _dispatch_rules_installed, _lazy_lib, _inplace_lib
+    if _dispatch_rules_installed:
+        return
+    dtensor_cls = getattr(dtensor_module, "DTensor", None)
+    if dtensor_cls is None or not hasattr(torch.library, "register_torch_dispatch"):
+        return  # too old: DTensors reaching our ops get DTensor's own "no strategy" error
+    _dispatch_rules_installed = True
+    _inplace_lib = torch.library.Library(_NS, "FRAGMENT")
+    for name in _INPLACE_OPS:
+        torch.library.register_torch_dispatch(f"{_NS}::{name}", dtensor_cls, _inplace_rule,
+                                              lib=_inplace_lib)
+    if not _registered:
+        _lazy_lib = torch.library.Library(_NS, "FRAGMENT")
+        for name in _OUTPUT_ROLES:
+            torch.library.register_torch_dispatch(f"{_NS}::{name}", dtensor_cls,
+                                                  _first_dtensor_call, lib=_lazy_lib)
+
+
+class _PostImportHook(importlib.abc.MetaPathFinder):
+    """Runs _install_dispatch_rules right after torch.distributed.tensor is imported."""
+
+    _target = "torch.distributed.tensor"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self._target:
+            return None
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass
+        from importlib.util import find_spec
+        spec = find_spec(fullname)  # the real finders (we are off sys.meta_path now)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_install(module):
+            exec_module(module)
+            try:
+                _install_dispatch_rules(module)
+            except Exception as e:  # never break the user's import
+                import warnings
+                warnings.warn(f"rmsnorm_ext: could not install DTensor support: {e}")
+
+        spec.loader.exec_module = exec_then_install
+        return spec
+
+
+def _install():
+    """Called by ``import rmsnorm_ext``: cheap (no torch.distributed.tensor import)."""
+    global _hook_installed
+    if _hook_installed or not torch.distributed.is_available():
+        return
+    _hook_installed = True
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is not None and hasattr(mod, "DTensor"):
+        _install_dispatch_rules(mod)
+    else:
+        sys.meta_path.insert(0, _PostImportHook())

@@ -1,0 +1,46 @@
+"""Helpers for the multi-process tests: start N worker processes of a test file with the
+torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK)."""
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backend(world):
+    """NCCL when there is a GPU per rank (set RMSNORM_EXT_DIST_CPU=1 to force gloo)."""
+    import torch
+    if (os.environ.get("RMSNORM_EXT_DIST_CPU") != "1" and torch.cuda.is_available() and
+            torch.cuda.device_count() >= world):
+        return "nccl"
+    return "gloo"
+
+
+def run_workers(script, world, *args, timeout=240):
+    """Run `python script *args` as `world` ranks; fail with the failing rank's log."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(script), *map(str, args)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            logs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed (rc {p.returncode}):\n{log[-6000:]}"
+    return logs
