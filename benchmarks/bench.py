@@ -12,9 +12,9 @@ on buffers of the case's own size, each row has `%BW` (copy time / our time: the
 bandwidth a copy reaches *for that working set*) and `floor×` (our time / copy time), and
 says whether that working set fits the caches or streams from DRAM.
 
-Output goes to benchmarks/out/<machine>-<date>[-quick]/ (git-ignored) unless --out or
---save-results (the committed benchmarks/results/<machine>/) is given: results.csv,
-results.json, results.md and plots/*.png.
+Output goes to a fresh, git-ignored benchmarks/out/bench-<machine>-<date>-<time>[-quick]/
+unless --out or --save-results (the committed benchmarks/results/cpu/ or cuda-<gpu>/) is
+given: results.csv, results.json, results.md and plots/*.png.
 """
 from __future__ import annotations
 
