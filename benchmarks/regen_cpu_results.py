@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,10 @@ def run(cmd, log):
     with log.open("a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=_common.REPO_ROOT)
+        # No progress bars in the committed log (they are carriage-return redraws).
+        env = dict(os.environ, TQDM_DISABLE="1")
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=_common.REPO_ROOT,
+                              env=env)
     print(f"  ({time.perf_counter() - t0:.0f} s, log {log})", flush=True)
     if proc.returncode:
         sys.exit(f"failed (exit {proc.returncode}): see {log}")
