@@ -112,7 +112,10 @@ def summary(out: Path, wall_s: float) -> str:
     model_md = (out / "model_bench.md").read_text().split("\n\n", 1)[1]
     floor = json.loads((out / "cpu_floor.json").read_text())
     machine = bench["machine"]
-    rel = out.relative_to(_common.REPO_ROOT)
+    try:
+        rel = out.resolve().relative_to(_common.REPO_ROOT)
+    except ValueError:  # --out outside the checkout
+        rel = out
     noisy = sum(r["noisy"] for r in bench["results"])
     return "\n".join([
         f"### CPU: {machine['device_name']}, {machine['cpu_threads']} threads, "

@@ -221,6 +221,20 @@ def test_bench_json_and_markdown(bench_out):
         assert all(isinstance(row[c], (int, float)) and math.isfinite(row[c]) for c in POSITIVE)
     md = (out / "results.md").read_text()
     assert "| op |" in md and "commit" in md and "spread" in md
+    # the README block regen_cpu_results.py writes from these results: this sweep lacks
+    # 4096x4096, so each op's largest shape stands in
+    table = _load("regen_cpu_results").headline_table(data)
+    assert len(table.splitlines()) == 2 + 2 * len(OPS) and "16×512" in table
+
+
+def test_regen_replaces_only_the_marked_readme_block(tmp_path, monkeypatch):
+    regen = _load("regen_cpu_results")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{regen.BEGIN}\nold numbers\n{regen.END}\noutro\n")
+    monkeypatch.setattr(regen, "README", readme)
+    regen.update_readme("new numbers")
+    assert readme.read_text() == f"intro\n{regen.BEGIN}\nnew numbers\n{regen.END}\noutro\n"
+    assert regen.BEGIN in (ROOT / "README.md").read_text()  # the real README has the markers
 
 
 def test_bench_plots(bench_out):
@@ -295,6 +309,8 @@ def test_cpu_floor(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
     assert set(report["latency_us"]) == {"ours rms_norm", "native F.rms_norm",
                                         "ours layer_norm", "native F.layer_norm"}
+    table = _load("regen_cpu_results").floor_table(report)
+    assert "| fp32 forward |" in table and "| fp32 forward+backward |" in table
 
 
 def test_gpu_check_entry_points_exist():
