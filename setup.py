@@ -62,8 +62,26 @@ if _cuda_home:
     # cpp_extension reads CUDA_HOME at import time.
     os.environ["CUDA_HOME"] = _cuda_home
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+_NO_TORCH = """
+rmsnorm_ext: cannot import torch in the environment that runs this build.
+
+The extension compiles against the torch you will run it with, so pip must not build it in
+an isolated environment (where torch is absent). Install torch first, then build without
+isolation:
+
+    pip install torch            # CPU-only machine: add --index-url https://download.pytorch.org/whl/cpu
+    pip install ninja setuptools wheel
+    pip install --no-build-isolation -e .     # or: pip install --no-build-isolation .
+"""
+
+try:
+    import torch  # noqa: E402
+    from torch.utils.cpp_extension import (BuildExtension, CppExtension,  # noqa: E402
+                                           CUDAExtension)
+except ImportError as e:
+    # pip shows the build backend's output, where the SystemExit message lands; a bare
+    # ModuleNotFoundError traceback would not say what to do.
+    raise SystemExit(f"{_NO_TORCH}\n(the import error was: {e})") from None
 
 
 def _want_cuda():
@@ -127,6 +145,22 @@ def _default_arch_list():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 
+def _arch_list_as_built():
+    """The CUDA archs nvcc will be given, as "8.0,9.0+PTX", read from the very -gencode flags
+    torch's build helper derives from TORCH_CUDA_ARCH_LIST (or from the visible GPU), so
+    build_info() reports what was compiled, PTX included."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+    real, ptx = [], []
+    for flag in _get_cuda_arch_flags():
+        m = re.search(r"arch=compute_(\d+)([af]?),code=(sm|compute)_(\d+)", flag)
+        if not m:
+            continue
+        arch = f"{m.group(4)[:-1]}.{m.group(4)[-1]}{m.group(2)}"
+        (real if m.group(3) == "sm" else ptx).append(arch)
+    archs = sorted(dict.fromkeys(real + ptx), key=lambda a: float(a.rstrip("af")))
+    return ",".join(a + ("+PTX" if a in ptx else "") for a in archs)
+
+
 def _write_build_config(isa, use_cuda, sanitize):
     # Read by rmsnorm_ext at import, before loading _C, to refuse a build whose vector ISA
     # the running CPU lacks (loading it would die of SIGILL, not raise).
@@ -151,6 +185,7 @@ def _extension():
         ldflags += ["-fsanitize=address,undefined"]
     if use_cuda:
         _default_arch_list()
+        cxx.append(f'-DRMSNORM_EXT_CUDA_ARCHS="{_arch_list_as_built()}"')
         cu = sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         if not cu:
             sys.exit("rmsnorm_ext: CUDA build requested but csrc/cuda/*.cu is empty")

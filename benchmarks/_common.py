@@ -1,12 +1,6 @@
-"""Shared helpers for bench.py and profile.py: device choice, machine info, timing.
+"""Shared helpers of the benchmarks: device choice, machine info, output folders.
 
-All timing goes through :func:`measure`, so the CPU and GPU methodology lives in one place:
-
-* CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (median of blocks), run with
-  torch's current thread count (Timer defaults to one thread otherwise).
-* CUDA: ``triton.testing.do_bench`` when triton is importable (it zeroes a 256 MiB buffer
-  before every repetition, flushing L2, and times each call with CUDA events); otherwise an
-  equivalent CUDA-events loop with our own L2 flush. Median in both cases.
+Timing lives in _timer.py (interleaved rounds, medians, spreads): every benchmark uses it.
 """
 from __future__ import annotations
 
@@ -17,7 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -49,6 +43,25 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def cache_sizes() -> dict:
+    """{"L1d": bytes, "L2": bytes, "L3": bytes, ...} of cpu0, from sysfs (empty if unknown).
+    On a VM these are what the hypervisor reports, which may not be the host's."""
+    sizes = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sorted(base.glob("index*")):
+        try:
+            level = (idx / "level").read_text().strip()
+            kind = (idx / "type").read_text().strip()
+            text = (idx / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        m = re.match(r"(\d+)([KMG]?)", text)
+        if m and kind != "Instruction":
+            name = f"L{level}" + ("d" if kind == "Data" else "")
+            sizes[name] = int(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)]
+    return sizes
 
 
 def llc_bytes() -> int:
@@ -112,6 +125,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "llc_bytes": llc_bytes(),
+        "cpu_caches": cache_sizes(),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
@@ -143,66 +157,52 @@ def warn_if_busy(device: torch.device) -> None:
               "running, CPU timings will be noisy", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------- timing
-def measure(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.2) -> float:
-    """Median seconds per call of ``fn`` (warmed up, excluding any first-call cost)."""
-    fn()  # warm-up: first-call allocations, lazy init, compile
+# ----------------------------------------------------------------------------- outputs
+OUT_ROOT = REPO_ROOT / "benchmarks" / "out"          # git-ignored scratch results
+RESULTS_ROOT = REPO_ROOT / "benchmarks" / "results"  # committed results
+
+
+def committed_dir(device: torch.device) -> Path:
+    """Where --save-results writes: one stable folder per device kind (the machine, date
+    and commit are recorded inside), so regenerating replaces the old results instead of
+    adding a folder next to them."""
     if device.type == "cuda":
-        return _measure_cuda(fn, device, min_run_time)
-    from torch.utils.benchmark import Timer
-
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+        return RESULTS_ROOT / ("cuda-" + machine_slug(device))
+    return RESULTS_ROOT / "cpu"
 
 
-def _measure_cuda(fn, device, min_run_time):
-    rep_ms = max(min_run_time * 1e3, 20.0)
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        with torch.cuda.device(device):
-            return do_bench(fn, warmup=max(rep_ms / 4, 5.0), rep=rep_ms,
-                            return_mode="median") * 1e-3
-    return _cuda_events_median(fn, device, rep_ms)
+def add_out_args(parser, what: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--out", type=Path, help="output folder (default: a fresh, git-ignored "
+                       f"benchmarks/out/{what}-<machine>-<date>-<time>/)")
+    group.add_argument("--save-results", action="store_true",
+                       help="write into the committed results folder (benchmarks/results/cpu/ "
+                            "or benchmarks/results/cuda-<gpu>/), replacing its files")
 
 
-def _cuda_events_median(fn, device, rep_ms):
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        fn()
-    end.record()
-    synchronize(device)
-    n = int(max(10, min(1000, rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for s, e in zip(starts, ends):
-        flush.zero_()  # evict the inputs from L2
-        s.record()
-        fn()
-        e.record()
-    synchronize(device)
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return times[len(times) // 2] * 1e-3
+def out_dir(args, device: torch.device, quick: bool = False, what: str = "bench") -> Path:
+    """--out, else the committed folder with --save-results, else a new folder under the
+    git-ignored benchmarks/out/ (a fresh one per run: a default run never overwrites
+    anything, least of all committed results)."""
+    if getattr(args, "out", None):
+        return args.out
+    if getattr(args, "save_results", False):
+        return committed_dir(device)
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    name = f"{what}-{machine_slug(device)}-{stamp}" + ("-quick" if quick else "")
+    path, n = OUT_ROOT / name, 1
+    while path.exists():
+        n += 1
+        path = OUT_ROOT / f"{name}-{n}"
+    return path
 
 
-def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None,
-                   min_run_time: float = 0.3) -> float:
-    """Device memory bandwidth in GB/s (read + write) from a ``dst.copy_(src)`` much larger
-    than the last-level cache (8x the LLC/L2, at least 256 MiB)."""
-    if nbytes is None:
-        if device.type == "cuda":
-            cache = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
-        else:
-            cache = llc_bytes()
-        nbytes = max(256 * 2**20, 8 * cache)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # touch the destination pages
-    seconds = measure(lambda: dst.copy_(src), device, min_run_time)
-    moved = 2 * src.numel() * src.element_size()
-    del src, dst
-    return moved / seconds / 1e9
+def header_line(machine: dict, markdown: bool = True) -> str:
+    """machine, threads, torch, commit and date of a run, for tables and plot titles."""
+    name = machine["device_name"] + ("" if machine["device"].startswith("cuda")
+                                     else f" ({machine['cpu_threads']} threads)")
+    if markdown:
+        name = f"**{name}**"
+    parts = [name, f"torch {machine['torch_version']}", f"commit {machine['git_commit']}",
+             str(machine["date"])]
+    return (" · " if markdown else " | ").join(parts)

@@ -2,13 +2,19 @@
 """Benchmark rmsnorm_ext against native torch (eager and torch.compile), Liger and Apex.
 
     python benchmarks/bench.py                 # default sweep for the device (cuda if available)
-    python benchmarks/bench.py --quick         # one shape, one dtype: under a minute on a CPU
+    python benchmarks/bench.py --quick         # a few shapes, fp32: about two minutes on 2 cores
     python benchmarks/bench.py --op rms_norm --dtype bfloat16 --shape 4096x4096 --pass fwd
 
-Each row: median time, effective GB/s (bytes that must move / time), that as a fraction of
-the copy bandwidth measured in the same run, the "floor ratio" (time / time a copy of the
-same bytes would take) and the speedup against torch eager and torch.compile.
-Writes results.csv, results.json, results.md and plots/*.png to --out.
+Timing: every implementation of one (op, dtype, shape, pass) -- and a copy of the same number
+of bytes -- is timed in interleaved rounds by benchmarks/_timer.py; each row is the median of
+the rounds with its spread (IQR / median; rows above 10% are flagged). From the copy measured
+on buffers of the case's own size, each row has `%BW` (copy time / our time: the share of the
+bandwidth a copy reaches *for that working set*) and `floor×` (our time / copy time), and
+says whether that working set fits the caches or streams from DRAM.
+
+Output goes to a fresh, git-ignored benchmarks/out/bench-<machine>-<date>-<time>[-quick]/
+unless --out or --save-results (the committed benchmarks/results/cpu/ or cuda-<gpu>/) is
+given: results.csv, results.json, results.md and plots/*.png.
 """
 from __future__ import annotations
 
@@ -27,13 +33,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-# Our folder holds profile.py, named like the stdlib module that cProfile (imported by
-# torch) needs: keep the folder at the end of sys.path so the stdlib one wins.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
-import _common  # noqa: E402
+import _common
+import _timer
 
-import rmsnorm_ext  # noqa: E402
+import rmsnorm_ext
 
 OPS = ("rms_norm", "layer_norm", "fused_add_rms_norm")
 PASSES = ("fwd", "bwd", "fwdbwd")
@@ -60,20 +63,24 @@ def _grid(tokens: Iterable[int], hidden: Iterable[int]) -> Tuple[Shape, ...]:
 
 
 ALL_DTYPES = tuple(DTYPES)
-# GPU: the full grid. CPU (a 2-core laptop-class machine must finish in a few minutes, and
-# every (op, dtype, shape) costs torch.compile a fresh Inductor build): a float32 hidden-size
-# sweep at 1024 tokens, the 4096x4096 headline shape and the [1, 4096] latency row in
-# float32 and bfloat16. float16 and other shapes are one --dtype/--shape away.
+# GPU: the full grid. CPU (a 2-core machine must finish in minutes, and every (op, dtype,
+# shape) costs torch.compile a fresh Inductor build): a float32 hidden-size sweep at 1024
+# tokens (from cache-resident to DRAM-sized working sets), the 4096x4096 headline shape and
+# the [1, 4096] latency row in float32 and bfloat16. float16 and other shapes are one
+# --dtype/--shape away.
 DEFAULT_SWEEPS = {
     "cuda": (Sweep(ALL_DTYPES, _grid((4096, 16384), HIDDEN) + ((1, 4096),)),),
-    "cpu": (Sweep(("float32",), _grid((1024,), (768, 2048, 5125, 8192))),
+    "cpu": (Sweep(("float32",), _grid((1024,), (768, 2048, 4096, 5125, 8192))),
             Sweep(("float32", "bfloat16"), ((4096, 4096), (1, 4096)))),
 }
+# --quick: three hidden sizes of one token count, so the plots are lines, not points.
 QUICK_SWEEPS = {
-    "cuda": (Sweep(("bfloat16",), ((4096, 4096), (1, 4096))),),
-    "cpu": (Sweep(("float32",), ((1024, 4096),)),),
+    "cuda": (Sweep(("bfloat16",), _grid((4096,), (1024, 4096, 8192)) + ((1, 4096),)),),
+    "cpu": (Sweep(("float32",), _grid((512,), (1024, 2048, 4096))),),
 }
 DEFAULT_DTYPES = {"cuda": ALL_DTYPES, "cpu": ("float32", "bfloat16")}
+# Timer settings (rounds, most rounds when noisy, seconds per sample).
+TIMING = {"default": (9, 15, 0.03), "quick": (7, 9, 0.01)}
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,9 @@ class Case:
 
 @dataclass
 class Result:
+    """One (case, pass, impl). Times in µs: the median of the interleaved rounds, their
+    min/max and quartiles; spread = (q3 - q1) / median, noisy = spread > 10%. copy_us: the copy of
+    the same number of bytes, timed in the same rounds (its own spread in copy_spread)."""
     device: str
     op: str
     impl: str
@@ -95,8 +105,19 @@ class Result:
     tokens: int
     hidden: int
     time_us: float
+    min_us: float
+    max_us: float
+    q1_us: float
+    q3_us: float
+    spread: float
+    noisy: bool
+    rounds: int
     bytes: int
+    regime: str
     gbps: float
+    copy_us: float
+    copy_spread: float
+    copy_gbps: float
     bw_fraction: float
     floor_ratio: float
     speedup_vs_eager: float = math.nan
@@ -105,7 +126,7 @@ class Result:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["pass"] = d.pop("pass_")
-        return d
+        return {k: d[k] for k in COLUMNS}
 
 
 COLUMNS = [("pass" if f.name == "pass_" else f.name) for f in dataclasses.fields(Result)]
@@ -261,6 +282,14 @@ def make_runner(fn: Callable, inputs: Sequence[torch.Tensor], pass_: str) -> Cal
     return fwdbwd
 
 
+def copy_runner(nbytes: int, device: torch.device) -> Callable[[], object]:
+    """The floor of a pass that must move ``nbytes``: an out-of-place copy reading nbytes/2
+    and writing nbytes/2 -- the same working set as the pass, so a cache-resident case is
+    compared with a cache-resident copy -- allocating its output as every impl does."""
+    src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8, device=device)
+    return src.clone
+
+
 # ------------------------------------------------------------------------- the sweep
 @dataclass
 class Config:
@@ -269,9 +298,11 @@ class Config:
     passes: Tuple[str, ...]
     impls: Tuple[str, ...]
     sweeps: Tuple[Sweep, ...]
-    min_run_time: float
-    copy_bytes: Optional[int]
+    rounds: int
+    max_rounds: int
+    sample_s: float
     out: Path
+    llc_bytes: int = 0
 
     def cases(self) -> List[Case]:
         seen, cases = set(), []
@@ -292,7 +323,7 @@ class Progress:
     def __init__(self, total: int):
         try:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
         except ImportError:
             self._bar = None
         self.total, self.done = total, 0
@@ -313,42 +344,66 @@ class Progress:
             print(file=sys.stderr)
 
 
-def run_case(case: Case, cfg: Config, copy_gbps: float, progress: Progress,
-             skipped: List[dict]) -> List[Result]:
+def regime(nbytes: int, device: torch.device, llc: int) -> str:
+    """Where a working set of ``nbytes`` lives: "cache" when it fits the last-level cache
+    (CPU) or L2 (GPU), "DRAM" otherwise ("?" when the cache size is unknown)."""
+    if device.type == "cuda":
+        llc = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
+    if not llc:
+        return "?"
+    return "cache" if nbytes <= llc else "DRAM"
+
+
+def run_case(case: Case, cfg: Config, progress: Progress, skipped: List[dict]) -> List[Result]:
     inputs = make_inputs(case, cfg.device)
     elem = DTYPES[case.dtype].itemsize
     label = f"{case.op} {DTYPE_SHORT[case.dtype]} {case.tokens}x{case.hidden}"
-    results = []
+    fns: Dict[str, Optional[Callable]] = {}
     for impl in cfg.impls:
         try:
-            fn = build_impl(impl, case.op, cfg.device)
-        except Exception as e:  # noqa: BLE001 - a missing/broken third-party impl is a skip
-            fn, why = None, f"{type(e).__name__}: {e}"
-        else:
+            fns[impl] = build_impl(impl, case.op, cfg.device)
             why = "not applicable"
-        for pass_ in cfg.passes:
-            progress.step(f"{label} {pass_} {impl}")
+        except Exception as e:  # noqa: BLE001 - a missing/broken third-party impl is a skip
+            fns[impl], why = None, f"{type(e).__name__}: {e}"
+        if fns[impl] is None:
+            skipped += [dict(dataclasses.asdict(case), impl=impl, pass_=p, why=why)
+                        for p in cfg.passes]
+    results = []
+    for pass_ in cfg.passes:
+        progress.step(f"{label} {pass_}")
+        nbytes = bytes_moved(case.op, pass_, case.tokens, case.hidden, elem)
+        runners = {"copy": copy_runner(nbytes, cfg.device)}
+        for impl, fn in fns.items():
             if fn is None:
-                skipped.append(dict(dataclasses.asdict(case), impl=impl, pass_=pass_, why=why))
                 continue
             try:
-                seconds = _common.measure(make_runner(fn, inputs, pass_), cfg.device,
-                                          cfg.min_run_time)
-            except Exception as e:  # noqa: BLE001 - e.g. OOM or an unsupported dtype
+                runner = make_runner(fn, inputs, pass_)
+                runner()  # fails here (e.g. an unsupported dtype) rather than mid-rounds
+            except Exception as e:  # noqa: BLE001
                 skipped.append(dict(dataclasses.asdict(case), impl=impl, pass_=pass_,
                                     why=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
                 continue
-            nbytes = bytes_moved(case.op, pass_, case.tokens, case.hidden, elem)
-            gbps = nbytes / seconds / 1e9
-            results.append(Result(str(cfg.device), case.op, impl, case.dtype, pass_,
-                                  case.tokens, case.hidden, seconds * 1e6, nbytes, gbps,
-                                  gbps / copy_gbps, copy_gbps / gbps))
+            runners[impl] = runner
+        stats = _timer.interleaved(runners, device=cfg.device, rounds=cfg.rounds,
+                                   max_rounds=cfg.max_rounds, target_sample_s=cfg.sample_s)
+        copy = stats.pop("copy")
+        where = regime(nbytes, cfg.device, cfg.llc_bytes)
+        for impl, s in stats.items():
+            results.append(Result(
+                str(cfg.device), case.op, impl, case.dtype, pass_, case.tokens, case.hidden,
+                time_us=s.median * 1e6, min_us=s.min * 1e6, max_us=s.max * 1e6,
+                q1_us=s.q1 * 1e6, q3_us=s.q3 * 1e6, spread=s.spread, noisy=s.noisy, rounds=s.rounds,
+                bytes=nbytes, regime=where, gbps=nbytes / s.median / 1e9,
+                copy_us=copy.median * 1e6, copy_spread=copy.spread,
+                copy_gbps=nbytes / copy.median / 1e9, bw_fraction=copy.median / s.median,
+                floor_ratio=s.median / copy.median))
+        del runners
     add_speedups(results)
     return results
 
 
 def add_speedups(results: List[Result]) -> None:
-    """Fill speedup_vs_eager/compile (baseline time / this time) within one case."""
+    """Fill speedup_vs_eager/compile (baseline median / this median) within one case."""
     base = {(r.impl, r.pass_): r.time_us for r in results}
     for r in results:
         for ref in ("eager", "compile"):
@@ -370,37 +425,43 @@ def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
         print(f"skipping implementations not available on {cfg.device}: {', '.join(missing)}",
               file=sys.stderr)
     cfg = dataclasses.replace(cfg, impls=impls)
+    if cfg.device.type == "cpu" and not cfg.llc_bytes:
+        cfg = dataclasses.replace(cfg, llc_bytes=_common.llc_bytes())
     cases = cfg.cases()
     if not cases:
         raise SystemExit("nothing to run: the filters exclude every case")
 
     _common.warn_if_busy(cfg.device)
-    print(f"measuring copy bandwidth on {cfg.device} ...", file=sys.stderr)
-    copy_gbps = _common.copy_bandwidth(cfg.device, cfg.copy_bytes)
-    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (read + write)", file=sys.stderr)
-
-    progress = Progress(len(cases) * len(cfg.impls) * len(cfg.passes))
+    load_before = _common.load_average()
+    progress = Progress(len(cases) * len(cfg.passes))
     results: List[Result] = []
     skipped: List[dict] = []
     t0 = time.perf_counter()
     try:
         for case in cases:
-            results += run_case(case, cfg, copy_gbps, progress, skipped)
+            results += run_case(case, cfg, progress, skipped)
             if cfg.device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
         progress.close()
+    machine = _common.machine_info(cfg.device)
+    machine["loadavg_1m_start"] = load_before
     meta = {
-        "machine": _common.machine_info(cfg.device),  # loadavg_1m: at the end of the run
-        "copy_bandwidth_gbps": copy_gbps,
+        "machine": machine,  # loadavg_1m: at the end of the run
         "wall_time_s": time.perf_counter() - t0,
         "config": {"device": str(cfg.device), "ops": cfg.ops,
                    "passes": cfg.passes, "impls": cfg.impls,
                    "cases": [dataclasses.asdict(c) for c in cases],
-                   "min_run_time_s": cfg.min_run_time,
-                   "timer": "triton.testing.do_bench / CUDA events, median, L2 flushed"
-                            if cfg.device.type == "cuda" else
-                            "torch.utils.benchmark.Timer.blocked_autorange, median",
+                   "timer": {"method": "benchmarks/_timer.py: interleaved rounds, median; "
+                                       + ("CUDA events, L2 flushed before each call"
+                                          if cfg.device.type == "cuda" else
+                                          "time.perf_counter, gc paused"),
+                             "rounds": cfg.rounds, "max_rounds": cfg.max_rounds,
+                             "sample_s": cfg.sample_s,
+                             "spread": "IQR / median", "noisy_above": _timer.SPREAD_LIMIT},
+                   "floor": "src.clone() of bytes/2 (reads + writes the row's bytes), "
+                            "timed in the same rounds",
+                   "llc_bytes": cfg.llc_bytes,
                    "eps": {"rms": RMS_EPS, "layer": LN_EPS}},
         "skipped": skipped,
     }
@@ -412,20 +473,29 @@ def _fmt(v: float, spec: str, suffix: str = "") -> str:
     return "" if v is None or math.isnan(v) else format(v, spec) + suffix
 
 
+def _time_cell(r: Result) -> str:
+    """median ±spread, with a '!' when the row is noisy."""
+    return f"{r.time_us:.1f} ±{100 * r.spread:.0f}%" + ("!" if r.noisy else "")
+
+
 def pivot_table(results: List[Result], markdown: bool = False) -> str:
-    """One line per (op, dtype, pass, shape): each impl's time, then ours' GB/s, share of
-    the copy bandwidth, floor ratio and speedups."""
+    """One line per (op, dtype, pass, shape): each impl's median ±spread, the copy of the
+    same bytes, then ours' GB/s, %BW, floor ratio and speedups; a '!' marks rows whose
+    spread exceeds 10%."""
     impls = [i for i in IMPLS if any(r.impl == i for r in results)]
     by_key: Dict[tuple, Dict[str, Result]] = {}
     for r in results:
         by_key.setdefault((r.op, r.dtype, r.pass_, r.tokens, r.hidden), {})[r.impl] = r
-    header = (["op", "dtype", "pass", "shape"] + [f"{i} µs" for i in impls]
-              + ["ours GB/s", "ours %BW", "floor×", "vs eager", "vs compile"])
+    header = (["op", "dtype", "pass", "shape", "regime"] + [f"{i} µs" for i in impls]
+              + ["copy µs", "ours GB/s", "ours %BW", "floor×", "vs eager", "vs compile"])
     rows = []
     for (op, dtype, pass_, tokens, hidden), impl_rows in by_key.items():
+        any_row = next(iter(impl_rows.values()))
         ours = impl_rows.get("ours")
-        row = [op, DTYPE_SHORT[dtype], pass_, f"{tokens}x{hidden}"]
-        row += [_fmt(impl_rows[i].time_us, ".1f") if i in impl_rows else "-" for i in impls]
+        row = [op, DTYPE_SHORT[dtype], pass_, f"{tokens}x{hidden}", any_row.regime]
+        row += [_time_cell(impl_rows[i]) if i in impl_rows else "-" for i in impls]
+        row.append(f"{any_row.copy_us:.1f} ±{100 * any_row.copy_spread:.0f}%"
+                   + ("!" if any_row.copy_spread > _timer.SPREAD_LIMIT else ""))
         if ours is None:
             row += [""] * 5
         else:
@@ -435,18 +505,28 @@ def pivot_table(results: List[Result], markdown: bool = False) -> str:
         rows.append(row)
     if markdown:
         lines = ["| " + " | ".join(header) + " |",
-                 "|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|"]
+                 "|" + "|".join("---" if i < 5 else "---:" for i in range(len(header))) + "|"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt_row = lambda r: "  ".join(  # noqa: E731
-        str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        str(c).ljust(w) if i < 5 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
     return "\n".join([fmt_row(header), sep] + [fmt_row(r) for r in rows])
 
 
-def default_out_dir(device: torch.device, quick: bool = False) -> Path:
-    name = f"{_common.machine_slug(device)}-{_common.today()}" + ("-quick" if quick else "")
-    return _HERE / "results" / name
+LEGEND = ("Times: median of interleaved rounds ± spread (IQR / median); `!` = spread above "
+          "10%, the median is uncertain by about that much. `copy µs`: an out-of-place copy "
+          "moving the same bytes, timed in the same rounds; `%BW` = copy time / ours, "
+          "`floor×` = ours / copy time. `regime`: whether the row's working set fits the "
+          "last-level cache (`cache`) or not (`DRAM`).")
+
+
+def noisy_summary(results: List[Result]) -> str:
+    noisy = [r for r in results if r.noisy]
+    if not noisy:
+        return "no row's spread exceeds 10%"
+    return (f"{len(noisy)} of {len(results)} timings have a spread above 10% (marked '!'): "
+            "the machine was busy; rerun on a quiet machine before drawing conclusions")
 
 
 def write_csv(results: List[Result], path: Path) -> None:
@@ -474,11 +554,9 @@ def write_json(results: List[Result], meta: dict, path: Path) -> None:
 
 
 def write_markdown(results: List[Result], meta: dict, path: Path) -> None:
-    m = meta["machine"]
-    head = (f"**{m['device_name']}** ({m['cpu_threads']} threads) · torch {m['torch_version']}"
-            f" · commit {m['git_commit']} · {m['date']} · copy bandwidth "
-            f"{meta['copy_bandwidth_gbps']:.1f} GB/s\n\n")
-    path.write_text(head + pivot_table(results, markdown=True) + "\n")
+    path.write_text(_common.header_line(meta["machine"]) + "\n\n" + LEGEND + "\n\n"
+                    + pivot_table(results, markdown=True) + "\n\n" + noisy_summary(results)
+                    + "\n")
 
 
 def write_outputs(results: List[Result], meta: dict, out: Path, plots: bool = True) -> List[Path]:
@@ -501,24 +579,37 @@ def write_outputs(results: List[Result], meta: dict, out: Path, plots: bool = Tr
 
 # ----------------------------------------------------------------------------- plots
 IMPL_STYLE = {"ours": "tab:red", "eager": "tab:blue", "compile": "tab:green",
-              "liger": "tab:purple", "apex": "tab:orange"}
+              "liger": "tab:purple", "apex": "tab:orange", "copy": "gray"}
 TOKEN_STYLES = ("-", "--", ":", "-.")
 
 
-def _plot_gbps(ax, results: List[Result], op: str, dtype: str, pass_: str,
-               copy_gbps: float) -> None:
-    """GB/s vs hidden size: one line per (impl, token count); latency rows left out."""
+def _plot_gbps(ax, results: List[Result], op: str, dtype: str, pass_: str) -> None:
+    """GB/s vs hidden size: one line per (impl, token count), error bars from the rounds'
+    IQR, and the copy of the same bytes per point; latency rows left out."""
     rows = [r for r in results
             if r.op == op and r.dtype == dtype and r.pass_ == pass_ and r.tokens > 1]
     token_counts = sorted({r.tokens for r in rows})
-    for impl in IMPLS:
-        for k, tokens in enumerate(token_counts):
-            pts = sorted((r.hidden, r.gbps) for r in rows if r.impl == impl and r.tokens == tokens)
-            if pts:
-                label = impl if len(token_counts) == 1 else f"{impl} ({tokens} tok)"
-                ax.plot(*zip(*pts), TOKEN_STYLES[k % len(TOKEN_STYLES)], marker="o",
-                        color=IMPL_STYLE[impl], label=label)
-    ax.axhline(copy_gbps, color="gray", linestyle="--", linewidth=1, label="copy")
+    top = 0.0
+    for k, tokens in enumerate(token_counts):
+        style = TOKEN_STYLES[k % len(TOKEN_STYLES)]
+        suffix = "" if len(token_counts) == 1 else f" ({tokens} tok)"
+        for impl in IMPLS:
+            pts = sorted((r.hidden, r) for r in rows if r.impl == impl and r.tokens == tokens)
+            if not pts:
+                continue
+            xs = [h for h, _ in pts]
+            gbps = [r.gbps for _, r in pts]
+            top = max([top] + gbps)
+            # The bar spans the GB/s at the quartile times (the slower q3 is the lower end).
+            lo = [g - r.bytes / (r.q3_us * 1e3) for g, (_, r) in zip(gbps, pts)]
+            hi = [r.bytes / (r.q1_us * 1e3) - g for g, (_, r) in zip(gbps, pts)]
+            ax.errorbar(xs, gbps, yerr=[lo, hi], fmt=style, marker="o", markersize=4,
+                        capsize=2, color=IMPL_STYLE[impl], label=impl + suffix)
+        copy = sorted({(r.hidden, r.copy_gbps) for r in rows if r.tokens == tokens})
+        if copy:
+            ax.plot(*zip(*copy), style, color=IMPL_STYLE["copy"], linewidth=1,
+                    label="copy, same bytes" + suffix)
+            top = max([top] + [g for _, g in copy])
     ax.set_xscale("log", base=2)
     hidden = sorted({r.hidden for r in rows})
     if hidden:
@@ -526,28 +617,27 @@ def _plot_gbps(ax, results: List[Result], op: str, dtype: str, pass_: str,
         ax.minorticks_off()
     ax.set_xlabel("hidden size")
     ax.set_ylabel("effective GB/s")
+    # Scaled to the medians: one wild quartile on a busy machine must not flatten the rest
+    # (its bar is clipped; the table has the numbers).
+    ax.set_ylim(0, 1.15 * top if top > 0 else None)
     ax.set_title(f"{op} {DTYPE_SHORT[dtype]} {pass_}", fontsize=9)
     ax.grid(alpha=0.3)
-
-
-def _caption(meta: dict) -> str:
-    m = meta["machine"]
-    return (f"{m['device_name']} ({m['cpu_threads']} threads) | torch {m['torch_version']} | "
-            f"commit {m['git_commit']} | {m['date']}")
 
 
 def _save(fig, path: Path, meta: dict) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.suptitle(_caption(meta), fontsize=8)
-    handles, labels = {}, []
+    fig.suptitle(_common.header_line(meta["machine"], markdown=False), fontsize=8)
+    handles = {}
     for ax in fig.axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)),
-               fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    fig.savefig(path, dpi=110)
+    # The legend sits to the right of every axes, outside them: it can cover neither data
+    # nor the axis labels, and bbox_inches="tight" widens the image to fit it.
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.legend(handles.values(), handles.keys(), loc="center left",
+               bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -558,7 +648,6 @@ def make_plots(results: List[Result], meta: dict, out: Path) -> List[Path]:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    bw = meta["copy_bandwidth_gbps"]
     plotted = [r for r in results if r.tokens > 1]
     passes = [p for p in PASSES if any(r.pass_ == p for r in plotted)]
     paths = []
@@ -569,7 +658,7 @@ def make_plots(results: List[Result], meta: dict, out: Path) -> List[Path]:
             fig, axes = plt.subplots(1, len(passes), figsize=(4.2 * len(passes), 4),
                                      squeeze=False)
             for ax, pass_ in zip(axes[0], passes):
-                _plot_gbps(ax, plotted, op, dtype, pass_, bw)
+                _plot_gbps(ax, plotted, op, dtype, pass_)
             paths.append(_save(fig, out / f"gbps_{op}_{dtype}.png", meta))
     for dtype in DTYPES:
         pair = ("rms_norm", "layer_norm")
@@ -579,7 +668,7 @@ def make_plots(results: List[Result], meta: dict, out: Path) -> List[Path]:
                                  squeeze=False, sharey="row")
         for row, pass_ in zip(axes, passes):
             for ax, op in zip(row, pair):
-                _plot_gbps(ax, plotted, op, dtype, pass_, bw)
+                _plot_gbps(ax, plotted, op, dtype, pass_)
         paths.append(_save(fig, out / f"rms_vs_layer_{dtype}.png", meta))
     return paths
 
@@ -606,7 +695,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--quick", action="store_true", help="one shape and dtype per device")
+    p.add_argument("--quick", action="store_true",
+                   help="three shapes, one dtype, fewer rounds (about 2 minutes on 2 cores)")
     p.add_argument("--op", type=_csv_list(OPS), default=OPS, help=f"comma list of {OPS}")
     p.add_argument("--dtype", type=_csv_list(tuple(DTYPES)),
                    help="comma list of float32,bfloat16,float16 (default: the sweep's; "
@@ -617,12 +707,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma list of {PASSES}")
     p.add_argument("--impl", type=_csv_list(IMPLS), default=IMPLS,
                    help=f"comma list of {IMPLS} (liger/apex: GPU only, when importable)")
-    p.add_argument("--out", type=Path, help="output folder (default: "
-                   "benchmarks/results/<machine>-<date>[-quick]/)")
-    p.add_argument("--min-run-time", type=float,
-                   help="seconds of measurement per row (default 0.1; 0.05 with --quick)")
-    p.add_argument("--copy-mib", type=int, help="size of the bandwidth copy (default: "
-                   "max(256 MiB, 8x last-level cache))")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per row (default 9; 7 "
+                   "with --quick); noisy rows get more, up to --max-rounds")
+    p.add_argument("--max-rounds", type=int, help="default 15; 9 with --quick")
+    p.add_argument("--sample-ms", type=float,
+                   help="milliseconds per timed sample (default 30; 10 with --quick)")
+    p.add_argument("--llc-mib", type=float, help="last-level cache size for the regime "
+                   "column (default: from /sys/devices/system/cpu/cpu0/cache)")
+    _common.add_out_args(p, "bench")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
 
@@ -636,11 +728,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         sweeps = (QUICK_SWEEPS if args.quick else DEFAULT_SWEEPS)[kind]
         if args.dtype:  # the sweep's shapes in the dtypes asked for
             sweeps = tuple(Sweep(args.dtype, s.shapes) for s in sweeps)
-    min_run_time = args.min_run_time or (0.05 if args.quick else 0.1)
+    rounds, max_rounds, sample_s = TIMING["quick" if args.quick else "default"]
+    rounds = args.rounds or rounds
     return Config(device=device, ops=args.op, passes=args.passes,
-                  impls=args.impl, sweeps=sweeps, min_run_time=min_run_time,
-                  copy_bytes=args.copy_mib * 2**20 if args.copy_mib else None,
-                  out=args.out or default_out_dir(device, args.quick))
+                  impls=args.impl, sweeps=sweeps, rounds=rounds,
+                  max_rounds=max(rounds, args.max_rounds or max_rounds),
+                  sample_s=args.sample_ms / 1e3 if args.sample_ms else sample_s,
+                  out=_common.out_dir(args, device, quick=args.quick),
+                  llc_bytes=int(args.llc_mib * 2**20) if args.llc_mib else 0)
 
 
 def main(argv=None) -> int:
@@ -652,12 +747,12 @@ def main(argv=None) -> int:
         results, meta = run_benchmark(cfg)
     print()
     print(pivot_table(results))
+    print("\n" + noisy_summary(results))
     if meta["skipped"]:
         reasons = sorted({s["why"] for s in meta["skipped"]})
-        print(f"\n{len(meta['skipped'])} rows skipped: " + "; ".join(reasons))
+        print(f"{len(meta['skipped'])} rows skipped: " + "; ".join(reasons))
     paths = write_outputs(results, meta, cfg.out, plots=not args.no_plots)
-    print(f"\ncopy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s; "
-          f"{len(results)} rows in {time.perf_counter() - t0:.0f} s; wrote:")
+    print(f"\n{len(results)} rows in {time.perf_counter() - t0:.0f} s; wrote:")
     for path in paths:
         print(f"  {path}")
     return 0

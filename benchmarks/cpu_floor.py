@@ -1,35 +1,29 @@
 """The foundation issue's CPU yardstick: time against the memory-bound floor.
 
-    python benchmarks/cpu_floor.py [--shape 4096x4096] [--repeats 3] [--out FILE.json]
+    python benchmarks/cpu_floor.py [--shape 4096x4096] [--rounds 7] [--out FILE.json]
 
 Floors, as the issue defines them and measured in the same run: forward = an out-of-place
 copy of the input (`x.clone()`, allocation included, as every norm allocates its output);
 forward+backward = that copy plus an out-of-place add of two such tensors. Each ratio is the
-median over --repeats rounds, each round timing every candidate back to back, so a noisy
-machine moves numerator and denominator together. Also times the [1, N] forward against
+median over the rounds of (candidate / floor) within a round, so a noisy machine moves
+numerator and denominator together. Also times the [1, N] forward against
 native F.rms_norm / F.layer_norm (host overhead decides decode-loop performance).
+
+Timing: benchmarks/_timer.py (every candidate and both floors in the same interleaved rounds;
+each ratio is the median over rounds of that round's time / that round's floor).
 """
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
-# This folder holds profile.py, which shadows the stdlib module that torch.compile imports:
-# keep the folder at the end of sys.path (as bench.py does).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
-import _common  # noqa: E402
+import _common
+import _timer
 
-import rmsnorm_ext as R  # noqa: E402
-
-
-def t_us(fn, min_run_time):
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e6
+import rmsnorm_ext as R
 
 
 def candidates(x, w, b, dy):
@@ -58,39 +52,44 @@ def candidates(x, w, b, dy):
     }
 
 
+def per_round_ratio(num: _timer.Stats, *dens: _timer.Stats) -> float:
+    """Median over rounds of num / (sum of dens) taken within each round (the timer's
+    samples are aligned by round)."""
+    return statistics.median(n / sum(d) for n, *d in zip(num.samples, *(x.samples for x in dens)))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="4096x4096")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--min-run-time", type=float, default=1.0)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--sample-ms", type=float, default=100.0, help="milliseconds per sample")
+    p.add_argument("--out", type=Path, help="write the report as JSON here")
     a = p.parse_args(argv)
     m, n = (int(v) for v in a.shape.split("x"))
     report = {"machine": _common.machine_info(torch.device("cpu")), "shape": [m, n],
-              "ratios": {}, "latency_us": {}}
+              "rounds": a.rounds, "ratios": {}, "ratio_spread": {}, "latency_us": {}}
     for dname in a.dtypes.split(","):
         dtype = getattr(torch, dname)
         x, dy = torch.randn(m, n).to(dtype), torch.randn(m, n).to(dtype)
         w, b = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
-        cands = candidates(x, w, b, dy)
-        for f in cands.values():  # warm-up (and compile)
-            f()
-        rounds = []
-        for _ in range(a.repeats):
-            rounds.append({k: t_us(f, a.min_run_time) for k, f in cands.items()})
-        ratios = {}
-        for k in cands:
+        stats = _timer.interleaved(candidates(x, w, b, dy), rounds=a.rounds,
+                                   target_sample_s=a.sample_ms / 1e3)
+        clone, add = stats["floor fwd (clone)"], stats["floor add"]
+        ratios, spreads = {}, {}
+        for k, s in stats.items():
             if k.startswith("floor"):
                 continue
-            fwdbwd = k.endswith("fwdbwd")
-            ratios[k] = statistics.median(
-                r[k] / (r["floor fwd (clone)"] + (r["floor add"] if fwdbwd else 0.0))
-                for r in rounds)
+            floors = (clone, add) if k.endswith("fwdbwd") else (clone,)
+            ratios[k] = per_round_ratio(s, *floors)
+            spreads[k] = s.spread
         report["ratios"][dname] = ratios
-        print(f"\n{dname} [{m}, {n}]: time / floor (median of {a.repeats} rounds)")
+        report["ratio_spread"][dname] = spreads
+        print(f"\n{dname} [{m}, {n}]: time / floor (median of {a.rounds} interleaved rounds; "
+              "spread of the time)")
         for k, v in ratios.items():
-            print(f"  {k:22s} {v:6.2f}x")
+            flag = "!" if spreads[k] > _timer.SPREAD_LIMIT else ""
+            print(f"  {k:22s} {v:6.2f}x  ±{100 * spreads[k]:.0f}%{flag}")
     x1, w1, b1 = torch.randn(1, n), torch.randn(n), torch.randn(n)
     lat = {
         "ours rms_norm": lambda: R.rms_norm(x1, (n,), w1),
@@ -98,11 +97,12 @@ def main(argv=None):
         "ours layer_norm": lambda: R.layer_norm(x1, (n,), w1, b1),
         "native F.layer_norm": lambda: F.layer_norm(x1, (n,), w1, b1),
     }
-    report["latency_us"] = {k: statistics.median(t_us(f, 0.3) for _ in range(a.repeats))
-                            for k, f in lat.items()}
-    print(f"\n[1, {n}] float32 forward latency (µs, median of {a.repeats})")
-    for k, v in report["latency_us"].items():
-        print(f"  {k:22s} {v:8.2f}")
+    lat_stats = _timer.interleaved(lat, rounds=a.rounds, target_sample_s=0.02)
+    report["latency_us"] = {k: s.median * 1e6 for k, s in lat_stats.items()}
+    report["latency_spread"] = {k: s.spread for k, s in lat_stats.items()}
+    print(f"\n[1, {n}] float32 forward latency (µs, median of {a.rounds} interleaved rounds)")
+    for k, s in lat_stats.items():
+        print(f"  {k:22s} {s.median * 1e6:8.2f}  ±{100 * s.spread:.0f}%")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=1, default=str))

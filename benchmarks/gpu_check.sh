@@ -3,7 +3,8 @@
 # nvcc 13.0, pytest, Triton, compute-sanitizer; no package registry): build, test on cuda,
 # sanitize every kernel path, then a short benchmark. Everything printed also goes to
 # $OUT/gpu_check.log when OUT is set; results land in $OUT (or benchmarks/results/gpu-check).
-# Ends within ~8 minutes. STAGES selects stages; BENCH_ARGS overrides the benchmark filters.
+# Ends within ~8 minutes. STAGES selects stages (default "build tests sanitize bench"; "model"
+# adds the end-to-end model_bench.py); BENCH_ARGS / MODEL_ARGS override their arguments.
 #
 #   bash benchmarks/gpu_check.sh            # everything
 #   STAGES="build bench" bash benchmarks/gpu_check.sh
@@ -72,6 +73,15 @@ if want bench; then
   timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench.py --device cuda --no-plots \
     --out "$OUT_DIR" $BENCH_ARGS 2>&1 | tail -80
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "BENCH FAILED"; status=1; }
+fi
+
+if want model; then
+  # Not in the default STAGES (it needs several device minutes): the GPU end-to-end
+  # configuration, bf16 hidden 4096, 8K tokens, eager and torch.compile.
+  stage "model_bench (Llama-style stack, native norms vs rmsnorm_ext)"
+  timeout "${MODEL_TIMEOUT:-300}" python3 benchmarks/model_bench.py --device cuda \
+    --out "$OUT_DIR/model" ${MODEL_ARGS:-} 2>&1 | tail -60
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "MODEL BENCH FAILED"; status=1; }
 fi
 
 stage "done, status=$status"

@@ -9,15 +9,8 @@
 
 #include <string>
 
-#ifdef RMSNORM_EXT_WITH_CUDA
-namespace rmsnorm_ext {
-std::string cuda_build_info();  // csrc/cuda/build_info.cu
-}
-#endif
-
-#ifndef RMSNORM_EXT_CPU_ISA
-#define RMSNORM_EXT_CPU_ISA "default"
-#endif
+// The module's methods (build_info), defined in csrc/build_info.cpp.
+extern PyMethodDef rmsnorm_ext_module_methods[];
 
 TORCH_LIBRARY(rmsnorm_ext, m) {
   // RMSNorm: y = x * rstd * (weight_offset + weight), rstd = 1 / sqrt(mean(x^2) + eps).
@@ -74,43 +67,8 @@ TORCH_LIBRARY(rmsnorm_ext, m) {
 
 namespace {
 
-// What this binary was really built with (not what setup.py meant to build).
-PyObject* build_info(PyObject*, PyObject*) {
-  PyObject* d = PyDict_New();
-  if (!d) return nullptr;
-  auto put = [&](const char* k, PyObject* v) {
-    PyDict_SetItemString(d, k, v);
-    Py_DECREF(v);
-  };
-  put("torch_version", PyUnicode_FromString(TORCH_VERSION));
-#if defined(__clang__)
-  put("compiler", PyUnicode_FromString("clang " __clang_version__));
-#elif defined(__GNUC__)
-  put("compiler", PyUnicode_FromString("gcc " __VERSION__));
-#else
-  put("compiler", PyUnicode_FromString("unknown"));
-#endif
-#ifdef _OPENMP
-  put("openmp", PyLong_FromLong(_OPENMP));
-#else
-  put("openmp", Py_NewRef(Py_None));
-#endif
-  put("cpu_isa", PyUnicode_FromString(RMSNORM_EXT_CPU_ISA));
-#ifdef RMSNORM_EXT_WITH_CUDA
-  put("cuda", Py_NewRef(Py_True));
-  put("cuda_info", PyUnicode_FromString(rmsnorm_ext::cuda_build_info().c_str()));
-#else
-  put("cuda", Py_NewRef(Py_False));
-  put("cuda_info", PyUnicode_FromString(""));
-#endif
-  return d;
-}
-
-PyMethodDef methods[] = {
-    {"build_info", build_info, METH_NOARGS, "Facts about how this extension was compiled."},
-    {nullptr, nullptr, 0, nullptr}};
-
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                          rmsnorm_ext_module_methods};
 
 }  // namespace
 

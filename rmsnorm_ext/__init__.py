@@ -23,18 +23,45 @@ distributed._install()
 __version__ = "0.1.0"
 
 
+# OpenMP's _OPENMP macro is the release date of the spec the compiler implements.
+_OPENMP_VERSIONS = {200505: "2.5", 200805: "3.0", 201107: "3.1", 201307: "4.0",
+                    201511: "4.5", 201811: "5.0", 202011: "5.1", 202111: "5.2", 202411: "6.0"}
+
+
 def build_info() -> dict:
-    """How this extension was built: torch version it was compiled against, whether CUDA
-    kernels were compiled (and for which archs), the compiler, OpenMP, and the CPU vector
-    ISA of the C++ kernels; plus the threads torch uses now."""
+    """How this extension was built, and what this process can use now.
+
+    Built: ``torch_version`` compiled against, ``compiler``, ``openmp`` (the spec version,
+    e.g. "4.5"), ``cpu_isa`` of the C++ kernels, ``cuda`` (whether CUDA kernels were
+    compiled), ``cuda_runtime`` (e.g. "13.0"), ``cuda_archs`` (the arch list given to nvcc,
+    e.g. ["8.0", "9.0+PTX"]). Now: ``gpu_visible`` (torch.cuda.is_available()), ``gpu`` (its
+    name), ``num_threads`` (torch's CPU threads)."""
     import torch
 
-    info = dict(_C.build_info())
-    cuda_info = dict(kv.split("=", 1) for kv in info.pop("cuda_info").split(";") if "=" in kv)
-    info["cuda_archs"] = [a for a in cuda_info.get("archs", "").split(",") if a]
-    info["cuda_runtime"] = cuda_info.get("cuda_runtime")
-    info["num_threads"] = torch.get_num_threads()
-    return info
+    raw = dict(_C.build_info())
+    cuda_info = dict(kv.split("=", 1) for kv in raw.pop("cuda_info").split(";") if "=" in kv)
+    omp = raw.pop("openmp")
+    runtime = cuda_info.get("cuda_runtime")
+    archs = [a for a in raw.pop("cuda_arch_list", "").split(",") if a]
+    if not archs and raw["cuda"]:
+        # A build from before the arch list was recorded: the real archs nvcc reported
+        # (e.g. "800,900"), without knowing about PTX.
+        archs = [f"{int(a) // 10 // 10}.{int(a) // 10 % 10}"
+                 for a in cuda_info.get("archs", "").split(",") if a.isdigit()]
+    gpu_visible = torch.cuda.is_available()
+    return {
+        "torch_version": raw["torch_version"],
+        "compiler": raw["compiler"],
+        "openmp": None if omp is None else _OPENMP_VERSIONS.get(omp, f"date code {omp}"),
+        "cpu_isa": raw["cpu_isa"],
+        "cuda": raw["cuda"],
+        "cuda_runtime": (f"{int(runtime) // 1000}.{int(runtime) % 1000 // 10}"
+                         if runtime and runtime.isdigit() else runtime),
+        "cuda_archs": archs,
+        "gpu_visible": gpu_visible,
+        "gpu": torch.cuda.get_device_name() if gpu_visible else None,
+        "num_threads": torch.get_num_threads(),
+    }
 
 
 __all__ = ["rms_norm", "layer_norm", "fused_add_rms_norm", "fused_add_rms_norm_", "RMSNorm",

@@ -1,50 +1,148 @@
-"""Smoke tests for benchmarks/bench.py and benchmarks/profile.py on a tiny CPU config.
-
-They check that every output is produced and well formed; never timings.
+"""Tests of the benchmark harness: the interleaved timer's order and statistics (exactly, with
+a scripted clock), and smoke runs of bench.py, model_bench.py and cpu_floor.py on tiny CPU
+configurations that check every output is produced and well formed -- never timings.
 """
 import csv
 import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "benchmarks"
 OPS = ("rms_norm", "layer_norm", "fused_add_rms_norm")
 IMPLS = ("ours", "eager", "compile")
 PASSES = ("fwd", "bwd", "fwdbwd")
-COLUMNS = ["device", "op", "impl", "dtype", "pass", "tokens", "hidden", "time_us", "bytes",
-           "gbps", "bw_fraction", "floor_ratio", "speedup_vs_eager", "speedup_vs_compile"]
-NUMERIC = COLUMNS[5:]
+COLUMNS = ["device", "op", "impl", "dtype", "pass", "tokens", "hidden", "time_us", "min_us",
+           "max_us", "q1_us", "q3_us", "spread", "noisy", "rounds", "bytes", "regime", "gbps",
+           "copy_us", "copy_spread", "copy_gbps", "bw_fraction", "floor_ratio",
+           "speedup_vs_eager", "speedup_vs_compile"]
+POSITIVE = ["time_us", "min_us", "max_us", "q1_us", "q3_us", "bytes", "gbps", "copy_us",
+            "copy_gbps", "bw_fraction", "floor_ratio", "speedup_vs_eager"]
+
+
+def _load(name: str):
+    """Import a benchmarks/ module by file (the folder is not a package)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))  # for their `import _common, _timer`
+    spec = importlib.util.spec_from_file_location(f"bench_under_test_{name}",
+                                                  BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run([sys.executable, str(BENCH_DIR / script), *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH_DIR / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
+# ------------------------------------------------------------------------------ timer
+@pytest.fixture(scope="module")
+def timer():
+    return _load("_timer")
 
 
+def test_rotation(timer):
+    names = ["a", "b", "c"]
+    assert [timer.rotation(names, r) for r in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+def test_interleaved_order(timer):
+    """Warm-up calls every impl before any sample; then each round samples every impl
+    once, in the rotated order."""
+    calls, sampled = [], []
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("x", "y", "z")}
+    stats = timer.interleaved(fns, rounds=4, inner=1, warmup_s=0.0, on_call=sampled.append)
+    assert sampled == ["x", "y", "z", "y", "z", "x", "z", "x", "y", "x", "y", "z"]
+    assert {n: s.rounds for n, s in stats.items()} == {"x": 4, "y": 4, "z": 4}
+    assert all(s.inner == 1 for s in stats.values())
+    # the sampled calls are the last 12; before them, warm-up of x, then y, then z
+    warmup = calls[:-12]
+    assert warmup == sorted(warmup) and set(warmup) == {"x", "y", "z"}
+
+
+def test_summarize_math(timer):
+    s = timer.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.median, s.min, s.max, s.q1, s.q3) == (3.0, 1.0, 5.0, 2.0, 4.0)
+    assert s.iqr == 2.0 and s.spread == pytest.approx(2 / 3) and s.noisy
+    s = timer.summarize([1.0, 2.0, 3.0, 4.0])
+    assert (s.q1, s.median, s.q3) == (1.75, 2.5, 3.25)
+    quiet = timer.summarize([10.0, 10.2, 9.9, 10.1, 10.0])
+    assert quiet.median == 10.0 and quiet.spread == pytest.approx(0.1 / 10.0)  # q1 10.0, q3 10.1
+    assert not quiet.noisy
+    d = quiet.to_dict(scale=1e6)
+    assert d["median"] == pytest.approx(1e7) and d["noisy"] is False and "samples" not in d
+    one = timer.summarize([7.0])
+    assert (one.q1, one.median, one.q3, one.spread) == (7.0, 7.0, 7.0, 0.0)
+
+
+class _ScriptedClock:
+    """Returns scripted per-implementation sample times instead of measuring."""
+
+    WARMUP_SAMPLES = 3  # interleaved() takes 3 single-call samples per impl with warmup_s=0
+
+    def __init__(self, script):
+        self.fn_names = {}
+        self.queues = {n: [1.0] * self.WARMUP_SAMPLES + list(v) for n, v in script.items()}
+
+    def sample(self, fn, inner):
+        return self.queues[self.fn_names[fn]].pop(0)
+
+
+def _scripted_run(timer, monkeypatch, script, **kw):
+    clock = _ScriptedClock(script)
+    monkeypatch.setattr(timer, "_clock", lambda device, flush: clock)
+    fns = {}
+    for name in script:
+        fns[name] = lambda: None  # a distinct function object per name
+        clock.fn_names[fns[name]] = name
+    return timer.interleaved(fns, inner=1, warmup_s=0.0, **kw)
+
+
+def test_interleaved_statistics_and_extra_rounds(timer, monkeypatch):
+    # b is noisy after 3 rounds ([1, 3, 5]: IQR/median 2/3) and 4 ([1, 3, 3, 5]: 1/3); after
+    # 5 ([1, 3, 3, 3, 5]: q1 = q3 = 3) it is quiet, so the 6th scripted round is never taken.
+    stats = _scripted_run(timer, monkeypatch,
+                          {"a": [2.0] * 6, "b": [1.0, 3.0, 5.0, 3.0, 3.0, 3.0]},
+                          rounds=3, max_rounds=6)
+    assert stats["a"].samples == [2.0] * 5 and stats["a"].spread == 0.0
+    assert stats["b"].samples == [1.0, 3.0, 5.0, 3.0, 3.0]
+    assert stats["b"].median == 3.0 and stats["b"].min == 1.0 and stats["b"].max == 5.0
+    assert not stats["b"].noisy
+    # a noisy impl that stays noisy stops at max_rounds
+    capped = _scripted_run(timer, monkeypatch, {"a": [1.0, 2.0] * 3, "b": [2.0] * 6},
+                           rounds=3, max_rounds=4)
+    assert capped["a"].rounds == 4 and capped["a"].noisy
+    quiet = _scripted_run(timer, monkeypatch, {"a": [2.0] * 6, "b": [3.0] * 6},
+                          rounds=3, max_rounds=6)
+    assert quiet["a"].rounds == 3 and quiet["b"].rounds == 3
+
+
+def test_calibrated_inner_targets_sample_time(timer):
+    stats = timer.interleaved({"noop": lambda: None}, rounds=2, target_sample_s=0.002,
+                              warmup_s=0.0)
+    assert stats["noop"].inner > 1  # a no-op is far faster than 2 ms: batched
+
+
+# ------------------------------------------------------------------------------ bench.py
 def _bench(out: Path, ops, impls, *extra: str) -> str:
-    return _run("bench.py", "--device", "cpu", "--shape", "8x256", "--dtype", "float32",
-                "--op", ",".join(ops), "--impl", ",".join(impls), "--min-run-time", "0.01",
-                "--copy-mib", "32", "--out", str(out), *extra).stdout
+    return _run("bench.py", "--device", "cpu", "--shape", "8x256,16x512", "--dtype", "float32",
+                "--op", ",".join(ops), "--impl", ",".join(impls), "--rounds", "3",
+                "--max-rounds", "3", "--sample-ms", "1", "--out", str(out), *extra).stdout
 
 
 def _read_csv(path: Path):
@@ -62,22 +160,41 @@ def bench_out(tmp_path_factory):
 
 
 def _check_rows(rows, ops, impls, with_compile):
-    assert {(r["op"], r["impl"], r["pass"]) for r in rows} == {
-        (o, i, p) for o in ops for i in impls for p in PASSES}
+    shapes = {("8", "256"), ("16", "512")}
+    assert {(r["op"], r["impl"], r["pass"], r["tokens"], r["hidden"]) for r in rows} == {
+        (o, i, p, *s) for o in ops for i in impls for p in PASSES for s in shapes}
     for row in rows:
         assert row["device"] == "cpu" and row["dtype"] == "float32"
-        assert (row["tokens"], row["hidden"]) == ("8", "256")
-        for col in NUMERIC if with_compile else NUMERIC[:-1]:
+        assert row["regime"] in ("cache", "DRAM", "?")
+        assert row["noisy"] in ("True", "False")
+        assert row["rounds"] == "3"
+        for col in POSITIVE + (["speedup_vs_compile"] if with_compile else []):
             value = float(row[col])
             assert math.isfinite(value) and value > 0, (col, row)
+        assert float(row["min_us"]) <= float(row["q1_us"]) <= float(row["time_us"]) \
+            <= float(row["q3_us"]) <= float(row["max_us"])
+        assert float(row["spread"]) == pytest.approx(
+            (float(row["q3_us"]) - float(row["q1_us"])) / float(row["time_us"]), rel=1e-6)
+        assert (row["noisy"] == "True") == (float(row["spread"]) > 0.10)
+        # %BW and floor× both come from the copy timed in the same rounds
+        assert float(row["floor_ratio"]) == pytest.approx(
+            float(row["time_us"]) / float(row["copy_us"]), rel=1e-6)
+        assert float(row["bw_fraction"]) * float(row["floor_ratio"]) == pytest.approx(1.0)
         if not with_compile:
             assert row["speedup_vs_compile"] == ""  # no baseline: left empty, not NaN
+    # the copy floor has the bytes of its own row: same op/pass/shape -> same copy
+    by_case = {}
+    for row in rows:
+        by_case.setdefault((row["op"], row["pass"], row["tokens"]), set()).add(row["copy_us"])
+    assert all(len(v) == 1 for v in by_case.values())
 
 
 def test_bench_csv(bench_out):
     out, stdout = bench_out
     _check_rows(_read_csv(out / "results.csv"), OPS, ("ours", "eager"), with_compile=False)
-    assert "ours µs" in stdout and "fused_add_rms_norm" in stdout  # the terminal table
+    assert "ours µs" in stdout and "copy µs" in stdout and "regime" in stdout
+    assert "fused_add_rms_norm" in stdout
+    assert re.search(r"\d ±\d+%", stdout)  # medians are shown with their spread
 
 
 def test_bench_with_compile(tmp_path):
@@ -87,22 +204,37 @@ def test_bench_with_compile(tmp_path):
     assert not (tmp_path / "plots").exists()
 
 
-def test_bench_json(bench_out):
+def test_bench_json_and_markdown(bench_out):
     out, _ = bench_out
     data = json.loads((out / "results.json").read_text())
     machine = data["machine"]
     for key in ("cpu_model", "cpu_threads", "torch_version", "rmsnorm_ext_build",
-                "git_commit", "date"):
+                "git_commit", "date", "llc_bytes", "cpu_caches"):
         assert key in machine
-    assert data["copy_bandwidth_gbps"] > 0
+    assert data["config"]["timer"]["rounds"] == 3
     assert data["columns"] == COLUMNS
-    assert len(data["results"]) == len(OPS) * 2 * len(PASSES)
+    assert len(data["results"]) == len(OPS) * 2 * len(PASSES) * 2
     for row in data["results"]:
         assert set(row) == set(COLUMNS)
         assert row["speedup_vs_compile"] is None
-        assert all(isinstance(row[c], (int, float)) and math.isfinite(row[c])
-                   for c in NUMERIC[:-1])
-    assert "| op |" in (out / "results.md").read_text()
+        assert isinstance(row["noisy"], bool)
+        assert all(isinstance(row[c], (int, float)) and math.isfinite(row[c]) for c in POSITIVE)
+    md = (out / "results.md").read_text()
+    assert "| op |" in md and "commit" in md and "spread" in md
+    # the README block regen_cpu_results.py writes from these results: this sweep lacks
+    # 4096x4096, so each op's largest shape stands in
+    table = _load("regen_cpu_results").headline_table(data)
+    assert len(table.splitlines()) == 2 + 2 * len(OPS) and "16×512" in table
+
+
+def test_regen_replaces_only_the_marked_readme_block(tmp_path, monkeypatch):
+    regen = _load("regen_cpu_results")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{regen.BEGIN}\nold numbers\n{regen.END}\noutro\n")
+    monkeypatch.setattr(regen, "README", readme)
+    regen.update_readme("new numbers")
+    assert readme.read_text() == f"intro\n{regen.BEGIN}\nnew numbers\n{regen.END}\noutro\n"
+    assert regen.BEGIN in (ROOT / "README.md").read_text()  # the real README has the markers
 
 
 def test_bench_plots(bench_out):
@@ -118,34 +250,139 @@ def test_bench_plots(bench_out):
 
 def test_bench_configs():
     """The default sweeps, --quick and the filters select the cases documented."""
-    bench = _load_bench()
+    bench = _load("bench")
 
-    def cases(*argv):
-        return bench.config_from_args(bench.parse_args(["--device", "cpu", *argv])).cases()
+    def cfg(*argv):
+        return bench.config_from_args(bench.parse_args(["--device", "cpu", *argv]))
 
-    quick = cases("--quick")
-    assert len(quick) == len(OPS) and all(c.tokens * c.hidden == 1024 * 4096 for c in quick)
-    default = cases()
+    quick = cfg("--quick").cases()
+    for op in OPS:  # several hidden sizes per op, so the quick plots are lines
+        hidden = {c.hidden for c in quick if c.op == op and c.tokens > 1}
+        assert len(hidden) >= 3, (op, hidden)
+    default = cfg().cases()
     assert {(c.tokens, c.hidden) for c in default} >= {(4096, 4096), (1, 4096)}
     assert {c.dtype for c in default} == {"float32", "bfloat16"}
-    picked = cases("--op", "layer_norm", "--dtype", "bfloat16", "--shape", "2x64,1x128")
+    picked = cfg("--op", "layer_norm", "--dtype", "bfloat16", "--shape", "2x64,1x128").cases()
     assert [(c.op, c.dtype, c.tokens, c.hidden) for c in picked] == [
         ("layer_norm", "bfloat16", 2, 64), ("layer_norm", "bfloat16", 1, 128)]
     assert bench.bytes_moved("rms_norm", "fwdbwd", 2, 8, 4) == (2 * 64 + 32) + (3 * 64 + 64)
+    assert cfg("--quick").rounds < cfg().rounds
 
 
-def test_profile(tmp_path):
-    proc = _run("profile.py", "--device", "cpu", "--seq", "16", "--hidden", "128",
-                "--heads", "2", "--iters", "1", "--min-run-time", "0.01", "--out", str(tmp_path))
-    summary = json.loads((tmp_path / "profile_summary.json").read_text())
-    native, ours = summary["runs"]
-    assert (native["label"], ours["label"]) == ("native", "rmsnorm_ext")
-    for run in (native, ours):
-        assert math.isfinite(run["block_time_us"]) and run["block_time_us"] > 0
-        trace = json.loads(Path(run["trace"]).read_text())
-        assert trace["traceEvents"]
-    assert {"rmsnorm_ext::rms_norm_fwd", "rmsnorm_ext::rms_norm_bwd"} <= set(ours["norm_ops"])
-    assert ours["norm_ops"]["rmsnorm_ext::rms_norm_fwd"]["calls_per_iter"] == 2
-    assert not any(k.startswith("rmsnorm_ext::") for k in native["norm_ops"])
-    assert "rmsnorm_ext::rms_norm_fwd" in (tmp_path / "trace_rmsnorm_ext.json").read_text()
-    assert "rmsnorm_ext::rms_norm_fwd" in proc.stdout  # the printed profiler table
+def test_regime():
+    bench = _load("bench")
+    cpu = torch.device("cpu")
+    assert bench.regime(2**20, cpu, 32 * 2**20) == "cache"
+    assert bench.regime(64 * 2**20, cpu, 32 * 2**20) == "DRAM"
+    assert bench.regime(2**20, cpu, 0) == "?"
+
+
+def test_default_output_is_fresh_and_ignored():
+    """Without --out/--save-results, every run gets a new folder that git ignores; only
+    --save-results writes into the committed benchmarks/results/."""
+    common = _load("_common")
+    cpu = torch.device("cpu")
+    args = Namespace(out=None, save_results=False)
+    path = common.out_dir(args, cpu, what="bench")
+    assert path.parent == common.OUT_ROOT and not path.exists()
+    path.mkdir(parents=True)
+    try:
+        again = common.out_dir(args, cpu, what="bench")
+        assert again != path and not again.exists()
+    finally:
+        path.rmdir()
+    assert common.out_dir(Namespace(out=None, save_results=True), cpu) == \
+        common.RESULTS_ROOT / "cpu"
+    if (ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(path / "results.csv")],
+                                 cwd=ROOT)
+        assert ignored.returncode == 0, "benchmarks/out/ must be git-ignored"
+
+
+def test_cpu_floor(tmp_path):
+    out = tmp_path / "floor.json"
+    _run("cpu_floor.py", "--shape", "16x256", "--dtypes", "float32", "--rounds", "3",
+         "--sample-ms", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    ratios = report["ratios"]["float32"]
+    assert {"ours rms fwd", "ours rms fwdbwd", "native ln fwd"} <= set(ratios)
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    assert set(report["latency_us"]) == {"ours rms_norm", "native F.rms_norm",
+                                        "ours layer_norm", "native F.layer_norm"}
+    table = _load("regen_cpu_results").floor_table(report)
+    assert "| fp32 forward |" in table and "| fp32 forward+backward |" in table
+
+
+def test_gpu_check_entry_points_exist():
+    """gpu_check.sh must not call a script that was renamed or removed."""
+    text = (BENCH_DIR / "gpu_check.sh").read_text()
+    scripts = set(re.findall(r"(benchmarks/[\w/]+\.py|tests/[\w/]+\.py)", text))
+    assert scripts
+    for script in scripts:
+        assert (ROOT / script).exists(), script
+
+
+# ------------------------------------------------------------------------ model_bench.py
+MODEL_ARGS = ("--device", "cpu", "--hidden", "64", "--heads", "2", "--layers", "2", "--seq", "16",
+              "--dtype", "float32", "--rounds", "2", "--max-rounds", "2")
+
+
+def test_norm_attribution_counts_only_norms():
+    """The profiler attribution finds every norm on both sides, forward and backward, and
+    nothing else (no matmul, attention or residual add leaks in)."""
+    mb = _load("model_bench")
+    args, device = mb.parse_args([*MODEL_ARGS, "--out", "/dev/null/unused"])
+    models = mb.build_models(args, torch.float32, device)
+    n_norms = 2 * args.layers + 1
+    for side in mb.SIDES:
+        fn = mb.make_step(models[side], "train", "eager", args, torch.float32, device)
+        fn()
+        t = mb.profile_side(fn, 2, device, None)
+        assert t.calls_fwd == n_norms, side
+        assert t.calls_bwd >= n_norms, side  # native: several autograd nodes per norm
+        assert 0 < t.fwd_us and 0 < t.bwd_us and 0 < t.share < 1, side
+        leaked = [k for k in t.by_op
+                  if re.search(r"mm|linear|scaled_dot|attention|silu|Addmm|MmBackward", k)]
+        assert not leaked, (side, leaked)
+        if side == "ours":
+            assert any("rmsnorm_ext::rms_norm_bwd" in k for k in t.by_op)
+            # the engine's summing of the residual stream's gradient is not norm work
+            assert not any(k.startswith("bwd: aten::add") for k in t.by_op), t.by_op
+        else:
+            assert any("aten::rms_norm" in k for k in t.by_op)
+            assert not any("rmsnorm_ext" in k for k in t.by_op)
+
+
+def test_model_bench(tmp_path):
+    proc = _run("model_bench.py", *MODEL_ARGS, "--mode", "eager", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "model_bench.json").read_text())
+    rows = data["results"]
+    assert [(r["mode"], r["step"]) for r in rows] == [("eager", "train"), ("eager", "infer")]
+    for r in rows:
+        assert r["native_ms"] > 0 and r["ours_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["native_ms"] / r["ours_ms"])
+        for side in ("native", "ours"):
+            assert 0 < r[f"{side}_norm_share"] < 1
+            assert r[f"{side}_norm_ms"] == pytest.approx(
+                r[f"{side}_norm_fwd_ms"] + r[f"{side}_norm_bwd_ms"])
+        if r["step"] == "train":
+            assert r["native_norm_bwd_ms"] > 0 and r["ours_norm_bwd_ms"] > 0
+        else:
+            assert r["native_norm_bwd_ms"] == 0 and r["ours_norm_bwd_ms"] == 0
+    assert "commit" in (tmp_path / "model_bench.md").read_text()
+    assert (tmp_path / "model_bench.csv").read_text().startswith("dtype,mode,step,")
+    trace = tmp_path / "traces" / "fp32_eager_train_ours.json"
+    assert "rmsnorm_ext::rms_norm_fwd" in trace.read_text()
+    assert json.loads((tmp_path / "traces" / "fp32_eager_train_native.json").read_text())
+    assert "aten::rms_norm" in proc.stdout  # the side-by-side profiler table
+
+
+def test_model_bench_compile(tmp_path):
+    """Under torch.compile our norms stay attributable; torch's are fused ("fused")."""
+    _run("model_bench.py", *MODEL_ARGS, "--mode", "compile", "--step", "train", "--no-traces",
+         "--out", str(tmp_path))
+    (row,) = json.loads((tmp_path / "model_bench.json").read_text())["results"]
+    assert row["ours_norm_fwd_ms"] > 0 and row["ours_norm_bwd_ms"] > 0
+    assert row["native_norm_ms"] is None
+    assert "fused" in (tmp_path / "model_bench.md").read_text()
+    assert not (tmp_path / "traces").exists()

@@ -1,0 +1,66 @@
+// `_C.build_info()`: what this binary was really built with (not what setup.py meant to
+// build). rmsnorm_ext.build_info() turns these raw facts into readable ones.
+//
+// Lives apart from ops.cpp (the op schemas) so that build facts and the op library change
+// independently; ops.cpp's module definition takes its method table from here.
+#include <Python.h>
+#include <torch/version.h>
+
+#include <string>
+
+#ifdef RMSNORM_EXT_WITH_CUDA
+namespace rmsnorm_ext {
+std::string cuda_build_info();  // csrc/cuda/build_info.cu
+}
+#endif
+
+#ifndef RMSNORM_EXT_CPU_ISA
+#define RMSNORM_EXT_CPU_ISA "default"
+#endif
+// The CUDA arch list as setup.py handed it to nvcc (e.g. "8.0,9.0+PTX"): __CUDA_ARCH_LIST__
+// (see build_info.cu) names only the real architectures, not whether PTX was embedded.
+#ifndef RMSNORM_EXT_CUDA_ARCHS
+#define RMSNORM_EXT_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (!d) return nullptr;
+  auto put = [&](const char* k, PyObject* v) {
+    PyDict_SetItemString(d, k, v);
+    Py_DECREF(v);
+  };
+  put("torch_version", PyUnicode_FromString(TORCH_VERSION));
+#if defined(__clang__)
+  put("compiler", PyUnicode_FromString("clang " __clang_version__));
+#elif defined(__GNUC__)
+  put("compiler", PyUnicode_FromString("gcc " __VERSION__));
+#else
+  put("compiler", PyUnicode_FromString("unknown"));
+#endif
+#ifdef _OPENMP
+  put("openmp", PyLong_FromLong(_OPENMP));  // the spec's date code, e.g. 201511
+#else
+  put("openmp", Py_NewRef(Py_None));
+#endif
+  put("cpu_isa", PyUnicode_FromString(RMSNORM_EXT_CPU_ISA));
+#ifdef RMSNORM_EXT_WITH_CUDA
+  put("cuda", Py_NewRef(Py_True));
+  put("cuda_info", PyUnicode_FromString(rmsnorm_ext::cuda_build_info().c_str()));
+  put("cuda_arch_list", PyUnicode_FromString(RMSNORM_EXT_CUDA_ARCHS));
+#else
+  put("cuda", Py_NewRef(Py_False));
+  put("cuda_info", PyUnicode_FromString(""));
+  put("cuda_arch_list", PyUnicode_FromString(""));
+#endif
+  return d;
+}
+
+}  // namespace
+
+// The `_C` module's methods; ops.cpp's PyInit__C uses this table.
+PyMethodDef rmsnorm_ext_module_methods[] = {
+    {"build_info", build_info, METH_NOARGS, "Facts about how this extension was compiled."},
+    {nullptr, nullptr, 0, nullptr}};
