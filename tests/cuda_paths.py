@@ -191,6 +191,45 @@ def check_ln(M, N, dt, wdt, aligned=True, has_w=True, has_b=True, shift=0.0):
               torch.cat([dw.double().flatten(), db.double().flatten()]), pdt, exact=True)
 
 
+def check_quant(M, N, dt, kind, qdt, mode, aligned=True):
+    """The norm + quantize kernels against the CPU kernels (which tests/test_quant.py holds
+    to float64): scales within fp32 rounding, dequantized outputs within one quantization
+    step. On --device cpu this compares the CPU kernels with themselves."""
+    name = f"quant {kind} M={M} N={N} {tag(dt)} {tag(qdt)} {mode} al={aligned}"
+    x, r = make(M, N, dt, aligned), make(M, N, dt, aligned)
+    w = param(N, torch.float32, 1.0)
+    b = param(N, torch.float32)
+    scale = torch.tensor([0.02], device=DEV) if mode == "static" else None
+    group = 64 if mode == "group" else None
+
+    def run(dev):
+        to = (lambda t: None if t is None else t.to(dev))  # noqa: E731
+        kw = dict(scale=to(scale), quant_dtype=qdt, group_size=group)
+        with torch.no_grad():
+            if kind == "rms":
+                return rmsnorm_ext.rms_norm_quant(to(x), (N,), to(w), 1e-6, **kw)
+            if kind == "fused":
+                return rmsnorm_ext.fused_add_rms_norm_quant(to(x), to(r), (N,), to(w), 1e-6,
+                                                            **kw)[:2]
+            return rmsnorm_ext.layer_norm_quant(to(x), (N,), to(w), to(b), 1e-5, **kw)
+
+    (q, s), (q_ref, s_ref) = run(DEV), run("cpu")
+    check(name + " scales", s, s_ref, torch.float32)
+    # One quantization step of the output format at each reference value: 1 for int8; for
+    # fp8 the spacing of the binade (2^-mantissa of the value), at least the subnormal one.
+    dq, qr = q.cpu().double(), q_ref.double()
+    if qdt == torch.int8:
+        step = torch.ones_like(qr)
+    else:
+        mant, sub = (3, 2.0 ** -9) if qdt == torch.float8_e4m3fn else (2, 2.0 ** -16)
+        step = (qr.abs() * 2.0 ** -mant).clamp_min(sub)
+    global checks
+    checks += 1
+    err = ((dq - qr).abs() / step).max().item() if qr.numel() else 0.0
+    if not err <= 1.0:
+        failures.append(f"{name}: outputs {err:.3g} quantization steps apart")
+
+
 def check_empty():
     for dt in (torch.float32, torch.bfloat16):
         x = torch.empty(0, 3, 64, device=DEV, dtype=dt)
@@ -272,6 +311,18 @@ def run_all(device="cuda", quick=False, verbose_=False):
         check_ln(4096, 256, dt, dt)
     check_ln(64, 4096, f32, f32, shift=1e3)           # stable variance with a large mean
     check_ln(3, 16384, bf, bf)                        # bwd: shared accumulators too big -> re-read
+
+    # Norm + quantize: each norm kind, register and re-reading rows, aligned or not, every
+    # quant dtype and scale mode.
+    qdts = (torch.float8_e4m3fn, torch.int8) if quick else (
+        torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
+    for kind in ("rms", "fused", "ln"):
+        for qdt in qdts:
+            for mode in ("static", "token", "group"):
+                check_quant(33, 1024, bf, kind, qdt, mode)
+            check_quant(3, 24576, bf, kind, qdt, "token")
+        check_quant(7, 1088, f32, kind, torch.float8_e4m3fn, "group", aligned=False)
+        check_quant(5, 4096, hf, kind, torch.int8, "token", aligned=False)
 
     check_empty()
     if DEV == "cuda":
