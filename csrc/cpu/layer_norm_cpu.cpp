@@ -45,8 +45,11 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
       rstd_out[i] = rstd;
       const V vr(rstd);
       V wa, wb;
+      // The next row is prefetched while this one is written (as rms_norm's row_scale).
+      const T* next = i + 1 < re ? xr + N : nullptr;
       for (int64_t j = 0; j < N; j += S) {
         const int64_t n = std::min(S, N - j);
+        prefetch_step<T, S>(next, j);
         load_step(xr, j, n, a, b);
         a = (a - vm) * vr;
         b = (b - vm) * vr;

@@ -31,12 +31,8 @@ void row_scale(const T* x, const acc_t<T>* w, acc_t<T> rstd, int64_t N, Y* y,
   const V r(rstd);
   V a, b, wa, wb;
   int64_t j = 0;
-  const char* pf = static_cast<const char*>(next);
-  constexpr int64_t kStepBytes = IO::kStep * static_cast<int64_t>(sizeof(T));
   for (; j + IO::kStep <= N; j += IO::kStep) {
-    if (pf) {
-      for (int64_t o = 0; o < kStepBytes; o += 64) __builtin_prefetch(pf + j * sizeof(T) + o, 0, 3);
-    }
+    prefetch_step<T, IO::kStep>(next, j);
     IO::load(x + j, a, b);
     a = a * r;
     b = b * r;
