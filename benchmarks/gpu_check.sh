@@ -56,7 +56,7 @@ if want sanitize; then
   for tool in memcheck racecheck initcheck synccheck; do
     stage "compute-sanitizer $tool"
     timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      python3 benchmarks/cuda_paths.py --quick > "$OUT_DIR/sanitize_$tool.txt" 2>&1
+      python3 tests/cuda_paths.py --quick > "$OUT_DIR/sanitize_$tool.txt" 2>&1
     rc=$?
     tail -4 "$OUT_DIR/sanitize_$tool.txt"
     [ $rc -eq 0 ] || { echo "SANITIZER $tool FAILED (rc=$rc)"; status=1; }
