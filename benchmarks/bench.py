@@ -4,6 +4,14 @@
     python benchmarks/bench.py                 # default sweep for the device (cuda if available)
     python benchmarks/bench.py --quick         # a few shapes, fp32: about two minutes on 2 cores
     python benchmarks/bench.py --op rms_norm --dtype bfloat16 --shape 4096x4096 --pass fwd
+    python benchmarks/bench.py --op rms_norm_quant,fused_add_rms_norm_quant,layer_norm_quant \
+        --quant fp8-token,int8-static --dtype bfloat16 --shape 256x4096
+
+Norm + quantize ops (opt-in with --op; forward only, they are inference ops) are compared with
+the composite a user writes today -- the norm in fp32 (F.rms_norm / F.layer_norm, after
+h = x + r for the fused op), a per-token / per-group absmax scale (or the static one), divide,
+clamp, .to(quant_dtype) -- eager and under torch.compile. --quant picks the output dtype and
+scale mode(s): fp8 (float8_e4m3fn) or int8, static, per token or per group of 128.
 
 Timing: every implementation of one (op, dtype, shape, pass) -- and a copy of the same number
 of bytes -- is timed in interleaved rounds by benchmarks/_timer.py; each row is the median of
@@ -38,7 +46,9 @@ import _timer
 
 import rmsnorm_ext
 
-OPS = ("rms_norm", "layer_norm", "fused_add_rms_norm")
+OPS = ("rms_norm", "layer_norm", "fused_add_rms_norm")  # the default --op
+QUANT_OPS = ("rms_norm_quant", "fused_add_rms_norm_quant", "layer_norm_quant")  # fwd only
+ALL_OPS = OPS + QUANT_OPS
 PASSES = ("fwd", "bwd", "fwdbwd")
 IMPLS = ("ours", "eager", "compile", "liger", "apex")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,6 +56,16 @@ DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 HIDDEN = (768, 1024, 2048, 4096, 5120, 8192, 16384, 5125)  # 5125: odd, no vector alignment
 RMS_EPS = 1e-6
 LN_EPS = 1e-5
+# --quant: "<output dtype>-<scale mode>". static: one given scale (STATIC_SCALE); token: one
+# dynamic scale per row; group128: one per 128 consecutive elements of a row.
+QUANT_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+QUANT_SCALES = ("static", "token", "group128")
+QUANT_MODES = tuple(f"{q}-{m}" for q in QUANT_DTYPES for m in QUANT_SCALES)
+DEFAULT_QUANT = ("fp8-token",)
+QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+QMIN = {torch.float8_e4m3fn: -448.0, torch.int8: -128.0}
+MIN_SCALE = {torch.float8_e4m3fn: 1.0 / (448.0 * 512.0), torch.int8: torch.finfo(torch.float32).eps}
+STATIC_SCALE = 0.02
 
 Shape = Tuple[int, int]  # (tokens, hidden)
 
@@ -85,11 +105,26 @@ TIMING = {"default": (9, 15, 0.03), "quick": (7, 9, 0.01)}
 
 @dataclass(frozen=True)
 class Case:
-    """One (op, dtype, shape): inputs are built once and shared by every impl and pass."""
+    """One (op, dtype, shape[, quant mode]): inputs are built once and shared by every impl
+    and pass."""
     op: str
     dtype: str
     tokens: int
     hidden: int
+    quant: str = ""  # a QUANT_MODES entry for the quant ops, else ""
+
+    def passes(self, passes: Sequence[str]) -> Tuple[str, ...]:
+        """The passes of ``passes`` this case has: the quant ops are forward only."""
+        return tuple(p for p in passes if p == "fwd" or self.op not in QUANT_OPS)
+
+    @property
+    def label(self) -> str:
+        return self.op + (f" {self.quant}" if self.quant else "")
+
+
+# --quick also times one norm + quantize case (one shape: a torch.compile build per case).
+QUICK_QUANT = {"cuda": Case("rms_norm_quant", "bfloat16", 4096, 4096, "fp8-token"),
+               "cpu": Case("rms_norm_quant", "float32", 512, 4096, "fp8-token")}
 
 
 @dataclass
@@ -101,6 +136,7 @@ class Result:
     op: str
     impl: str
     dtype: str
+    quant: str  # the quant ops' --quant mode, "" for the others
     pass_: str
     tokens: int
     hidden: int
@@ -162,11 +198,67 @@ EAGER = {"rms_norm": _eager_rms, "layer_norm": _eager_ln, "fused_add_rms_norm": 
 OURS = {"rms_norm": _ours_rms, "layer_norm": _ours_ln, "fused_add_rms_norm": _ours_fused}
 
 
-def _compiled(op: str) -> Callable:
+def parse_quant(mode: str) -> Tuple[torch.dtype, Optional[int], bool]:
+    """"fp8-group128" -> (quant_dtype, group_size, static)."""
+    qname, scale = mode.split("-", 1)
+    group = int(scale[len("group"):]) if scale.startswith("group") else None
+    return QUANT_DTYPES[qname], group, scale == "static"
+
+
+def _quantize_composite(y: torch.Tensor, mode: str, scale: torch.Tensor):
+    """What a user writes today after the norm: the scale(s) (static, or per row / group from
+    the fp32 output's absmax, with the ops' min_scale), then divide, clamp and convert."""
+    qd, group, static = parse_quant(mode)
+    yg = y if group is None else y.unflatten(-1, (-1, group))
+    if static:
+        s = scale
+    else:
+        s = (yg.abs().amax(-1, keepdim=True) / QMAX[qd]).clamp(min=MIN_SCALE[qd])
+    z = (yg / s).clamp(QMIN[qd], QMAX[qd])
+    if qd == torch.int8:
+        z = z.round()  # half to even, as the kernel
+    q = z.to(qd)
+    if group is not None:
+        q, s = q.flatten(-2), s.squeeze(-1)
+    return q, s
+
+
+def quant_fns(op: str, mode: str, device: torch.device) -> Tuple[Callable, Callable]:
+    """(ours, eager composite) of a norm + quantize op in one --quant mode, with the argument
+    order of the unquantized op (x, w / x, w, b / x, r, w); a static scale is built here."""
+    qd, group, static = parse_quant(mode)
+    scale = torch.tensor([STATIC_SCALE], dtype=torch.float32, device=device)
+    kw = dict(scale=scale if static else None, quant_dtype=qd, group_size=group)
+    if op == "rms_norm_quant":
+        def ours(x, w):
+            return rmsnorm_ext.rms_norm_quant(x, (x.shape[-1],), w, RMS_EPS, **kw)
+
+        def eager(x, w):
+            y = F.rms_norm(x.float(), (x.shape[-1],), w.float(), RMS_EPS)
+            return _quantize_composite(y, mode, scale)
+    elif op == "fused_add_rms_norm_quant":
+        def ours(x, r, w):
+            return rmsnorm_ext.fused_add_rms_norm_quant(x, r, (x.shape[-1],), w, RMS_EPS, **kw)
+
+        def eager(x, r, w):
+            h = x + r
+            y = F.rms_norm(h.float(), (h.shape[-1],), w.float(), RMS_EPS)
+            return (*_quantize_composite(y, mode, scale), h)
+    else:
+        def ours(x, w, b):
+            return rmsnorm_ext.layer_norm_quant(x, (x.shape[-1],), w, b, LN_EPS, **kw)
+
+        def eager(x, w, b):
+            y = F.layer_norm(x.float(), (x.shape[-1],), w.float(), b.float(), LN_EPS)
+            return _quantize_composite(y, mode, scale)
+    return ours, eager
+
+
+def _compiled(fn: Callable) -> Callable:
     # A fresh Dynamo state per case: no recompile-limit fallbacks, no guard chains from
     # earlier shapes. Shapes are static (dynamic=False), as a deployed model would be.
     torch.compiler.reset()
-    return torch.compile(EAGER[op], dynamic=False)
+    return torch.compile(fn, dynamic=False)
 
 
 def _liger(op: str) -> Optional[Callable]:
@@ -202,15 +294,21 @@ def _apex(op: str) -> Optional[Callable]:
     return None  # no fused add+norm in Apex
 
 
-def build_impl(impl: str, op: str, device: torch.device) -> Optional[Callable]:
-    """The function computing ``op`` with ``impl``, or None when it does not apply here.
-    Raises ImportError when a third-party package is missing."""
+def build_impl(impl: str, op: str, device: torch.device, quant: str = "") -> Optional[Callable]:
+    """The function computing ``op`` (in ``quant`` mode for the quant ops) with ``impl``, or
+    None when it does not apply here. Raises ImportError when a third-party package is
+    missing."""
+    if op in QUANT_OPS:
+        if impl not in ("ours", "eager", "compile"):
+            return None  # no Liger / Apex norm + quantize
+        ours, eager = quant_fns(op, quant, device)
+        return {"ours": ours, "eager": eager}.get(impl) or _compiled(eager)
     if impl == "ours":
         return OURS[op]
     if impl == "eager":
         return EAGER[op]
     if impl == "compile":
-        return _compiled(op)
+        return _compiled(EAGER[op])
     if device.type != "cuda":
         return None  # Liger (Triton) and Apex are GPU-only
     return _liger(op) if impl == "liger" else _apex(op)
@@ -237,19 +335,39 @@ def make_inputs(case: Case, device: torch.device) -> List[torch.Tensor]:
     act = (case.tokens, case.hidden)
     x = rand(*act)
     w = rand(case.hidden, scale=0.1, shift=1.0)
-    if case.op == "rms_norm":
+    if case.op in ("rms_norm", "rms_norm_quant"):
         return [x, w]
-    if case.op == "layer_norm":
+    if case.op in ("layer_norm", "layer_norm_quant"):
         return [x, w, rand(case.hidden, scale=0.1)]
     return [x, rand(*act), w]
 
 
-def bytes_moved(op: str, pass_: str, tokens: int, hidden: int, elem: int) -> int:
+def quant_bytes(op: str, tokens: int, hidden: int, elem: int, quant: str) -> int:
+    """Bytes a perfect norm + quantize kernel moves: the input read, 1 byte per output
+    element written, the parameters read, the fp32 scales (dynamic: written, one per row or
+    group; static: the scale read and its copy written); for the fused op also the residual
+    read and residual_out written (in the input dtype here)."""
+    _, group, static = parse_quant(quant)
+    act, par = tokens * hidden * elem, hidden * elem
+    n_scales = 2 if static else tokens * (1 if group is None else hidden // group)
+    total = act + tokens * hidden + 4 * n_scales
+    if op == "fused_add_rms_norm_quant":
+        return total + 2 * act + par
+    return total + (2 * par if op == "layer_norm_quant" else par)
+
+
+def bytes_moved(op: str, pass_: str, tokens: int, hidden: int, elem: int,
+                quant: str = "") -> int:
     """Bytes a perfect kernel must move (per-row statistics are ignored: O(tokens)).
 
     fwd:  rms x->y (+w); layer x->y (+w, b); fused x, r -> y, h (+w)
     bwd:  rms/layer x, dy -> dx (+ read w, write dw [, db]); fused h, dy, dh -> dx (+w, dw)
+    quant ops (fwd only): see quant_bytes
     """
+    if op in QUANT_OPS:
+        if pass_ != "fwd":
+            raise ValueError(f"{op} is inference only: no {pass_} pass")
+        return quant_bytes(op, tokens, hidden, elem, quant)
     act, par = tokens * hidden * elem, hidden * elem
     fwd = {"rms_norm": 2 * act + par, "layer_norm": 2 * act + 2 * par,
            "fused_add_rms_norm": 4 * act + par}[op]
@@ -303,18 +421,24 @@ class Config:
     sample_s: float
     out: Path
     llc_bytes: int = 0
+    quant: Tuple[str, ...] = DEFAULT_QUANT
+    extra_cases: Tuple[Case, ...] = ()  # appended to the sweep (--quick's quant case)
+    name: str = "results"  # output files: <name>.csv, <name>.json, <name>.md
 
     def cases(self) -> List[Case]:
         seen, cases = set(), []
         for sweep in self.sweeps:
             for dtype in sweep.dtypes:
                 for op in self.ops:
-                    for tokens, hidden in sweep.shapes:
-                        case = Case(op, dtype, tokens, hidden)
-                        if case not in seen:
-                            seen.add(case)
-                            cases.append(case)
-        return cases
+                    for quant in (self.quant if op in QUANT_OPS else ("",)):
+                        for tokens, hidden in sweep.shapes:
+                            case = Case(op, dtype, tokens, hidden, quant)
+                            if case not in seen:
+                                seen.add(case)
+                                cases.append(case)
+        cases += [c for c in self.extra_cases if c not in seen]
+        # the quant ops have no backward: without "fwd" in --pass they have nothing to run
+        return [c for c in cases if c.passes(self.passes)]
 
 
 class Progress:
@@ -357,21 +481,22 @@ def regime(nbytes: int, device: torch.device, llc: int) -> str:
 def run_case(case: Case, cfg: Config, progress: Progress, skipped: List[dict]) -> List[Result]:
     inputs = make_inputs(case, cfg.device)
     elem = DTYPES[case.dtype].itemsize
-    label = f"{case.op} {DTYPE_SHORT[case.dtype]} {case.tokens}x{case.hidden}"
+    label = f"{case.label} {DTYPE_SHORT[case.dtype]} {case.tokens}x{case.hidden}"
+    passes = case.passes(cfg.passes)
     fns: Dict[str, Optional[Callable]] = {}
     for impl in cfg.impls:
         try:
-            fns[impl] = build_impl(impl, case.op, cfg.device)
+            fns[impl] = build_impl(impl, case.op, cfg.device, case.quant)
             why = "not applicable"
         except Exception as e:  # noqa: BLE001 - a missing/broken third-party impl is a skip
             fns[impl], why = None, f"{type(e).__name__}: {e}"
         if fns[impl] is None:
             skipped += [dict(dataclasses.asdict(case), impl=impl, pass_=p, why=why)
-                        for p in cfg.passes]
+                        for p in passes]
     results = []
-    for pass_ in cfg.passes:
+    for pass_ in passes:
         progress.step(f"{label} {pass_}")
-        nbytes = bytes_moved(case.op, pass_, case.tokens, case.hidden, elem)
+        nbytes = bytes_moved(case.op, pass_, case.tokens, case.hidden, elem, case.quant)
         runners = {"copy": copy_runner(nbytes, cfg.device)}
         for impl, fn in fns.items():
             if fn is None:
@@ -390,7 +515,8 @@ def run_case(case: Case, cfg: Config, progress: Progress, skipped: List[dict]) -
         where = regime(nbytes, cfg.device, cfg.llc_bytes)
         for impl, s in stats.items():
             results.append(Result(
-                str(cfg.device), case.op, impl, case.dtype, pass_, case.tokens, case.hidden,
+                str(cfg.device), case.op, impl, case.dtype, case.quant, pass_, case.tokens,
+                case.hidden,
                 time_us=s.median * 1e6, min_us=s.min * 1e6, max_us=s.max * 1e6,
                 q1_us=s.q1 * 1e6, q3_us=s.q3 * 1e6, spread=s.spread, noisy=s.noisy, rounds=s.rounds,
                 bytes=nbytes, regime=where, gbps=nbytes / s.median / 1e9,
@@ -433,7 +559,7 @@ def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
 
     _common.warn_if_busy(cfg.device)
     load_before = _common.load_average()
-    progress = Progress(len(cases) * len(cfg.passes))
+    progress = Progress(sum(len(c.passes(cfg.passes)) for c in cases))
     results: List[Result] = []
     skipped: List[dict] = []
     t0 = time.perf_counter()
@@ -451,6 +577,10 @@ def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
         "wall_time_s": time.perf_counter() - t0,
         "config": {"device": str(cfg.device), "ops": cfg.ops,
                    "passes": cfg.passes, "impls": cfg.impls,
+                   "quant": {"modes": cfg.quant, "static_scale": STATIC_SCALE,
+                             "note": "quant ops: forward only; bytes = input read + 1 byte "
+                                     "per output element + params + fp32 scales (+ residual "
+                                     "read and residual_out written for the fused op)"},
                    "cases": [dataclasses.asdict(c) for c in cases],
                    "timer": {"method": "benchmarks/_timer.py: interleaved rounds, median; "
                                        + ("CUDA events, L2 flushed before each call"
@@ -485,14 +615,15 @@ def pivot_table(results: List[Result], markdown: bool = False) -> str:
     impls = [i for i in IMPLS if any(r.impl == i for r in results)]
     by_key: Dict[tuple, Dict[str, Result]] = {}
     for r in results:
-        by_key.setdefault((r.op, r.dtype, r.pass_, r.tokens, r.hidden), {})[r.impl] = r
+        by_key.setdefault((r.op, r.quant, r.dtype, r.pass_, r.tokens, r.hidden), {})[r.impl] = r
     header = (["op", "dtype", "pass", "shape", "regime"] + [f"{i} µs" for i in impls]
               + ["copy µs", "ours GB/s", "ours %BW", "floor×", "vs eager", "vs compile"])
     rows = []
-    for (op, dtype, pass_, tokens, hidden), impl_rows in by_key.items():
+    for (op, quant, dtype, pass_, tokens, hidden), impl_rows in by_key.items():
         any_row = next(iter(impl_rows.values()))
         ours = impl_rows.get("ours")
-        row = [op, DTYPE_SHORT[dtype], pass_, f"{tokens}x{hidden}", any_row.regime]
+        row = [op + (f" {quant}" if quant else ""), DTYPE_SHORT[dtype], pass_,
+               f"{tokens}x{hidden}", any_row.regime]
         row += [_time_cell(impl_rows[i]) if i in impl_rows else "-" for i in impls]
         row.append(f"{any_row.copy_us:.1f} ±{100 * any_row.copy_spread:.0f}%"
                    + ("!" if any_row.copy_spread > _timer.SPREAD_LIMIT else ""))
@@ -518,7 +649,9 @@ LEGEND = ("Times: median of interleaved rounds ± spread (IQR / median); `!` = s
           "10%, the median is uncertain by about that much. `copy µs`: an out-of-place copy "
           "moving the same bytes, timed in the same rounds; `%BW` = copy time / ours, "
           "`floor×` = ours / copy time. `regime`: whether the row's working set fits the "
-          "last-level cache (`cache`) or not (`DRAM`).")
+          "last-level cache (`cache`) or not (`DRAM`). Norm + quantize rows (`<op> <quant>`) "
+          "count the input read, 1 byte per output element, the fp32 scales (and for the "
+          "fused op the residual read and residual_out written).")
 
 
 def noisy_summary(results: List[Result]) -> str:
@@ -559,9 +692,10 @@ def write_markdown(results: List[Result], meta: dict, path: Path) -> None:
                     + "\n")
 
 
-def write_outputs(results: List[Result], meta: dict, out: Path, plots: bool = True) -> List[Path]:
+def write_outputs(results: List[Result], meta: dict, out: Path, plots: bool = True,
+                  name: str = "results") -> List[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "results.csv", out / "results.json", out / "results.md"]
+    paths = [out / f"{name}.csv", out / f"{name}.json", out / f"{name}.md"]
     write_csv(results, paths[0])
     write_json(results, meta, paths[1])
     write_markdown(results, meta, paths[2])
@@ -583,11 +717,12 @@ IMPL_STYLE = {"ours": "tab:red", "eager": "tab:blue", "compile": "tab:green",
 TOKEN_STYLES = ("-", "--", ":", "-.")
 
 
-def _plot_gbps(ax, results: List[Result], op: str, dtype: str, pass_: str) -> None:
+def _plot_gbps(ax, results: List[Result], op: str, dtype: str, pass_: str,
+               quant: str = "") -> None:
     """GB/s vs hidden size: one line per (impl, token count), error bars from the rounds'
     IQR, and the copy of the same bytes per point; latency rows left out."""
-    rows = [r for r in results
-            if r.op == op and r.dtype == dtype and r.pass_ == pass_ and r.tokens > 1]
+    rows = [r for r in results if r.op == op and r.quant == quant and r.dtype == dtype
+            and r.pass_ == pass_ and r.tokens > 1]
     token_counts = sorted({r.tokens for r in rows})
     top = 0.0
     for k, tokens in enumerate(token_counts):
@@ -620,7 +755,7 @@ def _plot_gbps(ax, results: List[Result], op: str, dtype: str, pass_: str) -> No
     # Scaled to the medians: one wild quartile on a busy machine must not flatten the rest
     # (its bar is clipped; the table has the numbers).
     ax.set_ylim(0, 1.15 * top if top > 0 else None)
-    ax.set_title(f"{op} {DTYPE_SHORT[dtype]} {pass_}", fontsize=9)
+    ax.set_title(f"{op}{' ' + quant if quant else ''} {DTYPE_SHORT[dtype]} {pass_}", fontsize=9)
     ax.grid(alpha=0.3)
 
 
@@ -643,23 +778,28 @@ def _save(fig, path: Path, meta: dict) -> Path:
 
 
 def make_plots(results: List[Result], meta: dict, out: Path) -> List[Path]:
-    """gbps_<op>_<dtype>.png (one panel per pass) and rms_vs_layer_<dtype>.png (RMSNorm
-    and LayerNorm side by side, one row per pass)."""
+    """gbps_<op>[_<quant>]_<dtype>.png (one panel per pass; for a quant op only with two
+    hidden sizes or more) and rms_vs_layer_<dtype>.png (RMSNorm and LayerNorm side by side,
+    one row per pass)."""
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
     plotted = [r for r in results if r.tokens > 1]
-    passes = [p for p in PASSES if any(r.pass_ == p for r in plotted)]
     paths = []
-    for op in OPS:
-        for dtype in DTYPES:
-            if not any(r.op == op and r.dtype == dtype for r in plotted):
-                continue
-            fig, axes = plt.subplots(1, len(passes), figsize=(4.2 * len(passes), 4),
-                                     squeeze=False)
-            for ax, pass_ in zip(axes[0], passes):
-                _plot_gbps(ax, plotted, op, dtype, pass_)
-            paths.append(_save(fig, out / f"gbps_{op}_{dtype}.png", meta))
+    for op in ALL_OPS:
+        for quant in sorted({r.quant for r in plotted if r.op == op}):
+            for dtype in DTYPES:
+                mine = [r for r in plotted if r.op == op and r.quant == quant and r.dtype == dtype]
+                if not mine or (quant and len({r.hidden for r in mine}) < 2):
+                    continue  # a quant op at one hidden size (--quick's row): the table says it
+                passes = [p for p in PASSES if any(r.pass_ == p for r in mine)]
+                fig, axes = plt.subplots(1, len(passes), figsize=(4.2 * len(passes), 4),
+                                         squeeze=False)
+                for ax, pass_ in zip(axes[0], passes):
+                    _plot_gbps(ax, plotted, op, dtype, pass_, quant)
+                stem = f"gbps_{op}_{quant.replace('-', '_')}" if quant else f"gbps_{op}"
+                paths.append(_save(fig, out / f"{stem}_{dtype}.png", meta))
+    passes = [p for p in PASSES if any(r.pass_ == p and r.op in OPS for r in plotted)]
     for dtype in DTYPES:
         pair = ("rms_norm", "layer_norm")
         if not all(any(r.op == op and r.dtype == dtype for r in plotted) for op in pair):
@@ -696,8 +836,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--quick", action="store_true",
-                   help="three shapes, one dtype, fewer rounds (about 2 minutes on 2 cores)")
-    p.add_argument("--op", type=_csv_list(OPS), default=OPS, help=f"comma list of {OPS}")
+                   help="three shapes, one dtype, fewer rounds, plus one rms_norm_quant row "
+                        "(about 2 minutes on 2 cores)")
+    p.add_argument("--op", type=_csv_list(ALL_OPS),
+                   help=f"comma list of {ALL_OPS} (default: the first three; the quant ops "
+                        "are forward only, in the --quant modes)")
+    p.add_argument("--quant", type=_csv_list(QUANT_MODES), default=DEFAULT_QUANT,
+                   help="the quant ops' output dtype and scale mode, a comma list of "
+                        f"{QUANT_MODES}: fp8 = float8_e4m3fn; static = a given scale "
+                        f"({STATIC_SCALE}), token = one dynamic scale per row, group128 = one "
+                        "per 128 elements (default fp8-token)")
     p.add_argument("--dtype", type=_csv_list(tuple(DTYPES)),
                    help="comma list of float32,bfloat16,float16 (default: the sweep's; "
                         "given, it replaces the sweep's dtypes)")
@@ -715,6 +863,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--llc-mib", type=float, help="last-level cache size for the regime "
                    "column (default: from /sys/devices/system/cpu/cpu0/cache)")
     _common.add_out_args(p, "bench")
+    p.add_argument("--name", default="results",
+                   help="output file names NAME.csv, NAME.json, NAME.md (default results)")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
 
@@ -730,8 +880,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
             sweeps = tuple(Sweep(args.dtype, s.shapes) for s in sweeps)
     rounds, max_rounds, sample_s = TIMING["quick" if args.quick else "default"]
     rounds = args.rounds or rounds
-    return Config(device=device, ops=args.op, passes=args.passes,
-                  impls=args.impl, sweeps=sweeps, rounds=rounds,
+    # --quick without --op/--shape also times one norm + quantize case
+    extra = ()
+    if args.quick and not args.op and not args.shape:  # in the sweep's (first) dtype
+        extra = (dataclasses.replace(QUICK_QUANT[kind], dtype=sweeps[0].dtypes[0]),)
+    return Config(device=device, ops=args.op or OPS, passes=args.passes,
+                  impls=args.impl, sweeps=sweeps, rounds=rounds, quant=args.quant,
+                  extra_cases=extra, name=args.name,
                   max_rounds=max(rounds, args.max_rounds or max_rounds),
                   sample_s=args.sample_ms / 1e3 if args.sample_ms else sample_s,
                   out=_common.out_dir(args, device, quick=args.quick),
@@ -751,7 +906,7 @@ def main(argv=None) -> int:
     if meta["skipped"]:
         reasons = sorted({s["why"] for s in meta["skipped"]})
         print(f"{len(meta['skipped'])} rows skipped: " + "; ".join(reasons))
-    paths = write_outputs(results, meta, cfg.out, plots=not args.no_plots)
+    paths = write_outputs(results, meta, cfg.out, plots=not args.no_plots, name=cfg.name)
     print(f"\n{len(results)} rows in {time.perf_counter() - t0:.0f} s; wrote:")
     for path in paths:
         print(f"  {path}")

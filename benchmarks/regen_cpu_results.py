@@ -6,8 +6,10 @@
 
 Runs, each in its own process (a fresh torch.compile state; a failure stops the run):
   1. bench.py --device cpu             the default CPU sweep: table, CSV, JSON, plots
-  2. model_bench.py --device cpu       the Llama-style decoder stack, native vs ours
-  3. cpu_floor.py                      [4096, 4096] against the memory-bound floor
+  2. bench.py --device cpu --op <the three norm + quantize ops> --dtype bfloat16
+     --shape 256x4096,32x4096 --name quant      fp8 per-token: quant.csv, quant.json, quant.md
+  3. model_bench.py --device cpu       the Llama-style decoder stack, native vs ours
+  4. cpu_floor.py                      [4096, 4096] against the memory-bound floor
 into benchmarks/results/cpu/ (emptied first, so nothing stale survives), writes
 benchmarks/results/cpu/README.md (machine, date, commit, the commands, summary tables) and
 replaces the README.md block between the `<!-- cpu-results:begin -->` and
@@ -91,6 +93,32 @@ def headline_table(bench: dict) -> str:
     return "\n".join(out)
 
 
+QUANT_RUN = ["--op", "rms_norm_quant,fused_add_rms_norm_quant,layer_norm_quant",
+             "--dtype", "bfloat16", "--shape", "256x4096,32x4096", "--quant", "fp8-token",
+             "--name", "quant", "--no-plots"]
+
+
+def quant_table(bench: dict) -> str:
+    """The norm + quantize rows of bench.py's quant run (forward only)."""
+    rows = {(r["op"], r["quant"], r["dtype"], r["tokens"], r["hidden"], r["impl"]): r
+            for r in bench["results"]}
+    out = ["| op | quant | dtype | shape | regime | ours µs | eager µs | compile µs | "
+           "ours floor× | vs eager | vs compile |",
+           "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for (op, quant, dt, t, h, impl), ours in rows.items():
+        if impl != "ours":
+            continue
+        cells = [_t(rows[(op, quant, dt, t, h, i)]) if (op, quant, dt, t, h, i) in rows
+                 else "-" for i in ("ours", "eager", "compile")]
+
+        def x(v):
+            return "-" if v is None else f"{v:.2f}x"
+        out.append(f"| {op} | {quant} | {SHORT[dt]} | {t}×{h} | {ours['regime']} | "
+                   + " | ".join(cells) + f" | {ours['floor_ratio']:.2f} | "
+                   f"{x(ours['speedup_vs_eager'])} | {x(ours['speedup_vs_compile'])} |")
+    return "\n".join(out)
+
+
 def floor_table(floor: dict) -> str:
     m, n = floor["shape"]
     names = [("rms fwd", "rms fwdbwd"), ("ln fwd", "ln fwdbwd")]
@@ -111,6 +139,7 @@ def summary(out: Path, wall_s: float) -> str:
     bench = json.loads((out / "results.json").read_text())
     model_md = (out / "model_bench.md").read_text().split("\n\n", 1)[1]
     floor = json.loads((out / "cpu_floor.json").read_text())
+    quant = json.loads((out / "quant.json").read_text())
     machine = bench["machine"]
     try:
         rel = out.resolve().relative_to(_common.REPO_ROOT)
@@ -132,6 +161,14 @@ def summary(out: Path, wall_s: float) -> str:
         f"{noisy} of {len(bench['results'])} timings of the sweep are flagged):",
         "",
         headline_table(bench),
+        "",
+        "**Norm + quantize** (`bench.py --op rms_norm_quant,fused_add_rms_norm_quant,"
+        "layer_norm_quant`, forward only, fp8 e4m3 with per-token scales, `quant.md`; eager "
+        "and compile: the fp32 norm then absmax scale, divide, clamp, convert; floor× against "
+        "a copy of the bytes a perfect kernel moves: input read, 1 byte per output element "
+        "written, scales, and for the fused op the residual read and residual_out written):",
+        "",
+        quant_table(quant),
         "",
         "**End to end** (`model_bench.py`): " + model_md.strip(),
         "",
@@ -175,6 +212,8 @@ def main(argv=None) -> int:
     py = sys.executable
     t0 = time.perf_counter()
     run([py, str(HERE / "bench.py"), "--device", "cpu", "--out", str(out), *quick], log)
+    run([py, str(HERE / "bench.py"), "--device", "cpu", "--out", str(out), *QUANT_RUN, *quick],
+        log)
     run([py, str(HERE / "model_bench.py"), "--device", "cpu", "--out", str(out), *quick], log)
     floor = ["--shape", "1024x1024", "--rounds", "3", "--sample-ms", "20"] if a.quick else []
     run([py, str(HERE / "cpu_floor.py"), "--out", str(out / "cpu_floor.json"), *floor], log)

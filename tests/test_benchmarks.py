@@ -1,6 +1,7 @@
 """Tests of the benchmark harness: the interleaved timer's order and statistics (exactly, with
-a scripted clock), and smoke runs of bench.py, model_bench.py and cpu_floor.py on tiny CPU
-configurations that check every output is produced and well formed -- never timings.
+a scripted clock), and smoke runs of bench.py (norm + quantize ops included), model_bench.py
+and cpu_floor.py on tiny CPU configurations that check every output is produced and well
+formed -- never timings.
 """
 import csv
 import importlib.util
@@ -19,9 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 OPS = ("rms_norm", "layer_norm", "fused_add_rms_norm")
+QUANT_OPS = ("rms_norm_quant", "fused_add_rms_norm_quant", "layer_norm_quant")
 IMPLS = ("ours", "eager", "compile")
 PASSES = ("fwd", "bwd", "fwdbwd")
-COLUMNS = ["device", "op", "impl", "dtype", "pass", "tokens", "hidden", "time_us", "min_us",
+COLUMNS = ["device", "op", "impl", "dtype", "quant", "pass", "tokens", "hidden", "time_us", "min_us",
            "max_us", "q1_us", "q3_us", "spread", "noisy", "rounds", "bytes", "regime", "gbps",
            "copy_us", "copy_spread", "copy_gbps", "bw_fraction", "floor_ratio",
            "speedup_vs_eager", "speedup_vs_compile"]
@@ -164,7 +166,7 @@ def _check_rows(rows, ops, impls, with_compile):
     assert {(r["op"], r["impl"], r["pass"], r["tokens"], r["hidden"]) for r in rows} == {
         (o, i, p, *s) for o in ops for i in impls for p in PASSES for s in shapes}
     for row in rows:
-        assert row["device"] == "cpu" and row["dtype"] == "float32"
+        assert row["device"] == "cpu" and row["dtype"] == "float32" and row["quant"] == ""
         assert row["regime"] in ("cache", "DRAM", "?")
         assert row["noisy"] in ("True", "False")
         assert row["rounds"] == "3"
@@ -267,6 +269,81 @@ def test_bench_configs():
         ("layer_norm", "bfloat16", 2, 64), ("layer_norm", "bfloat16", 1, 128)]
     assert bench.bytes_moved("rms_norm", "fwdbwd", 2, 8, 4) == (2 * 64 + 32) + (3 * 64 + 64)
     assert cfg("--quick").rounds < cfg().rounds
+    # the quant ops: opt-in (none in the default sweep), forward only, one row in --quick
+    assert not any(c.op in QUANT_OPS for c in default)
+    assert [(c.op, c.quant) for c in quick if c.op in QUANT_OPS] == [("rms_norm_quant",
+                                                                      "fp8-token")]
+    assert not any(c.op in QUANT_OPS for c in cfg("--quick", "--op", "rms_norm").cases())
+    q = cfg("--op", "rms_norm_quant,layer_norm", "--quant", "fp8-static,int8-group128",
+            "--shape", "2x256", "--dtype", "float32").cases()
+    assert [(c.op, c.quant) for c in q] == [("rms_norm_quant", "fp8-static"),
+                                            ("rms_norm_quant", "int8-group128"),
+                                            ("layer_norm", "")]
+    assert q[0].passes(bench.PASSES) == ("fwd",) and q[2].passes(bench.PASSES) == bench.PASSES
+    assert cfg("--op", "rms_norm_quant", "--pass", "bwd").cases() == []
+    # bytes a perfect kernel moves: input read, 1 byte an output element, params, fp32 scales
+    # (+ residual read and residual_out written for the fused op)
+    act = 2 * 256 * 2  # bf16 [2, 256]
+    assert bench.bytes_moved("rms_norm_quant", "fwd", 2, 256, 2, "fp8-token") == \
+        act + 512 + 512 + 4 * 2
+    assert bench.bytes_moved("rms_norm_quant", "fwd", 2, 256, 2, "int8-group128") == \
+        act + 512 + 512 + 4 * 4
+    assert bench.bytes_moved("rms_norm_quant", "fwd", 2, 256, 2, "fp8-static") == \
+        act + 512 + 512 + 4 * 2
+    assert bench.bytes_moved("layer_norm_quant", "fwd", 2, 256, 2, "fp8-token") == \
+        act + 512 + 2 * 512 + 4 * 2
+    assert bench.bytes_moved("fused_add_rms_norm_quant", "fwd", 2, 256, 2, "fp8-token") == \
+        3 * act + 512 + 512 + 4 * 2
+    with pytest.raises(ValueError, match="inference only"):
+        bench.bytes_moved("rms_norm_quant", "fwdbwd", 2, 256, 2, "fp8-token")
+
+
+@pytest.mark.parametrize("op", QUANT_OPS)
+def test_bench_quant_composite_matches_ours(op):
+    """The eager composite bench.py times for the quant ops computes what ours does."""
+    bench = _load("bench")
+    cpu = torch.device("cpu")
+    for mode in bench.QUANT_MODES:
+        inputs = bench.make_inputs(bench.Case(op, "bfloat16", 3, 256, mode), cpu)
+        ours, eager = bench.quant_fns(op, mode, cpu)
+        got, want = ours(*inputs), eager(*inputs)
+        assert len(got) == len(want) == (3 if op.startswith("fused") else 2)
+        assert got[0].dtype == want[0].dtype == bench.parse_quant(mode)[0]
+        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)), mode
+        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)
+        if len(got) == 3:
+            torch.testing.assert_close(got[2], want[2])
+
+
+def test_bench_quant(tmp_path):
+    """bench.py's norm + quantize rows: forward only, ours and eager next to the copy floor,
+    under their own file names (as regen_cpu_results.py writes them)."""
+    _run("bench.py", "--device", "cpu", "--shape", "4x256", "--dtype", "float32",
+         "--op", ",".join(QUANT_OPS), "--quant", "fp8-token,int8-group128",
+         "--impl", "ours,eager", "--rounds", "3", "--max-rounds", "3", "--sample-ms", "1",
+         "--out", str(tmp_path), "--name", "quant", "--no-plots")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quant.csv", "quant.json",
+                                                          "quant.md"]
+    rows = _read_csv(tmp_path / "quant.csv")
+    assert {(r["op"], r["quant"], r["impl"], r["pass"]) for r in rows} == {
+        (o, q, i, "fwd") for o in QUANT_OPS for q in ("fp8-token", "int8-group128")
+        for i in ("ours", "eager")}
+    bench = _load("bench")
+    for row in rows:
+        assert int(row["bytes"]) == bench.bytes_moved(row["op"], "fwd", 4, 256, 4, row["quant"])
+        for col in POSITIVE:
+            value = float(row[col])
+            assert math.isfinite(value) and value > 0, (col, row)
+        assert float(row["floor_ratio"]) == pytest.approx(
+            float(row["time_us"]) / float(row["copy_us"]), rel=1e-6)
+    data = json.loads((tmp_path / "quant.json").read_text())
+    assert data["config"]["quant"]["modes"] == ["fp8-token", "int8-group128"]
+    md = (tmp_path / "quant.md").read_text()
+    assert "rms_norm_quant fp8-token" in md and "copy µs" in md
+    # the README block regen_cpu_results.py writes from such a run
+    table = _load("regen_cpu_results").quant_table(data)
+    assert len(table.splitlines()) == 2 + len(QUANT_OPS) * 2
+    assert "| fused_add_rms_norm_quant | int8-group128 | fp32 | 4×256 |" in table
 
 
 def test_regime():
