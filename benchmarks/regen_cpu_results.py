@@ -10,6 +10,7 @@ Runs, each in its own process (a fresh torch.compile state; a failure stops the 
      --shape 256x4096,32x4096 --name quant      fp8 per-token: quant.csv, quant.json, quant.md
   3. model_bench.py --device cpu       the Llama-style decoder stack, native vs ours
   4. cpu_floor.py                      [4096, 4096] against the memory-bound floor
+  5. overhead.py                       small-shape call cost ([1|16, 4096]) vs native
 into benchmarks/results/cpu/ (emptied first, so nothing stale survives), writes
 benchmarks/results/cpu/README.md (machine, date, commit, the commands, summary tables) and
 replaces the README.md block between the `<!-- cpu-results:begin -->` and
@@ -140,6 +141,7 @@ def summary(out: Path, wall_s: float) -> str:
     model_md = (out / "model_bench.md").read_text().split("\n\n", 1)[1]
     floor = json.loads((out / "cpu_floor.json").read_text())
     quant = json.loads((out / "quant.json").read_text())
+    overhead_md = (out / "overhead.md").read_text().split("\n\n", 1)[1]
     machine = bench["machine"]
     try:
         rel = out.resolve().relative_to(_common.REPO_ROOT)
@@ -177,6 +179,12 @@ def summary(out: Path, wall_s: float) -> str:
         "interleaved rounds of the per-round ratio; `!` = the time's spread is above 10%):",
         "",
         floor_table(floor),
+        "",
+        "**Small shapes** (`overhead.py`: what a call costs where host work outweighs the "
+        "arithmetic; training calls timed as `torch.autograd.grad(f(x, w), (x, w), dy)`, fp32; "
+        "median of interleaved rounds, min–max; targets from the host-layer issue):",
+        "",
+        overhead_md.strip(),
     ])
 
 
@@ -217,6 +225,7 @@ def main(argv=None) -> int:
     run([py, str(HERE / "model_bench.py"), "--device", "cpu", "--out", str(out), *quick], log)
     floor = ["--shape", "1024x1024", "--rounds", "3", "--sample-ms", "20"] if a.quick else []
     run([py, str(HERE / "cpu_floor.py"), "--out", str(out / "cpu_floor.json"), *floor], log)
+    run([py, str(HERE / "overhead.py"), "--out", str(out), *quick], log)
     text = summary(out, time.perf_counter() - t0)
     (out / "README.md").write_text(text + "\n")
     if committed:

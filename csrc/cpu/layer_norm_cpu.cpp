@@ -164,7 +164,7 @@ void ln_bwd(const LnBwdParams& p, const Launch& l) {
       });
       return;
     }
-    const RowChunks chunks(p.M);
+    const RowChunks chunks(p.M, p.N);
     const int64_t stride = padded<A>(p.N);
     // Each partial row: [dweight | dbias] (only the wanted ones), each padded to a whole step.
     const int64_t db_off = want_dw ? stride : 0;

@@ -58,11 +58,18 @@ inline int64_t padded(int64_t N) {
   return (N + S - 1) / S * S;
 }
 
+// Rows split into contiguous chunks, one per thread, but no more chunks than tasks of
+// row_grain(N) rows: a small backward (a decode step, [16, 256]) runs on one thread instead
+// of paying for a parallel region that costs more than the work (and far more when the
+// machine is busy). The split depends only on M, N and the thread count.
 struct RowChunks {
   int64_t M;
   int64_t count;
-  explicit RowChunks(int64_t rows)
-      : M(rows), count(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows))) {}
+  RowChunks(int64_t rows, int64_t N)
+      : M(rows),
+        count(std::max<int64_t>(
+            1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), rows,
+                                  (rows + row_grain(N) - 1) / row_grain(N)}))) {}
   int64_t begin(int64_t c) const { return c * M / count; }
   int64_t end(int64_t c) const { return (c + 1) * M / count; }
 };

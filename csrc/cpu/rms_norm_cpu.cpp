@@ -205,7 +205,7 @@ void rms_bwd(const RmsBwdParams& p, const Launch& l) {
         });
         return;
       }
-      const RowChunks chunks(p.M);
+      const RowChunks chunks(p.M, p.N);
       const TreeWorkspace<A> ws(l.ws, chunks, padded<A>(p.N));
       std::vector<A*> sums(static_cast<size_t>(chunks.count));
       for_each_chunk(chunks, [&](int64_t c) {
