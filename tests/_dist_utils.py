@@ -8,6 +8,22 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def dist_available(dtensor=False):
+    """gloo and FSDP2 (and, with dtensor=True, DTensor's register_sharding and tensor
+    parallelism) are available in this torch build."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        return False
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        if dtensor:
+            from torch.distributed.tensor.experimental import register_sharding  # noqa: F401
+            from torch.distributed.tensor.parallel import parallelize_module  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -18,23 +18,12 @@ from torch import nn
 import rmsnorm_ext
 from rmsnorm_ext.replace import replace_norms
 
-from _dist_utils import run_workers  # tests/ is on sys.path (pytest rootdir, or as a script)
+from _dist_utils import dist_available, run_workers  # tests/ is on sys.path (pytest rootdir, or as a script)
 
 WORLD, DIM, SEQ, BATCH, STEPS, LR = 2, 16, 6, 4, 3, 0.05
 
 
-def _dist_ok():
-    import torch.distributed as dist
-    if not dist.is_available() or not dist.is_gloo_available():
-        return False
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _dist_ok(),
+pytestmark = pytest.mark.skipif(not dist_available(),
                                 reason="torch.distributed with gloo and FSDP2 unavailable")
 
 

@@ -24,25 +24,12 @@ from torch import nn
 
 import rmsnorm_ext
 
-from _dist_utils import REPO, backend, run_workers  # tests/ is on sys.path
+from _dist_utils import REPO, backend, dist_available, run_workers  # tests/ is on sys.path
 
 VOCAB, DIM, HEADS, HIDDEN, LAYERS, BATCH, SEQ, STEPS, LR = 32, 16, 4, 32, 2, 4, 8, 2, 0.05
 
 
-def _dist_ok():
-    import torch.distributed as dist
-    if not dist.is_available() or not dist.is_gloo_available():
-        return False
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-        from torch.distributed.tensor.experimental import register_sharding  # noqa: F401
-        from torch.distributed.tensor.parallel import parallelize_module  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _dist_ok(),
+pytestmark = pytest.mark.skipif(not dist_available(dtensor=True),
                                 reason="torch.distributed with gloo, DTensor and FSDP2 unavailable")
 
 
