@@ -85,12 +85,12 @@ def _grid(tokens: Iterable[int], hidden: Iterable[int]) -> Tuple[Shape, ...]:
 ALL_DTYPES = tuple(DTYPES)
 # GPU: the full grid. CPU (a 2-core machine must finish in minutes, and every (op, dtype,
 # shape) costs torch.compile a fresh Inductor build): a float32 hidden-size sweep at 1024
-# tokens (from cache-resident to DRAM-sized working sets), the 4096x4096 headline shape and
-# the [1, 4096] latency row in float32 and bfloat16. float16 and other shapes are one
-# --dtype/--shape away.
+# tokens (from cache-resident to DRAM-sized working sets) in float32 and bfloat16 (so both
+# dtypes' plots are lines), the 4096x4096 headline shape and the [1, 4096] latency row.
+# float16 and other shapes are one --dtype/--shape away.
 DEFAULT_SWEEPS = {
     "cuda": (Sweep(ALL_DTYPES, _grid((4096, 16384), HIDDEN) + ((1, 4096),)),),
-    "cpu": (Sweep(("float32",), _grid((1024,), (768, 2048, 4096, 5125, 8192))),
+    "cpu": (Sweep(("float32", "bfloat16"), _grid((1024,), (768, 2048, 4096, 5125, 8192))),
             Sweep(("float32", "bfloat16"), ((4096, 4096), (1, 4096)))),
 }
 # --quick: three hidden sizes of one token count, so the plots are lines, not points.
