@@ -106,7 +106,9 @@ def git_commit() -> Optional[str]:
     if out.returncode != 0:
         return None
     commit = out.stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+    # Results being (re)written by this very run are not a change to the code measured.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":(exclude)benchmarks/results", ":(exclude)benchmarks/out"],
                            cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
     return commit + ("-dirty" if dirty else "")
 
