@@ -48,15 +48,6 @@ inline std::string py_dtype(at::ScalarType t) {
   }
 }
 
-inline std::string py_shape(at::IntArrayRef s) {
-  std::string r = "[";
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (i) r += ", ";
-    r += std::to_string(s[i]);
-  }
-  return r + "]";
-}
-
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
@@ -266,7 +257,7 @@ inline void check_quant_scalar(const std::optional<Tensor>& s, const char* name,
   TORCH_CHECK_TYPE(s->scalar_type() == at::kFloat, "rmsnorm_ext: ", op, ": ", name,
                    " must be a float32 tensor, got ", py_dtype(s->scalar_type()));
   TORCH_CHECK_VALUE(s->numel() == 1, "rmsnorm_ext: ", op, ": ", name,
-                    " must have exactly one element, got shape ", py_shape(s->sizes()));
+                    " must have exactly one element, got shape ", s->sizes());
   TORCH_CHECK(s->device() == input.device(), "rmsnorm_ext: ", op, ": ", name, " is on ",
               s->device().str(), " but the input is on ", input.device().str(),
               "; move them to the same device");

@@ -51,28 +51,6 @@ std::optional<at::Tensor> opt_tensor(PyObject* o) {
   return THPVariable_Unpack(o);
 }
 
-// eps: a Python float or int, or None for torch.finfo(dtype).eps of a supported dtype.
-bool parse_eps(PyObject* o, at::ScalarType dtype, double& eps) {
-  if (o == Py_None) {
-    switch (dtype) {
-      case at::kFloat: eps = 1.1920928955078125e-07; return true;
-      case at::kDouble: eps = 2.220446049250313e-16; return true;
-      case at::kBFloat16: eps = 0.0078125; return true;
-      case at::kHalf: eps = 0.0009765625; return true;
-      default: return false;
-    }
-  }
-  if (PyFloat_CheckExact(o)) {
-    eps = PyFloat_AS_DOUBLE(o);
-    return true;
-  }
-  if (PyLong_CheckExact(o)) {
-    eps = PyLong_AsDouble(o);
-    return !PyErr_Occurred();
-  }
-  return false;
-}
-
 bool parse_double(PyObject* o, double& v) {
   if (PyFloat_CheckExact(o)) {
     v = PyFloat_AS_DOUBLE(o);
@@ -83,6 +61,18 @@ bool parse_double(PyObject* o, double& v) {
     return !PyErr_Occurred();
   }
   return false;
+}
+
+// eps: a Python float or int, or None for torch.finfo(dtype).eps of a supported dtype.
+bool parse_eps(PyObject* o, at::ScalarType dtype, double& eps) {
+  if (o != Py_None) return parse_double(o, eps);
+  switch (dtype) {
+    case at::kFloat: eps = 1.1920928955078125e-07; return true;
+    case at::kDouble: eps = 2.220446049250313e-16; return true;
+    case at::kBFloat16: eps = 0.0078125; return true;
+    case at::kHalf: eps = 0.0009765625; return true;
+    default: return false;
+  }
 }
 
 PyObject* not_implemented() {
