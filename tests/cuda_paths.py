@@ -249,9 +249,13 @@ def check_empty():
         ops.fused_add_rms_norm_inplace(x, x.clone(), [64], w, 1e-6, 0.0)
 
 
-def run_all(device="cuda", quick=False, verbose_=False):
+FAMILIES = ("rms", "fused", "ln", "quant")
+
+
+def run_all(device="cuda", quick=False, verbose_=False, families=FAMILIES):
     """Runs every check on `device`; returns the list of failures (empty: all passed).
-    quick: one shape per path family (the compute-sanitizer runs, ~10x slower)."""
+    quick: one shape per path family (the compute-sanitizer runs, ~10x slower).
+    families: which op families to check (racecheck/initcheck take a subset to fit a lease)."""
     global DEV, verbose, checks
     DEV, verbose, checks = device, verbose_, 0
     failures.clear()
@@ -262,67 +266,72 @@ def run_all(device="cuda", quick=False, verbose_=False):
                                                    (f32, f32), (f64, f64))
     singles = (bf, f32) if quick else (bf, hf, f32, f64)
 
+    rms, fused, ln, quant = (f in families for f in FAMILIES)
     # RMSNorm fwd + bwd: every dtype (+ fp32 weights for bf16/fp16), every size bucket.
     # bf16 (8 per pack): N=8 (1 pack, 256 rows/block), 64 (sub-warp rows), 1024 (warp per
     # row), 4096 (block per row, ITEMS=4), 24576 (fwd ITEMS=8; bwd re-reading),
     # 40968 (re-reading vectorized), 1003 (odd N: scalar), unaligned pointer (scalar).
-    for dt, wdt in pairs:
-        for M, N in ((300, 8), (300, 64), (257, 1024), (33, 4096)):
-            check_rms(M, N, dt, wdt, off=1.0 if N == 1024 else 0.0)
-        check_rms(7, 1003, dt, wdt)
-        check_rms(9, 1024, dt, wdt, aligned=False, gres=True)
-    for dt in singles:
-        check_rms(5, 24576, dt, dt)
-        check_rms(3, 40968, dt, dt, gres=True)
-        check_rms(5, 16384, dt, None)                 # no weight (bwd: ones fallback)
-        check_rms(64, 512, dt, dt, want_dw=False)     # no weight grad
-        check_rms(4096, 256, dt, dt, bwd=True)        # M >> N: many rows per block
-    check_rms(64, 1024, hf, hf, scale=2e4)            # fp16 near 6e4: squares in fp32
-    check_rms(4, 20000, bf, f32, aligned=False)       # long unaligned row
-    # Mixed backward: fp32 x (residual stream) with bf16/fp16 grad_out.
-    for gdt in (bf, hf):
-        for wdt in (gdt, f32):
-            check_rms_mixed(129, 2048, gdt, wdt)
-            check_rms_mixed(3, 40960, gdt, wdt, gres=False)
-            check_rms_mixed(5, 1001, gdt, wdt)
+    if rms:
+        for dt, wdt in pairs:
+            for M, N in ((300, 8), (300, 64), (257, 1024), (33, 4096)):
+                check_rms(M, N, dt, wdt, off=1.0 if N == 1024 else 0.0)
+            check_rms(7, 1003, dt, wdt)
+            check_rms(9, 1024, dt, wdt, aligned=False, gres=True)
+        for dt in singles:
+            check_rms(5, 24576, dt, dt)
+            check_rms(3, 40968, dt, dt, gres=True)
+            check_rms(5, 16384, dt, None)                 # no weight (bwd: ones fallback)
+            check_rms(64, 512, dt, dt, want_dw=False)     # no weight grad
+            check_rms(4096, 256, dt, dt, bwd=True)        # M >> N: many rows per block
+        check_rms(64, 1024, hf, hf, scale=2e4)            # fp16 near 6e4: squares in fp32
+        check_rms(4, 20000, bf, f32, aligned=False)       # long unaligned row
+        # Mixed backward: fp32 x (residual stream) with bf16/fp16 grad_out.
+        for gdt in (bf, hf):
+            for wdt in (gdt, f32):
+                check_rms_mixed(129, 2048, gdt, wdt)
+                check_rms_mixed(3, 40960, gdt, wdt, gres=False)
+                check_rms_mixed(5, 1001, gdt, wdt)
 
     # Fused add + RMSNorm: residual in the input dtype or fp32, in place or not.
-    for dt, rdt in pairs:
-        wd = f32 if rdt == f32 and dt != f32 else dt
-        for M, N in ((300, 64), (257, 1024), (9, 8192), (5, 24576), (3, 40968)):
-            check_fused(M, N, dt, rdt, wd, off=1.0 if N == 1024 else 0.0)
-        check_fused(7, 1003, dt, rdt, dt)
-        check_fused(9, 2048, dt, rdt, None, aligned=False)
-        check_fused(65, 1024, dt, rdt, wd, inplace=True)
-        check_fused(33, 768, dt, rdt, wd, inplace=True, noncontig=True)
+    if fused:
+        for dt, rdt in pairs:
+            wd = f32 if rdt == f32 and dt != f32 else dt
+            for M, N in ((300, 64), (257, 1024), (9, 8192), (5, 24576), (3, 40968)):
+                check_fused(M, N, dt, rdt, wd, off=1.0 if N == 1024 else 0.0)
+            check_fused(7, 1003, dt, rdt, dt)
+            check_fused(9, 2048, dt, rdt, None, aligned=False)
+            check_fused(65, 1024, dt, rdt, wd, inplace=True)
+            check_fused(33, 768, dt, rdt, wd, inplace=True, noncontig=True)
 
     # LayerNorm fwd + bwd.
-    for dt, wdt in pairs:
-        for M, N in ((300, 64), (257, 1024), (17, 8192)):
-            check_ln(M, N, dt, wdt)
-        check_ln(7, 1003, dt, wdt)
-        check_ln(9, 1024, dt, wdt, aligned=False)
-    for dt in singles:
-        check_ln(5, 24576, dt, dt)                    # fwd ITEMS=8; bwd re-reading
-        check_ln(3, 40968, dt, dt)                    # re-reading
-        check_ln(33, 2048, dt, dt, has_w=False, has_b=True)
-        check_ln(33, 2048, dt, dt, has_w=True, has_b=False)
-        check_ln(33, 2048, dt, dt, has_w=False, has_b=False)
-        check_ln(4096, 256, dt, dt)
-    check_ln(64, 4096, f32, f32, shift=1e3)           # stable variance with a large mean
-    check_ln(3, 16384, bf, bf)                        # bwd: shared accumulators too big -> re-read
+    if ln:
+        for dt, wdt in pairs:
+            for M, N in ((300, 64), (257, 1024), (17, 8192)):
+                check_ln(M, N, dt, wdt)
+            check_ln(7, 1003, dt, wdt)
+            check_ln(9, 1024, dt, wdt, aligned=False)
+        for dt in singles:
+            check_ln(5, 24576, dt, dt)                    # fwd ITEMS=8; bwd re-reading
+            check_ln(3, 40968, dt, dt)                    # re-reading
+            check_ln(33, 2048, dt, dt, has_w=False, has_b=True)
+            check_ln(33, 2048, dt, dt, has_w=True, has_b=False)
+            check_ln(33, 2048, dt, dt, has_w=False, has_b=False)
+            check_ln(4096, 256, dt, dt)
+        check_ln(64, 4096, f32, f32, shift=1e3)           # stable variance with a large mean
+        check_ln(3, 16384, bf, bf)                        # bwd: shared accumulators too big -> re-read
 
     # Norm + quantize: each norm kind, register and re-reading rows, aligned or not, every
     # quant dtype and scale mode.
-    qdts = (torch.float8_e4m3fn, torch.int8) if quick else (
-        torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
-    for kind in ("rms", "fused", "ln"):
-        for qdt in qdts:
-            for mode in ("static", "token", "group"):
-                check_quant(33, 1024, bf, kind, qdt, mode)
-            check_quant(3, 24576, bf, kind, qdt, "token")
-        check_quant(7, 1088, f32, kind, torch.float8_e4m3fn, "group", aligned=False)
-        check_quant(5, 4096, hf, kind, torch.int8, "token", aligned=False)
+    if quant:
+        qdts = (torch.float8_e4m3fn, torch.int8) if quick else (
+            torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
+        for kind in ("rms", "fused", "ln"):
+            for qdt in qdts:
+                for mode in ("static", "token", "group"):
+                    check_quant(33, 1024, bf, kind, qdt, mode)
+                check_quant(3, 24576, bf, kind, qdt, "token")
+            check_quant(7, 1088, f32, kind, torch.float8_e4m3fn, "group", aligned=False)
+            check_quant(5, 4096, hf, kind, torch.int8, "token", aligned=False)
 
     check_empty()
     if DEV == "cuda":
@@ -337,11 +346,16 @@ def main(argv=None):
                     help="every path, fewer dtype combinations (for compute-sanitizer)")
     ap.add_argument("--device", default="cuda",
                     help="cuda (default); cpu checks this harness on the CPU kernels")
+    ap.add_argument("--family", default=",".join(FAMILIES),
+                    help="comma list of op families to check, of " + ", ".join(FAMILIES))
     args = ap.parse_args(argv)
+    families = tuple(f for f in args.family.split(",") if f)
+    if not families or any(f not in FAMILIES for f in families):
+        ap.error(f"--family takes a comma list of {', '.join(FAMILIES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to check (use --device cpu to check the harness)")
         return 2
-    bad = run_all(args.device, args.quick, args.verbose)
+    bad = run_all(args.device, args.quick, args.verbose, families)
     print(f"{checks} checks, {len(bad)} failures")
     for f in bad:
         print("  " + f)
