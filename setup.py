@@ -169,6 +169,16 @@ def _write_build_config(isa, use_cuda, sanitize):
         f.write(f"CPU_ISA = {isa!r}\nCUDA = {use_cuda!r}\nSANITIZE = {sanitize!r}\n")
 
 
+# libstdc++ first on the link line (torch appends c10, torch, ... after these): torch wheels
+# built on manylinux with a newer GCC than the system's export their own copies of newer
+# libstdc++ symbols (std::ostringstream's constructor among them, which every error message
+# that formats a number or shape uses), and a link that names libc10 first binds our
+# references to those copies, unversioned. With libstdc++ first they bind to libstdc++
+# itself. Seen: a process crash on such an error on one GPU machine's toolchain (gcc 13.3,
+# torch 2.11 wheel); see benchmarks/results/ for what the probe found there.
+STDCXX_FIRST = ["stdc++"]
+
+
 def _extension():
     use_cuda = _want_cuda()
     isa, isa_flags = _cpu_flags()
@@ -192,10 +202,10 @@ def _extension():
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
                 "-DRMSNORM_EXT_WITH_CUDA"]
         return CUDAExtension(
-            "rmsnorm_ext._C", sources + cu,
+            "rmsnorm_ext._C", sources + cu, libraries=STDCXX_FIRST,
             extra_compile_args={"cxx": cxx + ["-DRMSNORM_EXT_WITH_CUDA"], "nvcc": nvcc},
             extra_link_args=ldflags)
-    return CppExtension("rmsnorm_ext._C", sources,
+    return CppExtension("rmsnorm_ext._C", sources, libraries=STDCXX_FIRST,
                         extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
 
 
