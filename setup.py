@@ -19,6 +19,7 @@ Environment knobs:
 import glob
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -169,14 +170,28 @@ def _write_build_config(isa, use_cuda, sanitize):
         f.write(f"CPU_ISA = {isa!r}\nCUDA = {use_cuda!r}\nSANITIZE = {sanitize!r}\n")
 
 
-# libstdc++ first on the link line (torch appends c10, torch, ... after these): torch wheels
-# built on manylinux with a newer GCC than the system's export their own copies of newer
-# libstdc++ symbols (std::ostringstream's constructor among them, which every error message
-# that formats a number or shape uses), and a link that names libc10 first binds our
-# references to those copies, unversioned. With libstdc++ first they bind to libstdc++
-# itself. Seen: a process crash on such an error on one GPU machine's toolchain (gcc 13.3,
-# torch 2.11 wheel); see benchmarks/results/ for what the probe found there.
-STDCXX_FIRST = ["stdc++"]
+def _shared_cxx_runtime():
+    """`libraries` entries that link the C++ runtime as the shared libstdc++.so.6, first on the
+    link line (torch appends c10, torch, ... after them).
+
+    Why: on a GPU machine of 2026-11 (Ubuntu gcc 13.3, torch 2.11 wheel) the compiler found no
+    shared libstdc++ to link and linked a static copy into _C; two copies of libstdc++'s
+    locale state in one process then crashed (SIGSEGV in std::ostream::_M_insert<long>) on
+    every error message that formats a number, i.e. on bad input. `-l:libstdc++.so.6` names
+    the run-time library itself, which every machine running torch has; first on the line,
+    it also binds the std:: symbols torch's libraries export their own copies of (libc10
+    carries newer-GCC instantiations) to libstdc++. rmsnorm_ext.build_info()["libstdcxx"]
+    and the import-time check say which one a build got."""
+    cxx = shlex.split(os.environ.get("CXX") or "c++")
+    try:
+        path = subprocess.run(cxx + ["-print-file-name=libstdc++.so.6"], capture_output=True,
+                              text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [":libstdc++.so.6"] if os.path.isabs(path) and os.path.exists(path) else []
+
+
+STDCXX_FIRST = _shared_cxx_runtime()
 
 
 def _extension():

@@ -73,6 +73,8 @@ if want build; then
     tail -40 "$WORK/build.txt"; echo "BUILD FAILED"; exit 1
   fi
   python3 -c "import rmsnorm_ext; print(rmsnorm_ext.build_info())" || exit 1
+  python3 -c "import rmsnorm_ext; raise SystemExit(rmsnorm_ext.build_info()['libstdcxx'] != 'shared')" \
+    || note "BUILD LINKED A STATIC libstdc++ (see setup.py _shared_cxx_runtime)"
 fi
 
 # Does a bad input raise (as it must) or kill the process? Each case in its own process.
@@ -126,13 +128,24 @@ fi
 
 if want tests; then
   stage "tests (cuda and cpu, xdist)"
-  timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q -rfE -n "${PYTEST_JOBS:-10}" \
-    --max-worker-restart 300 --timeout=150 -p no:cacheprovider tests \
-    -k "${PYTEST_K:-$K_DEFAULT}" --junitxml="$WORK/pytest.xml" --durations=10 \
-    > "$WORK/pytest.txt" 2>&1
+  # -v with the classic style prints one "[gwN] PASSED/FAILED test" line per test as it ends,
+  # so a run cut by the stage's timeout still says which tests failed and which never ended;
+  # the thread timeout method dumps the stacks of a hung test before ending its worker.
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -v -o console_output_style=classic -rfE \
+    -n "${PYTEST_JOBS:-12}" --max-worker-restart 300 --timeout=90 --timeout-method=thread \
+    -p no:cacheprovider tests -k "${PYTEST_K:-$K_DEFAULT}" --junitxml="$WORK/pytest.xml" \
+    --durations=15 > "$WORK/pytest.txt" 2>&1
   rc=$?
-  grep -E "FAILED|ERROR|crashed|Timeout" "$WORK/pytest.txt" | head -40
-  tail -15 "$WORK/pytest.txt"
+  grep -E " (FAILED|ERROR) |crashed|Timeout" "$WORK/pytest.txt" | cut -c1-200 | head -40
+  tail -15 "$WORK/pytest.txt" | cut -c1-300
+  if [ $rc -eq 124 ]; then  # cut: which tests started and never ended
+    timeout 60 python3 -m pytest --collect-only -q -p no:cacheprovider tests \
+      -k "${PYTEST_K:-$K_DEFAULT}" 2>/dev/null | grep "::" > "$WORK/collected.txt"
+    grep -E "^\[gw[0-9]+\] .*(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) tests/" "$WORK/pytest.txt" \
+      | sed -E 's/^.*(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) //; s/ +$//' | sort -u > "$WORK/finished.txt"
+    echo "tests cut (running or not yet started when the stage ended): $(sort -u "$WORK/collected.txt" | comm -23 - "$WORK/finished.txt" | tee "$WORK/unfinished.txt" | wc -l)"
+    head -20 "$WORK/unfinished.txt"
+  fi
   if [ $rc -eq 0 ]; then note "tests: $(tail -1 "$WORK/pytest.txt")"
   else note "TESTS FAILED (rc=$rc): $(tail -1 "$WORK/pytest.txt")"; status=1; fi
 fi
@@ -152,9 +165,12 @@ fi
 
 if want bench; then
   # Alone on the GPU. Each set: name|arguments. Default sets, in priority order.
-  BENCH_SETS=${BENCH_SETS:-"main|--op rms_norm,fused_add_rms_norm,layer_norm --pass fwd,fwdbwd --impl ours,eager,liger --dtype bfloat16 --shape 32768x1024,32768x2048,32768x4096,32768x8192,32768x16384,64x4096,1x4096
+  # One set per op for the main sweep, so that a cut run keeps the sets that finished.
+  BENCH_SETS=${BENCH_SETS:-"rms|--op rms_norm --pass fwd,fwdbwd --impl ours,eager,liger --dtype bfloat16 --shape 32768x1024,32768x2048,32768x4096,32768x8192,32768x16384,64x4096,1x4096
+ln|--op layer_norm --pass fwd,fwdbwd --impl ours,eager,liger --dtype bfloat16 --shape 32768x1024,32768x2048,32768x4096,32768x8192,32768x16384,64x4096,1x4096
+fused|--op fused_add_rms_norm --pass fwd,fwdbwd --impl ours,eager,liger --dtype bfloat16 --shape 32768x1024,32768x4096,32768x16384,64x4096,1x4096
 compile|--op rms_norm,layer_norm --pass fwd,fwdbwd --impl ours,compile --dtype bfloat16 --shape 32768x1024,32768x4096,1x4096
-dtypes|--op rms_norm,layer_norm,fused_add_rms_norm --pass fwd,fwdbwd --impl ours,eager --dtype float16,float32 --shape 32768x4096
+dtypes|--op rms_norm,layer_norm --pass fwd,fwdbwd --impl ours,eager --dtype float16,float32 --shape 32768x4096
 quant|--op rms_norm_quant,fused_add_rms_norm_quant,layer_norm_quant --quant fp8-token,int8-static,fp8-group128 --impl ours,eager --dtype bfloat16 --shape 32768x4096,64x4096"}
   bench_end=$((t0 + DEADLINE - 60))   # the model runs get the last minute at least
   while IFS='|' read -r name args; do

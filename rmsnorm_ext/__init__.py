@@ -10,7 +10,7 @@ from ._loader import load as _load
 
 _C = _load()  # defines the op schemas; must precede every torch.library call below
 
-from . import _fake  # noqa: E402,F401  (registers fake kernels)
+from . import _elf, _fake  # noqa: E402,F401  (_fake registers fake kernels)
 from .functional import (fused_add_rms_norm, fused_add_rms_norm_,  # noqa: E402
                          fused_add_rms_norm_quant, layer_norm, layer_norm_quant, rms_norm,
                          rms_norm_quant)
@@ -34,7 +34,8 @@ def build_info() -> dict:
     Built: ``torch_version`` compiled against, ``compiler``, ``openmp`` (the spec version,
     e.g. "4.5"), ``cpu_isa`` of the C++ kernels, ``cuda`` (whether CUDA kernels were
     compiled), ``cuda_runtime`` (e.g. "13.0"), ``cuda_archs`` (the arch list given to nvcc,
-    e.g. ["8.0", "9.0+PTX"]). Now: ``gpu_visible`` (torch.cuda.is_available()), ``gpu`` (its
+    e.g. ["8.0", "9.0+PTX"]), ``libstdcxx`` ("shared": linked against libstdc++.so.6 as it
+    must be; "static copy": see the import-time warning). Now: ``gpu_visible`` (torch.cuda.is_available()), ``gpu`` (its
     name), ``num_threads`` (torch's CPU threads)."""
     import torch
 
@@ -58,6 +59,7 @@ def build_info() -> dict:
         "cuda_runtime": (f"{int(runtime) // 1000}.{int(runtime) % 1000 // 10}"
                          if runtime and runtime.isdigit() else runtime),
         "cuda_archs": archs,
+        "libstdcxx": _elf.cxx_runtime(_C.__file__),
         "gpu_visible": gpu_visible,
         "gpu": torch.cuda.get_device_name() if gpu_visible else None,
         "num_threads": torch.get_num_threads(),

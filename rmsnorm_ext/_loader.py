@@ -37,6 +37,21 @@ def _check_cpu_isa():
             f"RMSNORM_EXT_CPU_ISA=avx2 (or default) pip install --no-build-isolation -e .")
 
 
+def _check_cxx_runtime(path):
+    """Warn about a build that carries its own static libstdc++ (setup.py links the shared one;
+    a toolchain without a linkable libstdc++.so did this once): two copies of the C++
+    runtime's locale state in one process crashed on error messages that format numbers,
+    so a bad input would kill the process instead of raising."""
+    from ._elf import cxx_runtime
+    if cxx_runtime(path) == "static copy":
+        import warnings
+        warnings.warn(
+            f"rmsnorm_ext._C ({path}) was linked with a static copy of libstdc++ instead of "
+            "libstdc++.so.6; on such builds a bad input has crashed the process instead of "
+            f"raising. Rebuild with a toolchain that links libstdc++.so.6: {_REBUILD}",
+            RuntimeWarning, stacklevel=3)
+
+
 def load():
     _check_cpu_isa()
     try:
@@ -53,6 +68,7 @@ def load():
                 f"rmsnorm_ext._C is missing: the C++ extension was not built ({msg}).\n"
                 f"Fix: {_REBUILD}") from e
         raise
+    _check_cxx_runtime(_C.__file__)
     built = _C.build_info()["torch_version"]
     running = torch.__version__.split("+")[0]
     if built.split("+")[0] != running and not os.environ.get("RMSNORM_EXT_SKIP_VERSION_CHECK"):

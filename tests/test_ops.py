@@ -1,4 +1,7 @@
 """Core correctness of every op against float64 references, on every device."""
+import shutil
+import subprocess
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -459,6 +462,33 @@ def test_build_info():
     assert info["cpu_isa"] in ("avx512", "avx2", "default")
     for key in ("compiler", "openmp", "cuda", "cuda_archs", "num_threads"):
         assert key in info
+    # The C++ runtime must be the shared libstdc++.so.6: a static copy beside the one torch
+    # loads crashed the process on formatted error messages (setup.py _shared_cxx_runtime).
+    assert info["libstdcxx"] == "shared", info
+
+
+def _cxx_so(tmp_path, name, *flags):
+    src = tmp_path / "f.cpp"
+    src.write_text('#include <sstream>\n#include <string>\n'
+                   'std::string f(long v) { std::ostringstream o; o << v; return o.str(); }\n')
+    out = tmp_path / name
+    subprocess.run([shutil.which("c++") or "g++", "-shared", "-fPIC", str(src), "-o", str(out),
+                    *flags], check=True, capture_output=True, timeout=120)
+    return str(out)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler")
+def test_cxx_runtime_detection(tmp_path):
+    """The import-time check tells a shared C++ runtime from a static copy."""
+    from rmsnorm_ext import _elf, _loader
+    shared = _cxx_so(tmp_path, "shared.so")
+    static = _cxx_so(tmp_path, "static.so", "-static-libstdc++")
+    assert "libstdc++.so.6" in _elf.needed_libraries(shared)
+    assert _elf.cxx_runtime(shared) == "shared"
+    assert _elf.cxx_runtime(static) == "static copy"
+    assert _elf.cxx_runtime(str(tmp_path / "f.cpp")) == "unknown"
+    with pytest.warns(RuntimeWarning, match="static copy of libstdc"):
+        _loader._check_cxx_runtime(static)
 
 
 # ---------------------------------------------------------------------------- errors
