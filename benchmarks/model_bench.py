@@ -17,7 +17,9 @@ forward + backward, infer = forward under no_grad):
 * the share of the step spent in norms, from torch.profiler, computed the same way on both
   sides: the inclusive time of each top-level norm op (native `aten::rms_norm`, with its
   composite pieces; ours `rmsnorm_ext::*`) is forward time, and the autograd nodes those ops
-  created (matched by sequence number) are backward time. Under torch.compile, Inductor fuses
+  created (matched by sequence number) are backward time -- host time on CPU, the GPU time
+  of the kernels launched inside them on CUDA (the host only launches there). Under
+  torch.compile, Inductor fuses
   native RMSNorm into neighbouring kernels, so its share cannot be attributed ("fused");
   ours stays a custom op and is still measured.
 * a Chrome trace per side (chrome://tracing or https://ui.perfetto.dev) in the output folder.
@@ -32,14 +34,13 @@ import copy
 import csv
 import dataclasses
 import json
-import math
 import sys
 import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -206,14 +207,24 @@ def _subtree(e):
         yield from _subtree(c)
 
 
-def norm_times(events, steps: int) -> NormTimes:
-    """Forward: top-level norm ops (inclusive time = the self times of their subtree).
+def norm_times(events, steps: int, device_time: bool = False) -> NormTimes:
+    """device_time: time GPU kernels (the events' device times, launched inside each op or
+    node) rather than host time -- on CUDA the host only launches, so host time would measure
+    launch overhead, and the step's host time excludes the kernels still running.
+
+    Forward: top-level norm ops (inclusive time = the self times of their subtree).
     Backward: the autograd nodes created inside those ops (their own time, without the
     engine's gradient accumulation around them), found by sequence number -- a
     sequence number counts only if every forward event carrying it is inside a norm, since an
     op that creates no node carries the next op's number -- plus norm ops called directly
     from a compiled backward graph (torch.compile calls our bwd op without an autograd node
     of its own)."""
+    if device_time:
+        def tot(e): return e.device_time_total
+        def own(e): return e.self_device_time_total
+    else:
+        def tot(e): return e.cpu_time_total
+        def own(e): return e.self_cpu_time_total
     roots = [e for e in events if e.cpu_parent is None]
     fwd_roots, inside = [], set()
 
@@ -244,17 +255,17 @@ def norm_times(events, steps: int) -> NormTimes:
 
     def account(e, direction):
         for x in _subtree(e):
-            by_op[f"{direction}: {x.name}"] += x.self_cpu_time_total
+            by_op[f"{direction}: {x.name}"] += own(x)
 
     def walk(e):
-        nonlocal fwd, bwd, calls_fwd, calls_bwd
+        nonlocal bwd, calls_bwd
         if e.name.startswith(BACKWARD_PREFIX) and e.sequence_nr in norm_seq:
             # The node itself, not the engine's wrapper around it: the wrapper also sums the
             # node's output into the gradient of a tensor used twice -- in a pre-norm block,
             # the residual stream's, which is not norm work -- on either side.
             node = e.name[len(BACKWARD_PREFIX):]
             for c in [c for c in e.cpu_children if c.name == node] or [e]:
-                bwd += c.cpu_time_total
+                bwd += tot(c)
                 account(c, "bwd")
             calls_bwd += 1
             return
@@ -270,14 +281,14 @@ def norm_times(events, steps: int) -> NormTimes:
             # A norm op under a backward node: a compiled backward graph calling our bwd op
             # (eager backward nodes of norms were counted whole above, never descended into).
             if not _under_linked_node(e, norm_seq):
-                bwd += e.cpu_time_total
+                bwd += tot(e)
                 calls_bwd += 1
                 account(e, "bwd")
         else:
-            fwd += e.cpu_time_total
+            fwd += tot(e)
             calls_fwd += 1
             account(e, "fwd")
-    step = sum(e.cpu_time_total for e in events if e.name == STEP_LABEL)
+    step = sum(tot(e) for e in events if e.name == STEP_LABEL)
     return NormTimes(step_us=step / steps, fwd_us=fwd / steps, bwd_us=bwd / steps,
                      calls_fwd=calls_fwd / steps, calls_bwd=calls_bwd / steps,
                      by_op={k: v / steps for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])})
@@ -305,7 +316,7 @@ def profile_side(fn, steps: int, device: torch.device, trace: Optional[Path]) ->
     if trace is not None:
         trace.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace))
-    return norm_times(prof.events(), steps)
+    return norm_times(prof.events(), steps, device_time=device.type == "cuda")
 
 
 # ------------------------------------------------------------------------------ the run
@@ -433,11 +444,12 @@ def op_table(details: dict, key: str) -> str:
 
 LEGEND = ("Step times: median of interleaved rounds (native and ours alternating) ± spread "
           "(IQR / median); `!` = a spread above 10%. speedup = native / ours. Norm ms: "
-          "profiler time per step inside the norm ops, forward + backward (fwd: the norm "
+          "profiler time per step inside the norm ops (CPU: host time; CUDA: the GPU time of "
+          "the kernels they launched), forward + backward (fwd: the norm "
           "ops with their composite pieces; bwd: the autograd nodes they created, or our bwd "
           "op called from a compiled backward; the autograd engine's summing of gradients "
           "into the residual stream is left out on both sides); share = norm ms / profiled "
-          "step time. "
+          "step time, measured the same way (CUDA: all kernel time of the step). "
           "`fused`: Inductor fused torch's RMSNorm into neighbouring kernels, so its time "
           "cannot be attributed.")
 

@@ -404,6 +404,35 @@ MODEL_ARGS = ("--device", "cpu", "--hidden", "64", "--heads", "2", "--layers", "
               "--dtype", "float32", "--rounds", "2", "--max-rounds", "2")
 
 
+class _Ev:
+    """A stand-in for torch.profiler's FunctionEvent: host and device times, a tree."""
+    def __init__(self, name, cpu, dev, children=(), seq=-1):
+        self.name, self.sequence_nr, self.cpu_parent = name, seq, None
+        self.cpu_children = list(children)
+        for c in self.cpu_children:
+            c.cpu_parent = self
+        self.cpu_time_total = cpu + sum(c.cpu_time_total for c in self.cpu_children)
+        self.device_time_total = dev + sum(c.device_time_total for c in self.cpu_children)
+        self.self_cpu_time_total, self.self_device_time_total = cpu, dev
+
+
+def test_norm_times_host_or_device_time():
+    """On CUDA the norm share is GPU time (the host only launches kernels): norm_times takes
+    the events' device times there, host times on CPU."""
+    mb = _load("model_bench")
+    fwd = _Ev("rmsnorm_ext::rms_norm_fwd", cpu=30, dev=100, seq=7)
+    mm = _Ev("aten::mm", cpu=20, dev=700, seq=8)
+    node = _Ev("RmsNormBackward", cpu=25, dev=200)
+    bwd = _Ev(mb.BACKWARD_PREFIX + "RmsNormBackward", cpu=5, dev=0, children=[node], seq=7)
+    step = _Ev(mb.STEP_LABEL, cpu=10, dev=0, children=[fwd, mm, bwd])
+    events = [step, fwd, mm, bwd, node]
+    host = mb.norm_times(events, steps=1)
+    assert (host.fwd_us, host.bwd_us, host.step_us) == (30, 25, 90)
+    gpu = mb.norm_times(events, steps=1, device_time=True)
+    assert (gpu.fwd_us, gpu.bwd_us, gpu.step_us) == (100, 200, 1000)
+    assert gpu.share == 0.3
+
+
 def test_norm_attribution_counts_only_norms():
     """The profiler attribution finds every norm on both sides, forward and backward, and
     nothing else (no matmul, attention or residual add leaks in)."""
