@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 import warnings
@@ -563,12 +564,23 @@ def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
     results: List[Result] = []
     skipped: List[dict] = []
     t0 = time.perf_counter()
+    # A run cut short (Ctrl-C, or SIGTERM from `timeout` in a time-boxed GPU lease) keeps the
+    # rows it finished: they are written, with the cut recorded in the metadata.
+    stopped = None
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        for case in cases:
+        for i, case in enumerate(cases):
             results += run_case(case, cfg, progress, skipped)
             if cfg.device.type == "cuda":
                 torch.cuda.empty_cache()
+    except KeyboardInterrupt as e:
+        stopped = f"{e or 'interrupted'} during case {i + 1} of {len(cases)}; rows of finished cases kept"
     finally:
+        signal.signal(signal.SIGTERM, previous)
         progress.close()
     machine = _common.machine_info(cfg.device)
     machine["loadavg_1m_start"] = load_before
@@ -594,6 +606,7 @@ def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
                    "llc_bytes": cfg.llc_bytes,
                    "eps": {"rms": RMS_EPS, "layer": LN_EPS}},
         "skipped": skipped,
+        "stopped": stopped,
     }
     return results, meta
 
@@ -910,6 +923,9 @@ def main(argv=None) -> int:
     print(f"\n{len(results)} rows in {time.perf_counter() - t0:.0f} s; wrote:")
     for path in paths:
         print(f"  {path}")
+    if meta["stopped"]:
+        print(f"STOPPED: {meta['stopped']}", file=sys.stderr)
+        return 3
     return 0
 
 

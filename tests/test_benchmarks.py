@@ -250,6 +250,29 @@ def test_bench_plots(bench_out):
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
+def test_bench_keeps_finished_rows_when_cut(tmp_path, monkeypatch):
+    """A run stopped by SIGTERM (timeout in a time-boxed GPU lease) or Ctrl-C still writes the
+    rows of the cases it finished, records the cut, and exits non-zero."""
+    bench = _load("bench")
+    real = bench.run_case
+    calls = []
+
+    def run_case(case, *a, **k):
+        calls.append(case)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("SIGTERM")
+        return real(case, *a, **k)
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    rc = bench.main(["--device", "cpu", "--shape", "8x256,16x256,32x256", "--dtype", "float32",
+                     "--op", "rms_norm", "--pass", "fwd", "--rounds", "2", "--max-rounds", "2",
+                     "--sample-ms", "1", "--no-plots", "--out", str(tmp_path), "--name", "cut"])
+    assert rc == 3
+    data = json.loads((tmp_path / "cut.json").read_text())
+    assert "case 2 of 3" in data["stopped"]
+    assert {r["tokens"] for r in data["results"]} == {8}
+
+
 def test_bench_configs():
     """The default sweeps, --quick and the filters select the cases documented."""
     bench = _load("bench")
