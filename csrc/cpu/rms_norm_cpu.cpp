@@ -6,6 +6,7 @@
 #include "dispatch.h"
 #include "kernels.h"
 #include "param_rows.h"
+#include "prefault.h"
 #include "row_stats.h"
 #include "vec_io.h"
 
@@ -59,8 +60,10 @@ void row_scale(const T* x, const acc_t<T>* w, acc_t<T> rstd, int64_t N, Y* y,
 template <typename T>
 void rms_fwd_rows(const T* x, T* y, acc_t<T>* rstd, const acc_t<T>* w, int64_t M, int64_t N,
                   double eps) {
+  const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      pf.before_row(i, b, e);
       const T* xr = x + i * N;
       const auto r = rstd_from(row_sumsq(xr, N), N, eps);
       rstd[i] = r;
@@ -90,10 +93,11 @@ void fused_add_rows(const T* x, const R* r, R* h, T* y, acc_t<T>* rstd, const ac
 
 // dx = rstd * (g - xhat * rstd * mean(g * x)) (+ grad_residual), g = dy * w, xhat = x * rstd.
 // dwp (may be null): the partial row of sum(dy * xhat) that rows [row_begin, row_end) add to.
+// pf: backs dx's pages ahead of the stores (prefault.h).
 template <typename X, typename G>
 void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>* w,
                   const X* gres, X* dx, acc_t<X>* dwp, int64_t row_begin, int64_t row_end,
-                  int64_t N) {
+                  int64_t N, const OutputPrefault& pf) {
   using XIO = RowIO<X>;
   using GIO = RowIO<G>;
   using A = acc_t<X>;
@@ -102,6 +106,7 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
   static_assert(std::is_same_v<A, acc_t<G>>);
   constexpr int64_t S = XIO::kStep;
   for (int64_t i = row_begin; i < row_end; ++i) {
+    pf.before_row(i, row_begin, row_end);
     const G* dyr = dy + i * N;
     const X* xr = x + i * N;
     const A r = rstd[i];
@@ -199,9 +204,10 @@ void rms_bwd(const RmsBwdParams& p, const Launch& l) {
       const A* rp = static_cast<const A*>(p.rstd);
       const X* gp = static_cast<const X*>(p.gres);
       X* dxp = static_cast<X*>(p.dx);
+      const OutputPrefault pf(dxp, p.M, p.N * static_cast<int64_t>(sizeof(X)));
       if (p.dw == nullptr) {
         at::parallel_for(0, p.M, row_grain(p.N), [&](int64_t b, int64_t e) {
-          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, nullptr, b, e, p.N);
+          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, nullptr, b, e, p.N, pf);
         });
         return;
       }
@@ -211,7 +217,7 @@ void rms_bwd(const RmsBwdParams& p, const Launch& l) {
       for_each_chunk(chunks, [&](int64_t c) {
         PartialTree<A> tree = ws.tree(c);
         for_each_block(tree, chunks.begin(c), chunks.end(c), [&](int64_t b, int64_t e, A* part) {
-          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, part, b, e, p.N);
+          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, part, b, e, p.N, pf);
         });
         sums[c] = tree.finish();
       });
