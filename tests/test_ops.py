@@ -262,6 +262,13 @@ def test_large_fresh_outputs(device, dtype, lead):
     assert_accurate(rmsnorm_ext.layer_norm(x, (n,), w, b), ln_ref(x, (n,), w, b),
                     F.layer_norm(x, (n,), w, b), what="ln y")
     assert_accurate(ours[0], ref[0], base[0], what="ln dx")
+    # fused add: y and residual_out are both fresh outputs
+    r = torch.randn(x.shape, device=device).to(dtype)
+    y, h = rmsnorm_ext.fused_add_rms_norm(x, r, (n,), w, eps)
+    h_ref = (x.double() + r.double()).to(dtype)
+    assert torch.equal(h, h_ref)
+    assert_accurate(y, rms_ref(h_ref, (n,), w, eps), F.rms_norm(h_ref, (n,), w, eps),
+                    what="fused y")
 
 
 # ---------------------------------------------------------------------------- fused add

@@ -34,11 +34,11 @@ class OutputPrefault {
   static constexpr int64_t kChunkBytes = int64_t{256} << 10;
   static constexpr int64_t kMinBytes = int64_t{8} << 20;
 
-  // out: the output, M rows of row_bytes bytes each.
+  // out: the output, M rows of row_bytes bytes each (null: nothing to do).
   OutputPrefault(void* out, int64_t M, int64_t row_bytes)
       : base_(static_cast<char*>(out)), row_bytes_(row_bytes) {
 #if defined(__linux__)
-    if (M * row_bytes >= kMinBytes && !unsupported().load(std::memory_order_relaxed) &&
+    if (out != nullptr && M * row_bytes >= kMinBytes && !unsupported().load(std::memory_order_relaxed) &&
         !backed(base_ + M * row_bytes / 2)) {
       rows_ = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(row_bytes, 1));
     }

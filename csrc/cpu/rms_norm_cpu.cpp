@@ -79,8 +79,15 @@ void fused_add_rows(const T* x, const R* r, R* h, T* y, acc_t<T>* rstd, const ac
                     int64_t M, int64_t N, double eps) {
   using A = acc_t<T>;
   static_assert(std::is_same_v<A, acc_t<R>>);
+  // Fresh outputs only (the in-place variant writes its operands): prefault.h.
+  const OutputPrefault pf_h(static_cast<const void*>(h) == r ? nullptr : h, M,
+                            N * static_cast<int64_t>(sizeof(R)));
+  const OutputPrefault pf_y(static_cast<const void*>(y) == x ? nullptr : y, M,
+                            N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      pf_h.before_row(i, b, e);
+      pf_y.before_row(i, b, e);
       const T* xr = x + i * N;
       const R* rr = r + i * N;
       R* hr = h + i * N;
