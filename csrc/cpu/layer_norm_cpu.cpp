@@ -75,11 +75,12 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
 // xhat = (x - mean) * rstd, g = dy * w:
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
 // dwp / dbp (may be null): the partial rows of sum(dy * xhat) and sum(dy) that rows
-// [row_begin, row_end) add to. pf: backs dx's pages ahead of the stores (prefault.h).
+// [row_begin, row_end) add to. pf: backs dx's pages ahead of the stores (prefault.h). Rows
+// below prefetch_end are prefetched (as rms_bwd_rows).
 template <typename T>
 void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* rstd,
                  const acc_t<T>* w, T* dx, acc_t<T>* dwp, acc_t<T>* dbp, int64_t row_begin,
-                 int64_t row_end, int64_t N, const OutputPrefault& pf) {
+                 int64_t row_end, int64_t N, const OutputPrefault& pf, int64_t prefetch_end) {
   using IO = RowIO<T>;
   using A = acc_t<T>;
   using V = typename IO::V;
@@ -106,8 +107,13 @@ void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* 
     });
     const A inv_n = A(1) / static_cast<A>(N);
     const V c1(reduce_add(t[0] + t[1]) * inv_n), c2(reduce_add(t[2] + t[3]) * inv_n);
+    const bool pf_next = i + 1 < prefetch_end;  // the next row, into L2 (as rms_bwd_rows)
     for (int64_t j = 0; j < N; j += S) {
       const int64_t n = std::min(S, N - j);
+      if (pf_next) {
+        prefetch_step<T, S, 2>(dyr + N, j);
+        prefetch_step<T, S, 2>(xr + N, j);
+      }
       load_step(dyr, j, n, ga, gb);
       load_step(xr, j, n, xa, xb);
       xa = (xa - vm) * vr;  // xhat
@@ -165,7 +171,7 @@ void ln_bwd(const LnBwdParams& p, const Launch& l) {
     const bool want_db = p.db != nullptr;
     if (!want_dw && !want_db) {
       at::parallel_for(0, p.M, row_grain(p.N), [&](int64_t b, int64_t e) {
-        ln_bwd_rows<T>(dyp, xp, mp, rp, wp.get(), dxp, nullptr, nullptr, b, e, p.N, pf);
+        ln_bwd_rows<T>(dyp, xp, mp, rp, wp.get(), dxp, nullptr, nullptr, b, e, p.N, pf, e);
       });
       return;
     }
@@ -179,7 +185,7 @@ void ln_bwd(const LnBwdParams& p, const Launch& l) {
       PartialTree<A> tree = ws.tree(c);
       for_each_block(tree, chunks.begin(c), chunks.end(c), [&](int64_t b, int64_t e, A* part) {
         ln_bwd_rows<T>(dyp, xp, mp, rp, wp.get(), dxp, want_dw ? part : nullptr,
-                       want_db ? part + db_off : nullptr, b, e, p.N, pf);
+                       want_db ? part + db_off : nullptr, b, e, p.N, pf, chunks.end(c));
       });
       sums[c] = tree.finish();
     });

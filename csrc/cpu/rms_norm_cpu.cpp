@@ -100,11 +100,12 @@ void fused_add_rows(const T* x, const R* r, R* h, T* y, acc_t<T>* rstd, const ac
 
 // dx = rstd * (g - xhat * rstd * mean(g * x)) (+ grad_residual), g = dy * w, xhat = x * rstd.
 // dwp (may be null): the partial row of sum(dy * xhat) that rows [row_begin, row_end) add to.
-// pf: backs dx's pages ahead of the stores (prefault.h).
+// pf: backs dx's pages ahead of the stores (prefault.h). Rows below prefetch_end are
+// prefetched, so a block's last row prefetches the next block's first.
 template <typename X, typename G>
 void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>* w,
                   const X* gres, X* dx, acc_t<X>* dwp, int64_t row_begin, int64_t row_end,
-                  int64_t N, const OutputPrefault& pf) {
+                  int64_t N, const OutputPrefault& pf, int64_t prefetch_end) {
   using XIO = RowIO<X>;
   using GIO = RowIO<G>;
   using A = acc_t<X>;
@@ -138,8 +139,15 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
     // while xhat is O(1) and c is O(|g|). Same grouping as the CUDA kernel, so the two agree.
     const A c = r * (reduce_add(t[0] + t[1]) / static_cast<A>(N));
     const V vr(r), vc(c);
+    // This pass reads the row from L1/L2 and leaves memory idle: prefetch the next row's dy
+    // and x meanwhile (into L2: this pass's own 5 rows of traffic would evict them from L1).
+    const bool pf_next = i + 1 < prefetch_end;
     for (int64_t j = 0; j < N; j += S) {
       const int64_t n = std::min(S, N - j);
+      if (pf_next) {
+        prefetch_step<G, S, 2>(dyr + N, j);
+        prefetch_step<X, S, 2>(xr + N, j);
+      }
       load_g(j, n);
       xa = xa * vr;  // xhat
       xb = xb * vr;
@@ -214,7 +222,7 @@ void rms_bwd(const RmsBwdParams& p, const Launch& l) {
       const OutputPrefault pf(dxp, p.M, p.N * static_cast<int64_t>(sizeof(X)));
       if (p.dw == nullptr) {
         at::parallel_for(0, p.M, row_grain(p.N), [&](int64_t b, int64_t e) {
-          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, nullptr, b, e, p.N, pf);
+          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, nullptr, b, e, p.N, pf, e);
         });
         return;
       }
@@ -224,7 +232,8 @@ void rms_bwd(const RmsBwdParams& p, const Launch& l) {
       for_each_chunk(chunks, [&](int64_t c) {
         PartialTree<A> tree = ws.tree(c);
         for_each_block(tree, chunks.begin(c), chunks.end(c), [&](int64_t b, int64_t e, A* part) {
-          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, part, b, e, p.N, pf);
+          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, part, b, e, p.N, pf,
+                             chunks.end(c));
         });
         sums[c] = tree.finish();
       });
