@@ -269,6 +269,12 @@ def test_large_fresh_outputs(device, dtype, lead):
     assert torch.equal(h, h_ref)
     assert_accurate(y, rms_ref(h_ref, (n,), w, eps), F.rms_norm(h_ref, (n,), w, eps),
                     what="fused y")
+    if torch.device(device).type == "cpu":  # exact agreement is a CPU-kernel property
+        # fused add + quantize: residual_out fresh too; equals the unfused add-then-quantize
+        q, s, h = rmsnorm_ext.fused_add_rms_norm_quant(x, r, (n,), w, eps)
+        q_ref, s_ref = rmsnorm_ext.rms_norm_quant(h_ref, (n,), w, eps)
+        assert torch.equal(h, h_ref) and torch.equal(s, s_ref)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
 # ---------------------------------------------------------------------------- fused add
