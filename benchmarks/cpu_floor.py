@@ -4,7 +4,11 @@
 
 Floors, as the issue defines them and measured in the same run: forward = an out-of-place
 copy of the input (`x.clone()`, allocation included, as every norm allocates its output);
-forward+backward = that copy plus an out-of-place add of two such tensors. Each ratio is the
+forward+backward = that copy plus an out-of-place add of two such tensors. A forward+backward
+candidate is the forward plus `torch.autograd.grad(out, leaves, dy)` for x, weight (and bias),
+as benchmarks/bench.py times it: the gradients are returned, not accumulated into `.grad`
+(`.backward()` would add AccumulateGrad's `x.grad += dx`, a pass that is no part of the norm
+and not in the floor, to every call after the first). Each ratio is the
 median over the rounds of (candidate / floor) within a round, so a noisy machine moves
 numerator and denominator together. Also times the [1, N] forward against
 native F.rms_norm / F.layer_norm (host overhead decides decode-loop performance).
@@ -31,9 +35,12 @@ def candidates(x, w, b, dy):
     xg, wg, bg = (t.detach().clone().requires_grad_() for t in (x, w, b))
     rms_c = torch.compile(lambda a, c: F.rms_norm(a, n, c), dynamic=False)
 
-    def fb(f):
+    def fb(f, leaves):
+        # torch.autograd.grad, as bench.py times fwdbwd: the gradients are returned, not
+        # accumulated into .grad (with .backward() every call after the first would also pay
+        # AccumulateGrad's x.grad += dx, a read-read-write pass that is no part of the norm).
         def run():
-            f().backward(dy)
+            return torch.autograd.grad(f(), leaves, dy)
         return run
 
     return {
@@ -44,11 +51,11 @@ def candidates(x, w, b, dy):
         "eager rms fwd": lambda: F.rms_norm(x, n, w),
         "compile rms fwd": lambda: rms_c(x, w),
         "native ln fwd": lambda: F.layer_norm(x, n, w, b),
-        "ours rms fwdbwd": fb(lambda: R.rms_norm(xg, n, wg)),
-        "ours ln fwdbwd": fb(lambda: R.layer_norm(xg, n, wg, bg)),
-        "eager rms fwdbwd": fb(lambda: F.rms_norm(xg, n, wg)),
-        "compile rms fwdbwd": fb(lambda: rms_c(xg, wg)),
-        "native ln fwdbwd": fb(lambda: F.layer_norm(xg, n, wg, bg)),
+        "ours rms fwdbwd": fb(lambda: R.rms_norm(xg, n, wg), (xg, wg)),
+        "ours ln fwdbwd": fb(lambda: R.layer_norm(xg, n, wg, bg), (xg, wg, bg)),
+        "eager rms fwdbwd": fb(lambda: F.rms_norm(xg, n, wg), (xg, wg)),
+        "compile rms fwdbwd": fb(lambda: rms_c(xg, wg), (xg, wg)),
+        "native ln fwdbwd": fb(lambda: F.layer_norm(xg, n, wg, bg), (xg, wg, bg)),
     }
 
 

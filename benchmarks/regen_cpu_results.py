@@ -175,7 +175,8 @@ def summary(out: Path, wall_s: float) -> str:
         "**End to end** (`model_bench.py`): " + model_md.strip(),
         "",
         f"**Against the memory-bound floor** (`cpu_floor.py`: time / (x.clone()) forward, "
-        f"time / (x.clone() + x + dy) forward+backward, median over {floor['rounds']} "
+        f"time / (x.clone() + x + dy) forward+backward (forward + `torch.autograd.grad` for x "
+        f"and the parameters, no `.grad` accumulation), median over {floor['rounds']} "
         "interleaved rounds of the per-round ratio; `!` = the time's spread is above 10%):",
         "",
         floor_table(floor),

@@ -240,6 +240,46 @@ def test_large_row(device):
         assert_accurate(o, r, bs)
 
 
+@pytest.mark.parametrize("dtype,lead", [(torch.float32, 2049), (torch.bfloat16, 4099)])
+def test_large_fresh_outputs(device, dtype, lead):
+    # Outputs of 8 MiB and more: the CPU kernels back their pages in chunks of rows ahead of
+    # the stores (csrc/cpu/prefault.h). Rows of 1031 elements straddle pages and chunks.
+    n = 1031
+    x = _make((lead,), (n,), dtype, device, offset=1.0)
+    w = (torch.randn(n, device=device) + 1).to(dtype)
+    b = torch.randn(n, device=device).to(dtype)
+    dy = torch.randn(x.shape, device=device).to(dtype)
+    eps = torch.finfo(dtype).eps
+    ours = _grads(lambda a, c: rmsnorm_ext.rms_norm(a, (n,), c), (_leaf(x), _leaf(w)), dy)
+    ref = _grads(lambda a, c: rms_ref(a, (n,), c, eps), (_leaf(x.double()), _leaf(w.double())),
+                 dy.double())
+    base = _grads(lambda a, c: F.rms_norm(a, (n,), c, eps), (_leaf(x), _leaf(w)), dy)
+    assert_accurate(rmsnorm_ext.rms_norm(x, (n,), w), rms_ref(x, (n,), w, eps),
+                    F.rms_norm(x, (n,), w, eps), what="rms y")
+    assert_accurate(ours[0], ref[0], base[0], what="rms dx")
+    ours = _grads(lambda a, c, d: rmsnorm_ext.layer_norm(a, (n,), c, d),
+                  (_leaf(x), _leaf(w), _leaf(b)), dy)
+    ref = _grads(lambda a, c, d: ln_ref(a, (n,), c, d),
+                 tuple(_leaf(t.double()) for t in (x, w, b)), dy.double())
+    base = _grads(lambda a, c, d: F.layer_norm(a, (n,), c, d), (_leaf(x), _leaf(w), _leaf(b)), dy)
+    assert_accurate(rmsnorm_ext.layer_norm(x, (n,), w, b), ln_ref(x, (n,), w, b),
+                    F.layer_norm(x, (n,), w, b), what="ln y")
+    assert_accurate(ours[0], ref[0], base[0], what="ln dx")
+    # fused add: y and residual_out are both fresh outputs
+    r = torch.randn(x.shape, device=device).to(dtype)
+    y, h = rmsnorm_ext.fused_add_rms_norm(x, r, (n,), w, eps)
+    h_ref = (x.double() + r.double()).to(dtype)
+    assert torch.equal(h, h_ref)
+    assert_accurate(y, rms_ref(h_ref, (n,), w, eps), F.rms_norm(h_ref, (n,), w, eps),
+                    what="fused y")
+    if torch.device(device).type == "cpu":  # exact agreement is a CPU-kernel property
+        # fused add + quantize: residual_out fresh too; equals the unfused add-then-quantize
+        q, s, h = rmsnorm_ext.fused_add_rms_norm_quant(x, r, (n,), w, eps)
+        q_ref, s_ref = rmsnorm_ext.rms_norm_quant(h_ref, (n,), w, eps)
+        assert torch.equal(h, h_ref) and torch.equal(s, s_ref)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
 # ---------------------------------------------------------------------------- fused add
 
 @pytest.mark.parametrize("dtype,rdtype", [(torch.float32, torch.float32),

@@ -6,6 +6,7 @@
 #include "dispatch.h"
 #include "kernels.h"
 #include "param_rows.h"
+#include "prefault.h"
 #include "row_stats.h"
 #include "vec_io.h"
 
@@ -33,8 +34,10 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
   using A = acc_t<T>;
   using V = typename IO::V;
   constexpr int64_t S = IO::kStep;
+  const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t rb, int64_t re) {
     for (int64_t i = rb; i < re; ++i) {
+      pf.before_row(i, rb, re);
       const T* xr = x + i * N;
       V a, b;
       const auto st = ln_row_stats<T>(xr, N, eps);
@@ -72,16 +75,18 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
 // xhat = (x - mean) * rstd, g = dy * w:
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
 // dwp / dbp (may be null): the partial rows of sum(dy * xhat) and sum(dy) that rows
-// [row_begin, row_end) add to.
+// [row_begin, row_end) add to. pf: backs dx's pages ahead of the stores (prefault.h). Rows
+// below prefetch_end are prefetched (as rms_bwd_rows).
 template <typename T>
 void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* rstd,
                  const acc_t<T>* w, T* dx, acc_t<T>* dwp, acc_t<T>* dbp, int64_t row_begin,
-                 int64_t row_end, int64_t N) {
+                 int64_t row_end, int64_t N, const OutputPrefault& pf, int64_t prefetch_end) {
   using IO = RowIO<T>;
   using A = acc_t<T>;
   using V = typename IO::V;
   constexpr int64_t S = IO::kStep;
   for (int64_t i = row_begin; i < row_end; ++i) {
+    pf.before_row(i, row_begin, row_end);
     const T* dyr = dy + i * N;
     const T* xr = x + i * N;
     const V vm(mean[i]), vr(rstd[i]);
@@ -102,8 +107,13 @@ void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* 
     });
     const A inv_n = A(1) / static_cast<A>(N);
     const V c1(reduce_add(t[0] + t[1]) * inv_n), c2(reduce_add(t[2] + t[3]) * inv_n);
+    const bool pf_next = i + 1 < prefetch_end;  // the next row, into L2 (as rms_bwd_rows)
     for (int64_t j = 0; j < N; j += S) {
       const int64_t n = std::min(S, N - j);
+      if (pf_next) {
+        prefetch_step<T, S, 2>(dyr + N, j);
+        prefetch_step<T, S, 2>(xr + N, j);
+      }
       load_step(dyr, j, n, ga, gb);
       load_step(xr, j, n, xa, xb);
       xa = (xa - vm) * vr;  // xhat
@@ -156,11 +166,12 @@ void ln_bwd(const LnBwdParams& p, const Launch& l) {
     const A* mp = static_cast<const A*>(p.mean);
     const A* rp = static_cast<const A*>(p.rstd);
     T* dxp = static_cast<T*>(p.dx);
+    const OutputPrefault pf(dxp, p.M, p.N * static_cast<int64_t>(sizeof(T)));
     const bool want_dw = p.dw != nullptr;
     const bool want_db = p.db != nullptr;
     if (!want_dw && !want_db) {
       at::parallel_for(0, p.M, row_grain(p.N), [&](int64_t b, int64_t e) {
-        ln_bwd_rows<T>(dyp, xp, mp, rp, wp.get(), dxp, nullptr, nullptr, b, e, p.N);
+        ln_bwd_rows<T>(dyp, xp, mp, rp, wp.get(), dxp, nullptr, nullptr, b, e, p.N, pf, e);
       });
       return;
     }
@@ -174,7 +185,7 @@ void ln_bwd(const LnBwdParams& p, const Launch& l) {
       PartialTree<A> tree = ws.tree(c);
       for_each_block(tree, chunks.begin(c), chunks.end(c), [&](int64_t b, int64_t e, A* part) {
         ln_bwd_rows<T>(dyp, xp, mp, rp, wp.get(), dxp, want_dw ? part : nullptr,
-                       want_db ? part + db_off : nullptr, b, e, p.N);
+                       want_db ? part + db_off : nullptr, b, e, p.N, pf, chunks.end(c));
       });
       sums[c] = tree.finish();
     });

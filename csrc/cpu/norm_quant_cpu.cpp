@@ -15,6 +15,7 @@
 #include "dispatch.h"
 #include "kernels.h"
 #include "param_rows.h"
+#include "prefault.h"
 #include "row_stats.h"
 #include "vec_io.h"
 
@@ -292,10 +293,15 @@ void norm_quant_rows(const NormQuantParams& p, const float* w, const float* bias
   const float inv_static = p.scale != nullptr ? 1.0f / *p.scale : 0.0f;
   const bool buffered = p.scales != nullptr && p.group <= kMaxBuffered;
   const int64_t buf_len = buffered ? (p.group + kStep - 1) / kStep * kStep : 0;
+  // Both outputs are fresh (prefault.h); h is null unless fused.
+  const OutputPrefault pf_out(out, p.M, N);
+  const OutputPrefault pf_h(h, p.M, N * static_cast<int64_t>(sizeof(R)));
   at::parallel_for(0, p.M, row_grain(N), [&](int64_t rb, int64_t re) {
     std::unique_ptr<float[]> buf_owner(buffered ? new float[buf_len] : nullptr);
     float* buf = buf_owner.get();
     for (int64_t i = rb; i < re; ++i) {
+      pf_out.before_row(i, rb, re);
+      pf_h.before_row(i, rb, re);
       const T* xr = x + i * N;
       const bool last = i + 1 >= re;
       const T* xn = last ? nullptr : xr + N;

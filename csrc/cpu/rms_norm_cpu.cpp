@@ -6,6 +6,7 @@
 #include "dispatch.h"
 #include "kernels.h"
 #include "param_rows.h"
+#include "prefault.h"
 #include "row_stats.h"
 #include "vec_io.h"
 
@@ -59,8 +60,10 @@ void row_scale(const T* x, const acc_t<T>* w, acc_t<T> rstd, int64_t N, Y* y,
 template <typename T>
 void rms_fwd_rows(const T* x, T* y, acc_t<T>* rstd, const acc_t<T>* w, int64_t M, int64_t N,
                   double eps) {
+  const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      pf.before_row(i, b, e);
       const T* xr = x + i * N;
       const auto r = rstd_from(row_sumsq(xr, N), N, eps);
       rstd[i] = r;
@@ -76,8 +79,15 @@ void fused_add_rows(const T* x, const R* r, R* h, T* y, acc_t<T>* rstd, const ac
                     int64_t M, int64_t N, double eps) {
   using A = acc_t<T>;
   static_assert(std::is_same_v<A, acc_t<R>>);
+  // Fresh outputs only (the in-place variant writes its operands): prefault.h.
+  const OutputPrefault pf_h(static_cast<const void*>(h) == r ? nullptr : h, M,
+                            N * static_cast<int64_t>(sizeof(R)));
+  const OutputPrefault pf_y(static_cast<const void*>(y) == x ? nullptr : y, M,
+                            N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      pf_h.before_row(i, b, e);
+      pf_y.before_row(i, b, e);
       const T* xr = x + i * N;
       const R* rr = r + i * N;
       R* hr = h + i * N;
@@ -90,10 +100,12 @@ void fused_add_rows(const T* x, const R* r, R* h, T* y, acc_t<T>* rstd, const ac
 
 // dx = rstd * (g - xhat * rstd * mean(g * x)) (+ grad_residual), g = dy * w, xhat = x * rstd.
 // dwp (may be null): the partial row of sum(dy * xhat) that rows [row_begin, row_end) add to.
+// pf: backs dx's pages ahead of the stores (prefault.h). Rows below prefetch_end are
+// prefetched, so a block's last row prefetches the next block's first.
 template <typename X, typename G>
 void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>* w,
                   const X* gres, X* dx, acc_t<X>* dwp, int64_t row_begin, int64_t row_end,
-                  int64_t N) {
+                  int64_t N, const OutputPrefault& pf, int64_t prefetch_end) {
   using XIO = RowIO<X>;
   using GIO = RowIO<G>;
   using A = acc_t<X>;
@@ -102,6 +114,7 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
   static_assert(std::is_same_v<A, acc_t<G>>);
   constexpr int64_t S = XIO::kStep;
   for (int64_t i = row_begin; i < row_end; ++i) {
+    pf.before_row(i, row_begin, row_end);
     const G* dyr = dy + i * N;
     const X* xr = x + i * N;
     const A r = rstd[i];
@@ -126,8 +139,15 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
     // while xhat is O(1) and c is O(|g|). Same grouping as the CUDA kernel, so the two agree.
     const A c = r * (reduce_add(t[0] + t[1]) / static_cast<A>(N));
     const V vr(r), vc(c);
+    // This pass reads the row from L1/L2 and leaves memory idle: prefetch the next row's dy
+    // and x meanwhile (into L2: this pass's own 5 rows of traffic would evict them from L1).
+    const bool pf_next = i + 1 < prefetch_end;
     for (int64_t j = 0; j < N; j += S) {
       const int64_t n = std::min(S, N - j);
+      if (pf_next) {
+        prefetch_step<G, S, 2>(dyr + N, j);
+        prefetch_step<X, S, 2>(xr + N, j);
+      }
       load_g(j, n);
       xa = xa * vr;  // xhat
       xb = xb * vr;
@@ -199,9 +219,10 @@ void rms_bwd(const RmsBwdParams& p, const Launch& l) {
       const A* rp = static_cast<const A*>(p.rstd);
       const X* gp = static_cast<const X*>(p.gres);
       X* dxp = static_cast<X*>(p.dx);
+      const OutputPrefault pf(dxp, p.M, p.N * static_cast<int64_t>(sizeof(X)));
       if (p.dw == nullptr) {
         at::parallel_for(0, p.M, row_grain(p.N), [&](int64_t b, int64_t e) {
-          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, nullptr, b, e, p.N);
+          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, nullptr, b, e, p.N, pf, e);
         });
         return;
       }
@@ -211,7 +232,8 @@ void rms_bwd(const RmsBwdParams& p, const Launch& l) {
       for_each_chunk(chunks, [&](int64_t c) {
         PartialTree<A> tree = ws.tree(c);
         for_each_block(tree, chunks.begin(c), chunks.end(c), [&](int64_t b, int64_t e, A* part) {
-          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, part, b, e, p.N);
+          rms_bwd_rows<X, G>(dyp, xptr, rp, wp.get(), gp, dxp, part, b, e, p.N, pf,
+                             chunks.end(c));
         });
         sums[c] = tree.finish();
       });

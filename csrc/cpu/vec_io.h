@@ -35,12 +35,14 @@ using acc_t = typename AccOf<T>::type;
 // Prefetches the part of the next row (`next`, may be null) that matches step j of this
 // one: a kernel calls it while writing row i so that row i + 1's trip from memory overlaps
 // this row's arithmetic and stores instead of following them.
-template <typename T, int64_t kStep>
+// kLocality: 3 into L1, 2 into L2 (where the current row's own traffic would evict the
+// prefetched lines from L1 before they are read).
+template <typename T, int64_t kStep, int kLocality = 3>
 inline void prefetch_step(const void* next, int64_t j) {
   if (next == nullptr) return;
   const char* p = static_cast<const char*>(next) + j * static_cast<int64_t>(sizeof(T));
   for (int64_t o = 0; o < kStep * static_cast<int64_t>(sizeof(T)); o += 64) {
-    __builtin_prefetch(p + o, 0, 3);
+    __builtin_prefetch(p + o, 0, kLocality);
   }
 }
 
