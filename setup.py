@@ -118,20 +118,26 @@ def _cpu_flags():
                 flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
         except (OSError, AttributeError):
             flags = set()
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c", "avx512_bf16"} <= flags:
+            isa = "avx512bf16"
+        elif {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
             isa = "avx512"
         elif {"avx2", "fma", "f16c"} <= flags:
             isa = "avx2"
         else:
             isa = "default"
+    avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mavx2",
+              "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
     if isa == "avx512":
-        return isa, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                     "-mavx2", "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+        return isa, avx512
+    if isa == "avx512bf16":
+        # AVX-512 plus the BF16 conversion instruction for bfloat16 stores (csrc/cpu/vec_io.h).
+        return isa, avx512 + ["-mavx512bf16"]
     if isa == "avx2":
         return isa, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     if isa == "default":
         return isa, ["-DCPU_CAPABILITY=DEFAULT"]
-    sys.exit(f"rmsnorm_ext: unknown RMSNORM_EXT_CPU_ISA={isa!r} (native, avx512, avx2, default)")
+    sys.exit(f"rmsnorm_ext: unknown RMSNORM_EXT_CPU_ISA={isa!r} (native, avx512bf16, avx512, avx2, default)")
 
 
 def _default_arch_list():

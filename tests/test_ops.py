@@ -319,6 +319,36 @@ def test_fused_add_matches_unfused(device, dtype, rdtype, n):
                                    atol=tol * b.double().abs().max().item(), msg=name)
 
 
+def test_bfloat16_store_rounding(device):
+    """Every bfloat16 output is its fp32 value rounded once, to nearest-even: residual_out of
+    the fused add is exactly fp32(x) + fp32(r) rounded, so it checks the store conversion
+    itself -- ties, carries into the exponent, overflow to inf, NaN. The avx512bf16 CPU build
+    rounds with the BF16 instruction, which reads a subnormal float as zero: there (and only
+    there) a subnormal result is stored as zero, as README documents."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2**16, (4096, 64), generator=g, dtype=torch.int32).to(torch.int16)
+    x = bits.view(torch.bfloat16)
+    # partners that make exact ties and carries: x + r with r a half-ulp of x, and tiny r
+    r = torch.where(torch.rand(x.shape, generator=g) < 0.5,
+                    (x.float() * 2.0**-8).bfloat16(), torch.randn(x.shape, generator=g).bfloat16())
+    x = torch.cat([x, torch.tensor([[3e38, -3e38, float("nan"), 1e-38, -1e-38, 2e-39,
+                                     -2e-39, 6e-39] * 8], dtype=torch.bfloat16)])
+    r = torch.cat([r, torch.tensor([[3e38, -3e38, 1.0, 1e-39, -1e-39, 2e-39, -2e-39,
+                                     -5e-39] * 8], dtype=torch.bfloat16)])
+    x, r = x.to(device), r.to(device)
+    _, h = rmsnorm_ext.fused_add_rms_norm(x, r, (64,), None, 1e-6)
+    want = (x.float() + r.float()).bfloat16()
+    same = (h.float() == want.float()) | (h.isnan() & want.isnan())
+    tiny = want.float().abs() < torch.finfo(torch.float32).tiny
+    flushed = tiny & (h.float() == 0)
+    if device == "cpu" and rmsnorm_ext.build_info()["cpu_isa"] == "avx512bf16":
+        assert bool((same | flushed).all()), (h[~(same | flushed)], want[~(same | flushed)])
+        assert bool(flushed[tiny & (want.float() != 0)].all())
+    else:
+        assert bool(same.all()), (h[~same], want[~same])
+    assert int(tiny.sum()) > 0 and int(want.isinf().sum()) > 0 and int(want.isnan().sum()) > 0
+
+
 def test_fused_add_inplace(device):
     x = torch.randn(6, 300, device=device, dtype=torch.bfloat16)
     r = torch.randn(6, 300, device=device, dtype=torch.float32)
@@ -499,7 +529,7 @@ def test_every_op_has_a_kernel_for_each_built_backend():
 def test_build_info():
     info = rmsnorm_ext.build_info()
     assert info["torch_version"] == torch.__version__.split("+")[0]
-    assert info["cpu_isa"] in ("avx512", "avx2", "default")
+    assert info["cpu_isa"] in ("avx512bf16", "avx512", "avx2", "default")
     for key in ("compiler", "openmp", "cuda", "cuda_archs", "num_threads"):
         assert key in info
     # The C++ runtime must be the shared libstdc++.so.6: a static copy beside the one torch
