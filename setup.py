@@ -8,7 +8,7 @@ torch you will run it with:
 Environment knobs:
   RMSNORM_EXT_CUDA=0|1     0: CPU-only build; 1: require CUDA (fail loudly if impossible);
                            unset: build CUDA when torch has CUDA and a toolkit is found.
-  RMSNORM_EXT_CPU_ISA=native|avx512|avx2|default
+  RMSNORM_EXT_CPU_ISA=native|avx512bf16|avx512|avx2|default
                            the x86 vector ISA of the CPU kernels (default: native, the best
                            the building machine supports). Pick avx2 or default for a
                            build that must run on other machines.
@@ -23,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -188,7 +189,8 @@ def _shared_cxx_runtime():
     it also binds the std:: symbols torch's libraries export their own copies of (libc10
     carries newer-GCC instantiations) to libstdc++. rmsnorm_ext.build_info()["libstdcxx"]
     and the import-time check say which one a build got."""
-    cxx = shlex.split(os.environ.get("CXX") or "c++")
+    # The compiler setuptools links with: $CXX, else the one Python was built with.
+    cxx = shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
     try:
         path = subprocess.run(cxx + ["-print-file-name=libstdc++.so.6"], capture_output=True,
                               text=True, timeout=60).stdout.strip()
@@ -223,10 +225,10 @@ def _extension():
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
                 "-DRMSNORM_EXT_WITH_CUDA"]
         return CUDAExtension(
-            "rmsnorm_ext._C", sources + cu, libraries=STDCXX_FIRST,
+            "rmsnorm_ext._C", sources + cu, libraries=list(STDCXX_FIRST),
             extra_compile_args={"cxx": cxx + ["-DRMSNORM_EXT_WITH_CUDA"], "nvcc": nvcc},
             extra_link_args=ldflags)
-    return CppExtension("rmsnorm_ext._C", sources, libraries=STDCXX_FIRST,
+    return CppExtension("rmsnorm_ext._C", sources, libraries=list(STDCXX_FIRST),
                         extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
 
 

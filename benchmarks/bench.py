@@ -567,6 +567,7 @@ def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
     # A run cut short (Ctrl-C, or SIGTERM from `timeout` in a time-boxed GPU lease) keeps the
     # rows it finished: they are written, with the cut recorded in the metadata.
     stopped = None
+    i = 0
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt("SIGTERM")

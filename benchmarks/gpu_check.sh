@@ -61,7 +61,7 @@ fi
 probe_pid=
 PROBE=${PROBE:-.probe/torch_check_crash.py}
 if [ -f "$PROBE" ]; then
-  (MAX_JOBS=4 timeout 240 python3 "$PROBE" /tmp/crash_probe > "$WORK/probe.txt" 2>&1) &
+  (MAX_JOBS=4 timeout -k 15 240 python3 "$PROBE" /tmp/crash_probe > "$WORK/probe.txt" 2>&1) &
   probe_pid=$!
 fi
 
@@ -73,7 +73,7 @@ if want build; then
     tail -40 "$WORK/build.txt"; echo "BUILD FAILED"; exit 1
   fi
   python3 -c "import rmsnorm_ext; print(rmsnorm_ext.build_info())" || exit 1
-  python3 -c "import rmsnorm_ext; raise SystemExit(rmsnorm_ext.build_info()['libstdcxx'] != 'shared')" \
+  python3 -c "import rmsnorm_ext; raise SystemExit(rmsnorm_ext.build_info()['libstdcxx'] == 'static copy')" \
     || note "BUILD LINKED A STATIC libstdc++ (see setup.py _shared_cxx_runtime)"
 fi
 
@@ -84,7 +84,7 @@ for case in "R.rms_norm(torch.ones(2, 3), (4,))" \
             "R.rms_norm(torch.ones(2, 3, device='cuda'), (4,))" \
             "R.layer_norm(torch.ones(2, 8, device='cuda'), (8,), torch.ones(7, device='cuda'))" \
             "R.rms_norm(torch.ones(2, 8, device='cuda'), (8,), eps=-1.0)"; do
-  timeout 60 python3 -X faulthandler -c "import torch, rmsnorm_ext as R
+  timeout -k 15 60 python3 -X faulthandler -c "import torch, rmsnorm_ext as R
 try:
     $case
 except Exception as e:
@@ -115,7 +115,7 @@ if want sanitize; then
   # tests (the GPU and 16 cores have room; these are correctness runs, not timings).
   run_san() {  # tool families
     local tool=$1 fam=$2
-    timeout "${SAN_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    timeout -k 15 "${SAN_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
       python3 tests/cuda_paths.py --quick --family "$fam" > "$WORK/sanitize_$tool.txt" 2>&1
     echo $? > "$WORK/sanitize_$tool.rc"
   }
@@ -131,15 +131,15 @@ if want tests; then
   # -v with the classic style prints one "[gwN] PASSED/FAILED test" line per test as it ends,
   # so a run cut by the stage's timeout still says which tests failed and which never ended;
   # the thread timeout method dumps the stacks of a hung test before ending its worker.
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -v -o console_output_style=classic -rfE \
+  timeout -k 15 "${TEST_TIMEOUT:-240}" python3 -m pytest -v -o console_output_style=classic -rfE \
     -n "${PYTEST_JOBS:-12}" --max-worker-restart 300 --timeout=90 --timeout-method=thread \
     -p no:cacheprovider tests -k "${PYTEST_K:-$K_DEFAULT}" --junitxml="$WORK/pytest.xml" \
     --durations=15 > "$WORK/pytest.txt" 2>&1
   rc=$?
   grep -E " (FAILED|ERROR) |crashed|Timeout" "$WORK/pytest.txt" | cut -c1-200 | head -40
   tail -15 "$WORK/pytest.txt" | cut -c1-300
-  if [ $rc -eq 124 ]; then  # cut: which tests started and never ended
-    timeout 60 python3 -m pytest --collect-only -q -p no:cacheprovider tests \
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then  # cut: which tests started and never ended
+    timeout -k 15 60 python3 -m pytest --collect-only -q -p no:cacheprovider tests \
       -k "${PYTEST_K:-$K_DEFAULT}" 2>/dev/null | grep "::" > "$WORK/collected.txt"
     grep -E "^\[gw[0-9]+\] .*(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) tests/" "$WORK/pytest.txt" \
       | sed -E 's/^.*(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) //; s/ +$//' | sort -u > "$WORK/finished.txt"
@@ -179,12 +179,12 @@ quant|--op rms_norm_quant,fused_add_rms_norm_quant,layer_norm_quant --quant fp8-
     if [ $left -lt 20 ]; then note "bench $name: skipped (out of time)"; continue; fi
     stage "benchmark $name (${left}s left): $args"
     # shellcheck disable=SC2086
-    timeout "$left" python3 benchmarks/bench.py --device cuda --no-plots --rounds 7 \
+    timeout -k 15 "$left" python3 benchmarks/bench.py --device cuda --no-plots --rounds 7 \
       --max-rounds 11 --sample-ms 15 --out "$WORK/bench" --name "$name" $args \
-      > "$WORK/bench/$name.txt" 2>&1
+      > "$WORK/bench/$name.txt" 2>&1 < /dev/null
     rc=$?
     if [ $rc -eq 0 ]; then note "bench $name: done"
-    elif [ -f "$WORK/bench/$name.json" ]; then note "bench $name: cut by the time box (rc=$rc), finished rows kept"
+    elif python3 -c "import json, sys; json.load(open(sys.argv[1]))" "$WORK/bench/$name.json" 2>/dev/null; then note "bench $name: cut by the time box (rc=$rc), finished rows kept"
     else tail -5 "$WORK/bench/$name.txt"; note "BENCH $name FAILED (rc=$rc)"; status=1; fi
   done <<< "$BENCH_SETS"
 fi
@@ -196,7 +196,7 @@ if want model; then
     left=$((t0 + DEADLINE - SECONDS))
     if [ $left -lt 45 ]; then note "model $mode: skipped (out of time)"; continue; fi
     stage "model_bench $mode (${left}s left)"
-    timeout "$left" python3 benchmarks/model_bench.py --device cuda --mode "$mode" --no-traces \
+    timeout -k 15 "$left" python3 benchmarks/model_bench.py --device cuda --mode "$mode" --no-traces \
       --out "$WORK/model_$mode" > "$WORK/model_$mode.txt" 2>&1
     rc=$?
     if [ $rc -eq 0 ]; then note "model $mode: done"

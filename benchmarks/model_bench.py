@@ -219,6 +219,10 @@ def norm_times(events, steps: int, device_time: bool = False) -> NormTimes:
     op that creates no node carries the next op's number -- plus norm ops called directly
     from a compiled backward graph (torch.compile calls our bwd op without an autograd node
     of its own)."""
+    # Host-side events only: with CUDA activity Kineto also lists device-side copies of
+    # record_function ranges ("gpu_user_annotation"), which would count the step twice.
+    cpu = torch.autograd.DeviceType.CPU
+    events = [e for e in events if getattr(e, "device_type", cpu) == cpu]
     if device_time:
         def tot(e): return e.device_time_total
         def own(e): return e.self_device_time_total
@@ -288,7 +292,12 @@ def norm_times(events, steps: int, device_time: bool = False) -> NormTimes:
             fwd += tot(e)
             calls_fwd += 1
             account(e, "fwd")
-    step = sum(tot(e) for e in events if e.name == STEP_LABEL)
+    if device_time:
+        # Every kernel the profiled steps launched, from any thread: the backward's kernels
+        # are launched by autograd's device thread, outside the step range's event tree.
+        step = sum(k.duration for e in events for k in e.kernels)
+    else:
+        step = sum(tot(e) for e in events if e.name == STEP_LABEL)
     return NormTimes(step_us=step / steps, fwd_us=fwd / steps, bwd_us=bwd / steps,
                      calls_fwd=calls_fwd / steps, calls_bwd=calls_bwd / steps,
                      by_op={k: v / steps for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])})

@@ -28,14 +28,16 @@ def _check_cpu_isa():
     except ImportError:
         return
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
-    need = {"avx512bf16": avx512 | {"avx512_bf16"}, "avx512": avx512,
-            "avx2": {"avx2", "fma", "f16c"}}.get(CPU_ISA)
+    levels = {"avx512bf16": avx512 | {"avx512_bf16"}, "avx512": avx512,
+              "avx2": {"avx2", "fma", "f16c"}}
+    need = levels.get(CPU_ISA)
     flags = _cpu_flags()
     if need and flags is not None and not need <= flags:
+        here = next((k for k, v in levels.items() if v <= flags), "default")
         raise ImportError(
             f"rmsnorm_ext was built for {CPU_ISA.upper()} but this CPU lacks "
-            f"{sorted(need - flags)}; rebuild here, or build a portable one with "
-            f"RMSNORM_EXT_CPU_ISA=avx512, avx2 or default "
+            f"{sorted(need - flags)}; rebuild here (this CPU takes RMSNORM_EXT_CPU_ISA={here}), "
+            f"or build a portable one with RMSNORM_EXT_CPU_ISA=avx2 or default "
             f"(pip install --no-build-isolation -e .)")
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from argparse import Namespace
 from pathlib import Path
 
@@ -428,12 +429,15 @@ MODEL_ARGS = ("--device", "cpu", "--hidden", "64", "--heads", "2", "--layers", "
 
 
 class _Ev:
-    """A stand-in for torch.profiler's FunctionEvent: host and device times, a tree."""
-    def __init__(self, name, cpu, dev, children=(), seq=-1):
+    """A stand-in for torch.profiler's FunctionEvent: host and device times, a tree, the
+    kernels an op launched itself."""
+    def __init__(self, name, cpu, dev, children=(), seq=-1, device_type=None):
         self.name, self.sequence_nr, self.cpu_parent = name, seq, None
+        self.device_type = device_type or torch.autograd.DeviceType.CPU
         self.cpu_children = list(children)
         for c in self.cpu_children:
             c.cpu_parent = self
+        self.kernels = [types.SimpleNamespace(duration=dev)] if dev else []
         self.cpu_time_total = cpu + sum(c.cpu_time_total for c in self.cpu_children)
         self.device_time_total = dev + sum(c.device_time_total for c in self.cpu_children)
         self.self_cpu_time_total, self.self_device_time_total = cpu, dev
@@ -441,16 +445,20 @@ class _Ev:
 
 def test_norm_times_host_or_device_time():
     """On CUDA the norm share is GPU time (the host only launches kernels): norm_times takes
-    the events' device times there, host times on CPU."""
+    the events' device times there, host times on CPU. The step's GPU time counts kernels
+    launched outside the step range's tree (autograd's device thread runs the backward) and
+    not the device-side copy of the step annotation."""
     mb = _load("model_bench")
     fwd = _Ev("rmsnorm_ext::rms_norm_fwd", cpu=30, dev=100, seq=7)
     mm = _Ev("aten::mm", cpu=20, dev=700, seq=8)
+    step = _Ev(mb.STEP_LABEL, cpu=10, dev=0, children=[fwd, mm])
+    # the backward, on another thread: a root of its own
     node = _Ev("RmsNormBackward", cpu=25, dev=200)
     bwd = _Ev(mb.BACKWARD_PREFIX + "RmsNormBackward", cpu=5, dev=0, children=[node], seq=7)
-    step = _Ev(mb.STEP_LABEL, cpu=10, dev=0, children=[fwd, mm, bwd])
-    events = [step, fwd, mm, bwd, node]
+    gpu_step = _Ev(mb.STEP_LABEL, cpu=0, dev=5000, device_type=torch.autograd.DeviceType.CUDA)
+    events = [step, fwd, mm, bwd, node, gpu_step]
     host = mb.norm_times(events, steps=1)
-    assert (host.fwd_us, host.bwd_us, host.step_us) == (30, 25, 90)
+    assert (host.fwd_us, host.bwd_us, host.step_us) == (30, 25, 60)
     gpu = mb.norm_times(events, steps=1, device_time=True)
     assert (gpu.fwd_us, gpu.bwd_us, gpu.step_us) == (100, 200, 1000)
     assert gpu.share == 0.3

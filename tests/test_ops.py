@@ -537,6 +537,27 @@ def test_build_info():
     assert info["libstdcxx"] == "shared", info
 
 
+@pytest.mark.parametrize("built,cpu,lacks,takes", [
+    ("avx512bf16", {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
+     "avx512_bf16", "avx512"),
+    ("avx512bf16", {"avx2", "fma", "f16c"}, "avx512f", "avx2"),
+    ("avx512", {"avx2", "fma", "f16c"}, "avx512bw", "avx2"),
+    ("avx2", {"sse4_2"}, "avx2", "default"),
+])
+def test_import_refuses_a_build_the_cpu_cannot_run(monkeypatch, built, cpu, lacks, takes):
+    """Loading a build whose vector ISA the CPU lacks would die of SIGILL: the import check
+    raises instead, naming what is missing and the level this CPU takes."""
+    from rmsnorm_ext import _build_config, _loader
+    monkeypatch.setattr(_build_config, "CPU_ISA", built)
+    monkeypatch.setattr(_loader, "_cpu_flags", lambda: set(cpu))
+    with pytest.raises(ImportError, match=lacks) as e:
+        _loader._check_cpu_isa()
+    assert f"RMSNORM_EXT_CPU_ISA={takes}" in str(e.value)
+    monkeypatch.setattr(_loader, "_cpu_flags", lambda: set(cpu) | {
+        "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx2", "fma", "f16c"})
+    _loader._check_cpu_isa()
+
+
 def _cxx_so(tmp_path, name, *flags):
     src = tmp_path / "f.cpp"
     src.write_text('#include <sstream>\n#include <string>\n'

@@ -11,7 +11,8 @@
 // before computing them, so the freshly zeroed pages are still in L2 when the rows are
 // stored, and only on outputs it allocated itself (never on in-place outputs), of at least
 // kMinBytes, and not already backed (see backed()). Where the call is unsupported (older
-// kernels, other systems) it is skipped from then on and the pages fault as before.
+// kernels, seccomp filters, other systems) it is skipped from then on and the pages fault
+// as before.
 #pragma once
 
 #include <algorithm>
@@ -83,7 +84,7 @@ class OutputPrefault {
     const uintptr_t e = reinterpret_cast<uintptr_t>(end) & ~(kPage - 1);
     if (e <= b || unsupported().load(std::memory_order_relaxed)) return;
     if (madvise(reinterpret_cast<void*>(b), e - b, MADV_POPULATE_WRITE) != 0 &&
-        (errno == EINVAL || errno == ENOSYS)) {
+        (errno == EINVAL || errno == ENOSYS || errno == EPERM)) {  // EPERM: a seccomp filter
       unsupported().store(true, std::memory_order_relaxed);
     }
 #else
