@@ -202,6 +202,30 @@ inline void check_same_param_dtype(const std::optional<Tensor>& w, const std::op
                    " must match");
 }
 
+// All the forward arguments of rms_norm (and rms_norm_quant): returns the row view.
+inline RowShape check_rms_norm(const Tensor& input, at::IntArrayRef ns,
+                               const std::optional<Tensor>& weight, double eps, double offset) {
+  check_input(input, "input");
+  const RowShape rs = check_normalized_shape(input, ns);
+  check_param(weight, "weight", input, ns);
+  check_eps(eps);
+  check_offset(offset);
+  return rs;
+}
+
+// All the forward arguments of layer_norm (and layer_norm_quant): returns the row view.
+inline RowShape check_layer_norm(const Tensor& input, at::IntArrayRef ns,
+                                 const std::optional<Tensor>& weight,
+                                 const std::optional<Tensor>& bias, double eps) {
+  check_input(input, "input");
+  const RowShape rs = check_normalized_shape(input, ns);
+  check_param(weight, "weight", input, ns);
+  check_param(bias, "bias", input, ns);
+  check_same_param_dtype(weight, bias);
+  check_eps(eps);
+  return rs;
+}
+
 // An in-place kernel writes each element once, from the same element of its inputs: it
 // refuses a tensor whose elements share memory (expanded) and two tensors whose elements
 // overlap. Views of one buffer that share no element (interleaved columns) are fine.

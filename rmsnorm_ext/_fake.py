@@ -135,6 +135,25 @@ def check_same_param_dtype(w, b):
                         "must match")
 
 
+def check_rms_norm(x, normalized_shape, weight, eps, weight_offset):
+    check_input(x)
+    lead = check_normalized_shape(x, normalized_shape)
+    check_param(weight, "weight", x, normalized_shape)
+    check_eps(eps)
+    check_offset(weight_offset)
+    return lead
+
+
+def check_layer_norm(x, normalized_shape, weight, bias, eps):
+    check_input(x)
+    lead = check_normalized_shape(x, normalized_shape)
+    check_param(weight, "weight", x, normalized_shape)
+    check_param(bias, "bias", x, normalized_shape)
+    check_same_param_dtype(weight, bias)
+    check_eps(eps)
+    return lead
+
+
 def check_fused(x, r, normalized_shape, weight, eps, weight_offset):
     check_input(x)
     check_residual(x, r)
@@ -200,11 +219,7 @@ def _like(x):
 
 @torch.library.register_fake("rmsnorm_ext::rms_norm_fwd")
 def _(input, normalized_shape, weight, eps, weight_offset):
-    check_input(input)
-    lead = check_normalized_shape(input, normalized_shape)
-    check_param(weight, "weight", input, normalized_shape)
-    check_eps(eps)
-    check_offset(weight_offset)
+    lead = check_rms_norm(input, normalized_shape, weight, eps, weight_offset)
     return _like(input), _stats(input, lead)
 
 
@@ -224,12 +239,7 @@ def _(grad_out, input, rstd, weight, normalized_shape, weight_offset, grad_resid
 
 @torch.library.register_fake("rmsnorm_ext::layer_norm_fwd")
 def _(input, normalized_shape, weight, bias, eps):
-    check_input(input)
-    lead = check_normalized_shape(input, normalized_shape)
-    check_param(weight, "weight", input, normalized_shape)
-    check_param(bias, "bias", input, normalized_shape)
-    check_same_param_dtype(weight, bias)
-    check_eps(eps)
+    lead = check_layer_norm(input, normalized_shape, weight, bias, eps)
     return _like(input), _stats(input, lead), _stats(input, lead)
 
 
@@ -330,10 +340,7 @@ def _(input, normalized_shape, weight, eps, weight_offset, scale, quant_dtype, g
       scale_ub):
     op = "rms_norm_quant"
     check_quant_input(input, op)
-    lead = check_normalized_shape(input, normalized_shape)
-    check_param(weight, "weight", input, normalized_shape)
-    check_eps(eps)
-    check_offset(weight_offset)
+    lead = check_rms_norm(input, normalized_shape, weight, eps, weight_offset)
     return _quant_outputs(input, lead, normalized_shape, scale, quant_dtype, group_size,
                           scale_ub, op)
 
@@ -343,11 +350,7 @@ def _(input, residual, normalized_shape, weight, eps, weight_offset, scale, quan
       group_size, scale_ub):
     op = "fused_add_rms_norm_quant"
     check_quant_input(input, op)
-    check_residual(input, residual)
-    lead = check_normalized_shape(input, normalized_shape)
-    check_param(weight, "weight", input, normalized_shape)
-    check_eps(eps)
-    check_offset(weight_offset)
+    lead = check_fused(input, residual, normalized_shape, weight, eps, weight_offset)
     out, scales = _quant_outputs(input, lead, normalized_shape, scale, quant_dtype, group_size,
                                  scale_ub, op)
     h = torch.empty_like(residual, memory_format=torch.contiguous_format)
@@ -358,10 +361,6 @@ def _(input, residual, normalized_shape, weight, eps, weight_offset, scale, quan
 def _(input, normalized_shape, weight, bias, eps, scale, quant_dtype, group_size, scale_ub):
     op = "layer_norm_quant"
     check_quant_input(input, op)
-    lead = check_normalized_shape(input, normalized_shape)
-    check_param(weight, "weight", input, normalized_shape)
-    check_param(bias, "bias", input, normalized_shape)
-    check_same_param_dtype(weight, bias)
-    check_eps(eps)
+    lead = check_layer_norm(input, normalized_shape, weight, bias, eps)
     return _quant_outputs(input, lead, normalized_shape, scale, quant_dtype, group_size,
                           scale_ub, op)

@@ -9,12 +9,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
                                                   const std::optional<Tensor>& weight,
                                                   const std::optional<Tensor>& bias,
                                                   double eps) {
-  check_input(input, "input");
-  const RowShape rs = check_normalized_shape(input, normalized_shape);
-  check_param(weight, "weight", input, normalized_shape);
-  check_param(bias, "bias", input, normalized_shape);
-  check_same_param_dtype(weight, bias);
-  check_eps(eps);
+  const RowShape rs = check_layer_norm(input, normalized_shape, weight, bias, eps);
 
   Tensor y = at::empty(input.sizes(), input.options());
   if (rs.M == 0 || rs.N == 0) {

@@ -89,10 +89,7 @@ std::tuple<Tensor, Tensor> rms_norm_quant(const Tensor& input, at::IntArrayRef n
                                           const std::optional<Tensor>& scale_ub) {
   constexpr const char* op = "rms_norm_quant";
   check_quant_input(input, op);
-  const RowShape rs = check_normalized_shape(input, normalized_shape);
-  check_param(weight, "weight", input, normalized_shape);
-  check_eps(eps);
-  check_offset(weight_offset);
+  const RowShape rs = check_rms_norm(input, normalized_shape, weight, eps, weight_offset);
   return run_quant(NormKind::rms, input, Tensor(), Tensor(), rs, normalized_shape, weight,
                    std::nullopt, eps, weight_offset, scale, quant_dtype, group_size, scale_ub, op);
 }
@@ -121,11 +118,7 @@ std::tuple<Tensor, Tensor> layer_norm_quant(const Tensor& input, at::IntArrayRef
                                             const std::optional<Tensor>& scale_ub) {
   constexpr const char* op = "layer_norm_quant";
   check_quant_input(input, op);
-  const RowShape rs = check_normalized_shape(input, normalized_shape);
-  check_param(weight, "weight", input, normalized_shape);
-  check_param(bias, "bias", input, normalized_shape);
-  check_same_param_dtype(weight, bias);
-  check_eps(eps);
+  const RowShape rs = check_layer_norm(input, normalized_shape, weight, bias, eps);
   return run_quant(NormKind::layer, input, Tensor(), Tensor(), rs, normalized_shape, weight, bias,
                    eps, 0.0, scale, quant_dtype, group_size, scale_ub, op);
 }

@@ -7,11 +7,7 @@ namespace rmsnorm_ext::host {
 std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef normalized_shape,
                                         const std::optional<Tensor>& weight, double eps,
                                         double weight_offset) {
-  check_input(input, "input");
-  const RowShape rs = check_normalized_shape(input, normalized_shape);
-  check_param(weight, "weight", input, normalized_shape);
-  check_eps(eps);
-  check_offset(weight_offset);
+  const RowShape rs = check_rms_norm(input, normalized_shape, weight, eps, weight_offset);
 
   Tensor y = at::empty(input.sizes(), input.options());
   if (rs.M == 0 || rs.N == 0) return {y, empty_row_stats(input, normalized_shape)};
