@@ -4,6 +4,7 @@ Timing lives in _timer.py (interleaved rounds, medians, spreads): every benchmar
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
@@ -11,7 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -208,3 +209,14 @@ def header_line(machine: dict, markdown: bool = True) -> str:
     parts = [name, f"torch {machine['torch_version']}", f"commit {machine['git_commit']}",
              str(machine["date"])]
     return (" · " if markdown else " | ").join(parts)
+
+
+def csv_list(choices: Sequence[str]) -> Callable[[str], Tuple[str, ...]]:
+    """An argparse type: a comma list, each item one of `choices`."""
+    def parse(text: str) -> Tuple[str, ...]:
+        items = tuple(s.strip() for s in text.split(",") if s.strip())
+        bad = [s for s in items if s not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
+        return items
+    return parse

@@ -828,16 +828,6 @@ def make_plots(results: List[Result], meta: dict, out: Path) -> List[Path]:
 
 
 # ------------------------------------------------------------------------------- cli
-def _csv_list(choices: Sequence[str]):
-    def parse(text: str) -> Tuple[str, ...]:
-        items = tuple(s.strip() for s in text.split(",") if s.strip())
-        bad = [s for s in items if s not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
-        return items
-    return parse
-
-
 def _shapes(text: str) -> Tuple[Shape, ...]:
     try:
         return tuple(tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s)
@@ -852,22 +842,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="three shapes, one dtype, fewer rounds, plus one rms_norm_quant row "
                         "(about 2 minutes on 2 cores)")
-    p.add_argument("--op", type=_csv_list(ALL_OPS),
+    p.add_argument("--op", type=_common.csv_list(ALL_OPS),
                    help=f"comma list of {ALL_OPS} (default: the first three; the quant ops "
                         "are forward only, in the --quant modes)")
-    p.add_argument("--quant", type=_csv_list(QUANT_MODES), default=DEFAULT_QUANT,
+    p.add_argument("--quant", type=_common.csv_list(QUANT_MODES), default=DEFAULT_QUANT,
                    help="the quant ops' output dtype and scale mode, a comma list of "
                         f"{QUANT_MODES}: fp8 = float8_e4m3fn; static = a given scale "
                         f"({STATIC_SCALE}), token = one dynamic scale per row, group128 = one "
                         "per 128 elements (default fp8-token)")
-    p.add_argument("--dtype", type=_csv_list(tuple(DTYPES)),
+    p.add_argument("--dtype", type=_common.csv_list(tuple(DTYPES)),
                    help="comma list of float32,bfloat16,float16 (default: the sweep's; "
                         "given, it replaces the sweep's dtypes)")
     p.add_argument("--shape", type=_shapes,
                    help="comma list of TOKENSxHIDDEN, e.g. 4096x4096,1x4096 (replaces the sweep)")
-    p.add_argument("--pass", dest="passes", type=_csv_list(PASSES), default=PASSES,
+    p.add_argument("--pass", dest="passes", type=_common.csv_list(PASSES), default=PASSES,
                    help=f"comma list of {PASSES}")
-    p.add_argument("--impl", type=_csv_list(IMPLS), default=IMPLS,
+    p.add_argument("--impl", type=_common.csv_list(IMPLS), default=IMPLS,
                    help=f"comma list of {IMPLS} (liger/apex: GPU only, when importable)")
     p.add_argument("--rounds", type=int, help="interleaved rounds per row (default 9; 7 "
                    "with --quick); noisy rows get more, up to --max-rounds")

@@ -487,25 +487,15 @@ def write_outputs(rows: List[Row], meta: dict, details: dict, out: Path) -> List
 
 
 # -------------------------------------------------------------------------------- cli
-def _csv_list(choices):
-    def parse(text):
-        items = tuple(s.strip() for s in text.split(",") if s.strip())
-        bad = [s for s in items if s not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
-        return items
-    return parse
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="a tiny model, fp32 (smoke test)")
-    p.add_argument("--dtype", type=_csv_list(tuple(DTYPES)),
+    p.add_argument("--dtype", type=_common.csv_list(tuple(DTYPES)),
                    help="comma list (default: float32,bfloat16 on cpu, bfloat16 on cuda)")
-    p.add_argument("--mode", type=_csv_list(MODES), default=MODES, help="eager,compile")
-    p.add_argument("--step", type=_csv_list(STEPS), default=STEPS, help="train,infer")
+    p.add_argument("--mode", type=_common.csv_list(MODES), default=MODES, help="eager,compile")
+    p.add_argument("--step", type=_common.csv_list(STEPS), default=STEPS, help="train,infer")
     p.add_argument("--hidden", type=int, help="model dim (default 1024 cpu, 4096 cuda)")
     p.add_argument("--layers", type=int, help="decoder layers (default 2 cpu, 4 cuda)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default 512 cpu, 8192 cuda)")
