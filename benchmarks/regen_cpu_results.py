@@ -65,6 +65,19 @@ def _t(r) -> str:
     return f"{r['time_us']:.1f} ±{100 * r['spread']:.0f}%" + ("!" if r["noisy"] else "")
 
 
+def _impl_cells(rows: dict, case: tuple) -> str:
+    """The time cells of ours / eager / compile for one case (rows keyed by case + impl),
+    then ours' floor ratio and speedups."""
+    cells = [_t(rows[(*case, i)]) if (*case, i) in rows else "-"
+             for i in ("ours", "eager", "compile")]
+    ours = rows[(*case, "ours")]
+
+    def x(v):
+        return "-" if v is None else f"{v:.2f}x"
+    return " | ".join(cells + [f"{ours['floor_ratio']:.2f}", x(ours["speedup_vs_eager"]),
+                               x(ours["speedup_vs_compile"])])
+
+
 def headline_table(bench: dict) -> str:
     rows = {(r["op"], r["dtype"], r["tokens"], r["hidden"], r["pass"], r["impl"]): r
             for r in bench["results"]}
@@ -83,14 +96,8 @@ def headline_table(bench: dict) -> str:
         ours = rows.get((op, dt, t, h, p, "ours"))
         if ours is None:
             continue
-        cells = [_t(rows[(op, dt, t, h, p, i)]) if (op, dt, t, h, p, i) in rows else "-"
-                 for i in ("ours", "eager", "compile")]
-
-        def x(v):
-            return "-" if v is None else f"{v:.2f}x"
         out.append(f"| {op} | {SHORT[dt]} | {t}×{h} | {p} | {ours['regime']} | "
-                   + " | ".join(cells) + f" | {ours['floor_ratio']:.2f} | "
-                   f"{x(ours['speedup_vs_eager'])} | {x(ours['speedup_vs_compile'])} |")
+                   + _impl_cells(rows, (op, dt, t, h, p)) + " |")
     return "\n".join(out)
 
 
@@ -109,20 +116,13 @@ def quant_table(bench: dict) -> str:
     for (op, quant, dt, t, h, impl), ours in rows.items():
         if impl != "ours":
             continue
-        cells = [_t(rows[(op, quant, dt, t, h, i)]) if (op, quant, dt, t, h, i) in rows
-                 else "-" for i in ("ours", "eager", "compile")]
-
-        def x(v):
-            return "-" if v is None else f"{v:.2f}x"
         out.append(f"| {op} | {quant} | {SHORT[dt]} | {t}×{h} | {ours['regime']} | "
-                   + " | ".join(cells) + f" | {ours['floor_ratio']:.2f} | "
-                   f"{x(ours['speedup_vs_eager'])} | {x(ours['speedup_vs_compile'])} |")
+                   + _impl_cells(rows, (op, quant, dt, t, h)) + " |")
     return "\n".join(out)
 
 
 def floor_table(floor: dict) -> str:
     m, n = floor["shape"]
-    names = [("rms fwd", "rms fwdbwd"), ("ln fwd", "ln fwdbwd")]
     out = [f"| [{m}, {n}] | ours RMSNorm | eager F.rms_norm | compiled F.rms_norm | "
            "ours LayerNorm | native F.layer_norm |", "|---|---:|---:|---:|---:|---:|"]
     for dt, ratios in floor["ratios"].items():
