@@ -1,8 +1,11 @@
-// Argument checks and shape helpers of the host layer (csrc/host/), the same for every
-// device. Every op validates its arguments here, before any kernel runs, so a bad call
-// raises a Python exception naming the problem instead of reading out of bounds.
-// rmsnorm_ext/_fake.py applies the same rules, with the same messages, to meta and fake
-// tensors (tests/test_bad_inputs.py compares them).
+// Argument checks and shape helpers of the host layer (csrc/host/), the one set of rules
+// for every device. Every op validates its arguments here, before any kernel runs, so a bad
+// call raises a Python exception naming the problem instead of reading out of bounds. The
+// host functions are registered for the Meta key too, so meta tensors and the fake tensors
+// torch.compile traces with run these very checks (there is no Python twin to drift).
+//
+// Shapes are read as SymInts (sym_sizes, sym_numel): under torch.compile with dynamic
+// shapes the leading dims are symbolic, and a plain sizes() call would throw there.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,11 +23,25 @@ namespace rmsnorm_ext {
 
 using at::Tensor;
 
-// The input viewed as rows: M rows of N contiguous elements.
+// The input viewed as rows: M rows of N contiguous elements. M may be symbolic on fake
+// tensors; rows() is for real tensors, after the host function's meta early return.
+// N is a product of normalized_shape (int[] in every schema), so always concrete.
 struct RowShape {
-  int64_t M;
+  c10::SymInt M;
   int64_t N;
+  int64_t rows() const { return M.expect_int(); }
+  bool empty() const { return N == 0 || M == 0; }
 };
+
+// Whether a symbolic shape equals a concrete one (guards on symbolic dims, as torch's own
+// meta functions do).
+inline bool same_shape(c10::SymIntArrayRef a, at::IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
+}
 
 // Messages spell dtypes as Python does (torch.float32, not c10's "Float"): that is what
 // users write, and what the fake kernels (rmsnorm_ext/_fake.py) print on meta tensors.
@@ -62,9 +79,10 @@ inline at::ScalarType stats_dtype(at::ScalarType t) {
 }
 
 // Shape of the per-row statistics: the leading (non-normalized) dims of the input.
-inline std::vector<int64_t> stats_shape(const Tensor& input, at::IntArrayRef normalized_shape) {
-  auto sizes = input.sizes();
-  return std::vector<int64_t>(sizes.begin(), sizes.end() - normalized_shape.size());
+inline std::vector<c10::SymInt> stats_shape(const Tensor& input,
+                                            at::IntArrayRef normalized_shape) {
+  auto sizes = input.sym_sizes();
+  return std::vector<c10::SymInt>(sizes.begin(), sizes.end() - normalized_shape.size());
 }
 
 inline void check_input(const Tensor& input, const char* name) {
@@ -80,16 +98,16 @@ inline RowShape check_normalized_shape(const Tensor& input, at::IntArrayRef norm
   const int64_t nd = static_cast<int64_t>(normalized_shape.size());
   TORCH_CHECK_VALUE(input.dim() >= nd,
                     "rmsnorm_ext: normalized_shape ", normalized_shape,
-                    " has more dimensions than the input of shape ", input.sizes());
-  auto trailing = input.sizes().slice(input.dim() - nd);
-  TORCH_CHECK_VALUE(trailing.equals(normalized_shape),
+                    " has more dimensions than the input of shape ", input.sym_sizes());
+  auto trailing = input.sym_sizes().slice(input.dim() - nd);
+  TORCH_CHECK_VALUE(same_shape(trailing, normalized_shape),
                     "rmsnorm_ext: normalized_shape ", normalized_shape,
-                    " does not match the input's trailing dimensions: input shape ", input.sizes(),
-                    " (expected input.shape[-", nd, ":] == normalized_shape)");
+                    " does not match the input's trailing dimensions: input shape ",
+                    input.sym_sizes(), " (expected input.shape[-", nd, ":] == normalized_shape)");
   int64_t N = 1;
   for (auto s : normalized_shape) N *= s;
-  int64_t M = 1;
-  for (int64_t d = 0; d < input.dim() - nd; ++d) M *= input.size(d);
+  c10::SymInt M = 1;
+  for (int64_t d = 0; d < input.dim() - nd; ++d) M *= input.sym_size(d);
   return {M, N};
 }
 
@@ -99,8 +117,9 @@ inline void check_param(const std::optional<Tensor>& p, const char* name, const 
                         at::IntArrayRef normalized_shape) {
   if (!p.has_value() || !p->defined()) return;
   const Tensor& t = *p;
-  TORCH_CHECK_VALUE(t.sizes().equals(normalized_shape), "rmsnorm_ext: ", name,
-                    " must have shape normalized_shape ", normalized_shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(same_shape(t.sym_sizes(), normalized_shape), "rmsnorm_ext: ", name,
+                    " must have shape normalized_shape ", normalized_shape, ", got ",
+                    t.sym_sizes());
   TORCH_CHECK(t.device() == input.device(), "rmsnorm_ext: ", name, " is on ", t.device(),
               " but the input is on ", input.device(), "; move them to the same device");
   const auto wt = t.scalar_type();
@@ -126,9 +145,10 @@ inline void check_offset(double weight_offset) {
 }
 
 // Statistics tensors handed back to a backward op: same leading shape, stats dtype.
-inline void check_stats(const Tensor& s, const char* name, const Tensor& input, int64_t M) {
-  TORCH_CHECK(s.numel() == M, "rmsnorm_ext: ", name, " must have one value per row (", M,
-              " rows), got ", s.numel());
+inline void check_stats(const Tensor& s, const char* name, const Tensor& input,
+                        const c10::SymInt& M) {
+  TORCH_CHECK(s.sym_numel() == M, "rmsnorm_ext: ", name, " must have one value per row (", M,
+              " rows), got ", s.sym_numel());
   TORCH_CHECK(s.scalar_type() == stats_dtype(input.scalar_type()), "rmsnorm_ext: ", name,
               " must be ", py_dtype(stats_dtype(input.scalar_type())), ", got ",
               py_dtype(s.scalar_type()));
@@ -139,8 +159,8 @@ inline void check_stats(const Tensor& s, const char* name, const Tensor& input, 
 // tensor's, or bfloat16/float16 for a float32 tensor (the fp32-residual stream of
 // fused_add_rms_norm, whose output has the activation dtype).
 inline void check_grad(const Tensor& g, const Tensor& input) {
-  TORCH_CHECK_VALUE(g.sizes().equals(input.sizes()), "rmsnorm_ext: grad_out shape ", g.sizes(),
-                    " does not match the input shape ", input.sizes());
+  TORCH_CHECK_VALUE(g.sym_sizes().equals(input.sym_sizes()), "rmsnorm_ext: grad_out shape ",
+                    g.sym_sizes(), " does not match the input shape ", input.sym_sizes());
   check_same_device(g, "grad_out", input, "the input");
   const auto gt = g.scalar_type();
   const auto it = input.scalar_type();
@@ -152,8 +172,9 @@ inline void check_grad(const Tensor& g, const Tensor& input) {
 // residual: same shape and device as the input; dtype the input's, or float32 with a
 // bfloat16/float16 input (an fp32 residual stream).
 inline void check_residual(const Tensor& input, const Tensor& residual) {
-  TORCH_CHECK_VALUE(residual.sizes().equals(input.sizes()), "rmsnorm_ext: residual shape ",
-                    residual.sizes(), " does not match the input shape ", input.sizes());
+  TORCH_CHECK_VALUE(residual.sym_sizes().equals(input.sym_sizes()),
+                    "rmsnorm_ext: residual shape ", residual.sym_sizes(),
+                    " does not match the input shape ", input.sym_sizes());
   check_same_device(residual, "residual", input, "the input");
   const auto rt = residual.scalar_type();
   const auto it = input.scalar_type();
@@ -186,8 +207,9 @@ inline void check_ln_grad(const Tensor& grad_out, const Tensor& input) {
 // grad_residual (the gradient reaching a fused residual sum from its own output): the
 // input's shape, device and dtype.
 inline void check_grad_residual(const Tensor& g, const Tensor& input) {
-  TORCH_CHECK_VALUE(g.sizes().equals(input.sizes()), "rmsnorm_ext: grad_residual shape ",
-                    g.sizes(), " does not match the input shape ", input.sizes());
+  TORCH_CHECK_VALUE(g.sym_sizes().equals(input.sym_sizes()),
+                    "rmsnorm_ext: grad_residual shape ", g.sym_sizes(),
+                    " does not match the input shape ", input.sym_sizes());
   check_same_device(g, "grad_residual", input, "the input");
   TORCH_CHECK_TYPE(g.scalar_type() == input.scalar_type(), "rmsnorm_ext: grad_residual dtype ",
                    py_dtype(g.scalar_type()), " must match the input dtype ",
@@ -236,7 +258,12 @@ inline void check_inplace_operands(const Tensor& a, const char* an, const Tensor
                       ": ", n, " has elements that share memory (expanded or overlapping); it "
                       "cannot be written in place");
   }
-  const auto s = at::get_overlap_status(a, b);
+  // Symbolic (fake) tensors: only the same-tensor case is decidable at trace time; the
+  // partial-overlap check runs on the real tensors when the traced graph runs.
+  const bool symbolic = a.unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
+                        b.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  const auto s = symbolic ? (a.is_same(b) ? at::MemOverlapStatus::Full : at::MemOverlapStatus::No)
+                          : at::get_overlap_status(a, b);
   TORCH_CHECK_VALUE(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial,
                     "rmsnorm_ext: ", op, ": ", an, " and ", bn,
                     " overlap in memory; they cannot both be written in place");
@@ -280,8 +307,8 @@ inline void check_quant_scalar(const std::optional<Tensor>& s, const char* name,
   if (!s.has_value() || !s->defined()) return;
   TORCH_CHECK_TYPE(s->scalar_type() == at::kFloat, "rmsnorm_ext: ", op, ": ", name,
                    " must be a float32 tensor, got ", py_dtype(s->scalar_type()));
-  TORCH_CHECK_VALUE(s->numel() == 1, "rmsnorm_ext: ", op, ": ", name,
-                    " must have exactly one element, got shape ", s->sizes());
+  TORCH_CHECK_VALUE(s->sym_numel() == 1, "rmsnorm_ext: ", op, ": ", name,
+                    " must have exactly one element, got shape ", s->sym_sizes());
   TORCH_CHECK(s->device() == input.device(), "rmsnorm_ext: ", op, ": ", name, " is on ",
               s->device().str(), " but the input is on ", input.device().str(),
               "; move them to the same device");

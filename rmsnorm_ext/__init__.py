@@ -10,7 +10,7 @@ from ._loader import load as _load
 
 _C = _load()  # defines the op schemas; must precede every torch.library call below
 
-from . import _elf, _fake  # noqa: E402,F401  (_fake registers fake kernels)
+from . import _elf  # noqa: E402,F401
 from .functional import (fused_add_rms_norm, fused_add_rms_norm_,  # noqa: E402
                          fused_add_rms_norm_quant, layer_norm, layer_norm_quant, rms_norm,
                          rms_norm_quant)

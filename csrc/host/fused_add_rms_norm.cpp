@@ -19,7 +19,7 @@ void run_fused(const Tensor& x, const Tensor& r, const Tensor& w, const Tensor& 
   p.y = y.data_ptr();
   p.h = h.data_ptr();
   p.rstd = rstd.data_ptr();
-  p.M = rs.M;
+  p.M = rs.rows();
   p.N = rs.N;
   p.eps = eps;
   p.offset = offset;
@@ -35,10 +35,14 @@ std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm_fwd(const Tensor& input,
                                                           const std::optional<Tensor>& weight,
                                                           double eps, double weight_offset) {
   const RowShape rs = check_fused(input, residual, normalized_shape, weight, eps, weight_offset);
-  Tensor y = at::empty(input.sizes(), input.options());
-  Tensor h = at::empty(residual.sizes(), residual.options());
-  if (rs.M == 0 || rs.N == 0) return {y, h, empty_row_stats(input, normalized_shape)};
-  Tensor rstd = at::empty(stats_shape(input, normalized_shape), stats_options(input));
+  Tensor y = new_like(input);
+  Tensor h = new_like(residual);
+  Tensor rstd = new_row_stats(input, normalized_shape);
+  if (shapes_only(input)) return {y, h, rstd};
+  if (rs.empty()) {
+    fill_nan(rstd);
+    return {y, h, rstd};
+  }
   run_fused(input.contiguous(), residual.contiguous(), contiguous_or_empty(weight), y, h, rstd,
             rs, eps, weight_offset);
   return {y, h, rstd};
@@ -50,12 +54,12 @@ void fused_add_rms_norm_inplace(const Tensor& input, const Tensor& residual,
                                 double weight_offset) {
   const RowShape rs = check_fused(input, residual, normalized_shape, weight, eps, weight_offset);
   check_inplace_operands(input, "input", residual, "residual", "fused_add_rms_norm_");
-  if (rs.M == 0 || rs.N == 0) return;
+  if (shapes_only(input) || rs.empty()) return;
   // Contiguous operands are updated in place; others go through contiguous copies that
   // are copied back.
   const Tensor x = input.contiguous();
   const Tensor r = residual.contiguous();
-  Tensor rstd = at::empty({rs.M}, stats_options(input));
+  Tensor rstd = at::empty({rs.rows()}, stats_options(input));
   run_fused(x, r, contiguous_or_empty(weight), x, r, rstd, rs, eps, weight_offset);
   if (!x.is_same(input)) const_cast<Tensor&>(input).copy_(x);
   if (!r.is_same(residual)) const_cast<Tensor&>(residual).copy_(r);

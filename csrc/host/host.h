@@ -7,7 +7,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/ScalarType.h>
 
@@ -80,12 +79,25 @@ inline at::TensorOptions stats_options(const Tensor& input) {
   return input.options().dtype(stats_dtype(input.scalar_type()));
 }
 
-// Per-row statistics when no kernel runs: no rows (an empty tensor), or rows of length 0,
-// whose mean is 0/0 = NaN (as torch.mean gives).
-inline Tensor empty_row_stats(const Tensor& input, at::IntArrayRef normalized_shape) {
-  return at::full(stats_shape(input, normalized_shape), std::numeric_limits<double>::quiet_NaN(),
-                  stats_options(input));
+// Per-row statistics, allocated before the kernel (or instead of it).
+inline Tensor new_row_stats(const Tensor& input, at::IntArrayRef normalized_shape) {
+  return at::empty_symint(stats_shape(input, normalized_shape), stats_options(input));
 }
+
+// An output shaped like `like` (contiguous), symbolic sizes allowed.
+inline Tensor new_like(const Tensor& like, at::TensorOptions opts) {
+  return at::empty_symint(like.sym_sizes(), opts);
+}
+inline Tensor new_like(const Tensor& like) { return new_like(like, like.options()); }
+
+// Rows of length 0 have mean 0/0 = NaN (as torch.mean gives): their statistics when no
+// kernel runs.
+inline void fill_nan(Tensor& stats) { stats.fill_(std::numeric_limits<double>::quiet_NaN()); }
+
+// Meta tensors, and the fake tensors torch.compile traces with (they are meta inside the
+// kernel call), go through the same host function as real ones -- the same checks and
+// output shapes -- and stop here, before any data is touched.
+inline bool shapes_only(const Tensor& t) { return t.is_meta(); }
 
 inline const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 inline void* mut_ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }

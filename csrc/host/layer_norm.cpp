@@ -11,13 +11,15 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
                                                   double eps) {
   const RowShape rs = check_layer_norm(input, normalized_shape, weight, bias, eps);
 
-  Tensor y = at::empty(input.sizes(), input.options());
-  if (rs.M == 0 || rs.N == 0) {
-    return {y, empty_row_stats(input, normalized_shape), empty_row_stats(input, normalized_shape)};
+  Tensor y = new_like(input);
+  Tensor mean = new_row_stats(input, normalized_shape);
+  Tensor rstd = new_row_stats(input, normalized_shape);
+  if (shapes_only(input)) return {y, mean, rstd};
+  if (rs.empty()) {
+    fill_nan(mean);
+    fill_nan(rstd);
+    return {y, mean, rstd};
   }
-  const auto sshape = stats_shape(input, normalized_shape);
-  Tensor mean = at::empty(sshape, stats_options(input));
-  Tensor rstd = at::empty(sshape, stats_options(input));
   const Tensor x = input.contiguous();
   const Tensor w = contiguous_or_empty(weight);
   const Tensor b = contiguous_or_empty(bias);
@@ -31,7 +33,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
   p.y = y.data_ptr();
   p.mean = mean.data_ptr();
   p.rstd = rstd.data_ptr();
-  p.M = rs.M;
+  p.M = rs.rows();
   p.N = rs.N;
   p.eps = eps;
   WorkspaceHolder ws(x);
@@ -55,15 +57,19 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
   const Tensor w = contiguous_or_empty(weight);
   const bool want_dw = compute_weight_grad && w.defined();
   const bool want_db = compute_bias_grad;
-  // dbias takes the parameter dtype: the weight's, or the input's without a weight.
-  const auto popts = w.defined() ? w.options() : input.options();
-  Tensor dx = at::empty(input.sizes(), input.options());
-  if (rs.M == 0 || rs.N == 0) {
-    return {dx, want_dw ? at::zeros(normalized_shape, popts) : empty_grad(input),
-            want_db ? at::zeros(normalized_shape, popts) : empty_grad(input)};
-  }
+  // dbias takes the weight's dtype; without a weight, the statistics dtype (float32, or
+  // float64): the bias may be float32 beside a bfloat16 input, and a sum rounded through
+  // bfloat16 would lose its bits. Autograd casts it to the bias's own dtype.
+  const auto popts = w.defined() ? w.options() : stats_options(input);
+  Tensor dx = new_like(input);
   Tensor dw = want_dw ? at::empty(normalized_shape, popts) : empty_grad(input);
   Tensor db = want_db ? at::empty(normalized_shape, popts) : empty_grad(input);
+  if (shapes_only(input)) return {dx, dw, db};
+  if (rs.empty()) {
+    if (want_dw) dw.zero_();
+    if (want_db) db.zero_();
+    return {dx, dw, db};
+  }
   const Tensor x = input.contiguous();
   const Tensor dy = grad_out.contiguous();
   const Tensor mean_c = mean.contiguous();
@@ -71,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
 
   LnBwdParams p{};
   p.t = to_dtype(x.scalar_type());
-  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.t;
+  p.w = to_dtype(popts.dtype().toScalarType());
   p.x = x.const_data_ptr();
   p.dy = dy.const_data_ptr();
   p.mean = mean_c.const_data_ptr();
@@ -80,7 +86,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
   p.dx = dx.data_ptr();
   p.dw = want_dw ? dw.data_ptr() : nullptr;
   p.db = want_db ? db.data_ptr() : nullptr;
-  p.M = rs.M;
+  p.M = rs.rows();
   p.N = rs.N;
   WorkspaceHolder ws(x);
   kernels_for(x).ln_bwd(p, ws.launch(x));

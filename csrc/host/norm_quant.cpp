@@ -1,8 +1,6 @@
 // Host functions of the norm + quantize ops (rms_norm_quant, fused_add_rms_norm_quant,
 // layer_norm_quant), for every device: one kernel entry (norm_quant) on NormQuantParams,
 // the norm and its fusions selected by the operands.
-#include <ATen/ops/full.h>
-
 #include "host.h"
 #include "ops.h"
 
@@ -35,7 +33,7 @@ std::tuple<Tensor, Tensor> run_quant(NormKind kind, const Tensor& input, const T
   const int64_t g = check_quant_args(input, rs.N, scale, quant_dtype, group_size, scale_ub, op);
   const bool is_static = has(scale);
   const QuantDType q = to_qdtype(quant_dtype);
-  Tensor out = at::empty(input.sizes(), input.options().dtype(quant_dtype));
+  Tensor out = new_like(input, input.options().dtype(quant_dtype));
   // Static: the scale itself (a copy: a functional op returns no alias of an input).
   // Dynamic: leading dims + (groups,), one group per token without group_size.
   Tensor scales;
@@ -44,11 +42,13 @@ std::tuple<Tensor, Tensor> run_quant(NormKind kind, const Tensor& input, const T
   } else {
     auto shape = stats_shape(input, normalized_shape);
     shape.push_back(group_size.has_value() ? rs.N / g : 1);
-    // An empty row's absmax is 0: its scale is the minimum.
-    scales = (rs.N == 0) ? at::full(shape, quant_min_scale(q), input.options().dtype(at::kFloat))
-                         : at::empty(shape, input.options().dtype(at::kFloat));
+    scales = at::empty_symint(shape, input.options().dtype(at::kFloat));
   }
-  if (rs.M == 0 || rs.N == 0) return {out, scales};
+  if (shapes_only(input)) return {out, scales};
+  if (rs.empty()) {
+    if (rs.N == 0 && !is_static) scales.fill_(quant_min_scale(q));  // absmax of no elements: 0
+    return {out, scales};
+  }
 
   const Tensor x = input.contiguous();
   const Tensor r = residual.defined() ? residual.contiguous() : Tensor();
@@ -69,7 +69,7 @@ std::tuple<Tensor, Tensor> run_quant(NormKind kind, const Tensor& input, const T
   p.scales = is_static ? nullptr : scales.data_ptr<float>();
   p.scale = is_static ? scales.const_data_ptr<float>() : nullptr;
   p.scale_ub = has(scale_ub) ? scale_ub->const_data_ptr<float>() : nullptr;
-  p.M = rs.M;
+  p.M = rs.rows();
   p.N = rs.N;
   p.group = g;
   p.eps = eps;
@@ -102,7 +102,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_add_rms_norm_quant(
   constexpr const char* op = "fused_add_rms_norm_quant";
   check_quant_input(input, op);
   const RowShape rs = check_fused(input, residual, normalized_shape, weight, eps, weight_offset);
-  Tensor h = at::empty(residual.sizes(), residual.options());
+  Tensor h = new_like(residual);
   auto [out, scales] = run_quant(NormKind::fused_add_rms, input, residual, h, rs,
                                  normalized_shape, weight, std::nullopt, eps, weight_offset,
                                  scale, quant_dtype, group_size, scale_ub, op);

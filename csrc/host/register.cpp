@@ -1,4 +1,6 @@
-// Registers the one host function of each op for every device this build has kernels for.
+// Registers the one host function of each op for every device this build has kernels for,
+// and for Meta: meta and fake tensors get the same checks and output shapes (host.h,
+// shapes_only), so there are no separate fake kernels to keep in step.
 #include <torch/library.h>
 
 #include "ops.h"
@@ -21,6 +23,7 @@ void register_host(torch::Library& m) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmsnorm_ext, CPU, m) { register_host(m); }
+TORCH_LIBRARY_IMPL(rmsnorm_ext, Meta, m) { register_host(m); }
 #ifdef RMSNORM_EXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(rmsnorm_ext, CUDA, m) { register_host(m); }
 #endif

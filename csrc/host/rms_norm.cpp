@@ -9,9 +9,13 @@ std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef nor
                                         double weight_offset) {
   const RowShape rs = check_rms_norm(input, normalized_shape, weight, eps, weight_offset);
 
-  Tensor y = at::empty(input.sizes(), input.options());
-  if (rs.M == 0 || rs.N == 0) return {y, empty_row_stats(input, normalized_shape)};
-  Tensor rstd = at::empty(stats_shape(input, normalized_shape), stats_options(input));
+  Tensor y = new_like(input);
+  Tensor rstd = new_row_stats(input, normalized_shape);
+  if (shapes_only(input)) return {y, rstd};
+  if (rs.empty()) {
+    fill_nan(rstd);
+    return {y, rstd};
+  }
   const Tensor x = input.contiguous();
   const Tensor w = contiguous_or_empty(weight);
 
@@ -23,7 +27,7 @@ std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef nor
   p.weight = ptr_or_null(w);
   p.y = y.data_ptr();
   p.rstd = rstd.data_ptr();
-  p.M = rs.M;
+  p.M = rs.rows();
   p.N = rs.N;
   p.eps = eps;
   p.offset = weight_offset;
@@ -50,11 +54,13 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& in
 
   const Tensor w = contiguous_or_empty(weight);
   const bool want_dw = compute_weight_grad && w.defined();
-  Tensor dx = at::empty(input.sizes(), input.options());
-  if (rs.M == 0 || rs.N == 0) {
-    return {dx, want_dw ? at::zeros(normalized_shape, w.options()) : empty_grad(input)};
-  }
+  Tensor dx = new_like(input);
   Tensor dw = want_dw ? at::empty(normalized_shape, w.options()) : empty_grad(input);
+  if (shapes_only(input)) return {dx, dw};
+  if (rs.empty()) {
+    if (want_dw) dw.zero_();
+    return {dx, dw};
+  }
   const Tensor x = input.contiguous();
   const Tensor dy = grad_out.contiguous();
   const Tensor rs_c = rstd.contiguous();
@@ -70,7 +76,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& in
   p.gres = ptr_or_null(gres);
   p.dx = dx.data_ptr();
   p.dw = want_dw ? dw.data_ptr() : nullptr;
-  p.M = rs.M;
+  p.M = rs.rows();
   p.N = rs.N;
   p.offset = weight_offset;
   WorkspaceHolder ws(x);
