@@ -148,7 +148,10 @@ def kernelize(model: nn.Module, mode: Union[str, "object"] = "training",
 
     ``mode``: a ``kernels.Mode`` or one of ``"training"``, ``"inference"``,
     ``"training+compile"``, ``"inference+compile"`` (``"compile"`` = training+compile).
-    ``device``: ``"cpu"``/``"cuda"``, inferred from the parameters when omitted. Modifies
+    ``device``: ``"cpu"``/``"cuda"``, inferred from the parameters when omitted (parameters
+    on the meta device, a model built under ``torch.device("meta")`` or
+    ``torch.set_default_device("meta")``: ``"cuda"`` when available, else ``"cpu"``; the
+    layers themselves run on whatever device the tensors are on once materialized). Modifies
     ``model`` in place (its norms' ``forward``) and returns it. Raises if a layer cannot be
     mapped (rather than silently keeping the original forward).
 
@@ -174,6 +177,11 @@ def kernelize(model: nn.Module, mode: Union[str, "object"] = "training",
         if p is None:
             raise ValueError("rmsnorm_ext.hub.kernelize: model has no parameters; pass device=")
         device = p.device.type
+        if device == "meta":
+            # Built under torch.device("meta") (e.g. inside from_pretrained/post_init): the
+            # layers read the host's tensors wherever they end up, so take the device this
+            # process would run them on.
+            device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device).type
     if device not in ("cpu", "cuda"):
         raise ValueError(f"rmsnorm_ext.hub.kernelize: rmsnorm_ext has kernels for cpu and cuda, "

@@ -1,11 +1,25 @@
 """nn.Modules: drop-ins for torch.nn.RMSNorm and torch.nn.LayerNorm.
 
-They subclass the torch modules, so constructor parameters, parameter names,
-state_dicts, repr and isinstance checks are the same; only forward changes.
+They subclass the torch modules, so constructor parameters, parameter names, state_dicts,
+``extra_repr`` and isinstance checks are the same; forward changes, and the repr names the
+class with its package (``rmsnorm_ext.RMSNorm((64,), eps=None, elementwise_affine=True)``)
+so a printed model shows which norms are ours.
+
+TorchScript: ``torch.jit.script`` works on these modules (and models containing them) as on
+torch's own norms. Scripted code calls the ops directly (``torch.ops.rmsnorm_ext.*``, the
+same kernels and autograd as eager); a saved scripted module needs ``import rmsnorm_ext``
+in the process that loads it, which registers the ops.
 """
+from typing import Optional
+
 import torch
 
 from .functional import layer_norm, rms_norm
+
+# Bound once, so the eager forwards pay one plain function call (~20 ns) for the scripting
+# check. TorchScript resolves it to ``torch.jit.is_scripting`` and treats the ``if`` as
+# static: the eager branch (Python-only code) is never compiled.
+_is_scripting = torch.jit.is_scripting
 
 _REDUCED = (torch.bfloat16, torch.float16)
 _OUT_POLICIES = ("promote", "input", "weight")
@@ -24,6 +38,40 @@ def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
+# ---------------------------------------------------------------------------------------
+# TorchScript bodies (only compiled by torch.jit.script; eager code never calls them)
+
+def _script_eps(x: torch.Tensor, eps: Optional[float]) -> float:
+    """``eps=None`` -> ``torch.finfo(x.dtype).eps`` (torch.finfo is not scriptable)."""
+    if eps is not None:
+        return eps
+    if x.dtype == torch.float32:
+        return 1.1920928955078125e-07
+    if x.dtype == torch.float64:
+        return 2.220446049250313e-16
+    if x.dtype == torch.bfloat16:
+        return 0.0078125
+    if x.dtype == torch.float16:
+        return 0.0009765625
+    return 0.0  # any other dtype: the op raises its own TypeError naming it
+
+
+def _script_hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                        weight_offset: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`hf_rms_norm` in TorchScript."""
+    reduced = x.dtype == torch.bfloat16 or x.dtype == torch.float16
+    w = weight
+    if not (w.dtype == x.dtype or (w.dtype == torch.float32 and reduced)):
+        w = w.to(torch.float32 if reduced else x.dtype)
+    y = torch.ops.rmsnorm_ext.rms_norm_fwd(x, list(weight.shape), w, eps, weight_offset)[0]
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _repr_name(module: torch.nn.Module) -> str:
+    """The name ``repr`` shows: our own classes with their package (``rmsnorm_ext.RMSNorm``),
+    so a printed model shows which norms are ours; a user's subclass keeps its own name."""
+    return type(module).__dict__.get("_repr_name") or type(module).__name__
+
 
 class RMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` computed by rmsnorm_ext's fused kernels.
@@ -33,6 +81,8 @@ class RMSNorm(torch.nn.RMSNorm):
     stored around 0). With an offset, the weight initializes to ``1 - weight_offset`` so
     a fresh module still computes plain RMSNorm.
     """
+
+    _repr_name = "rmsnorm_ext.RMSNorm"
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None,
                  dtype=None, *, weight_offset: float = 0.0):
@@ -44,8 +94,15 @@ class RMSNorm(torch.nn.RMSNorm):
             torch.nn.init.constant_(self.weight, 1.0 - self.weight_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_scripting():
+            return torch.ops.rmsnorm_ext.rms_norm_fwd(
+                x, list(self.normalized_shape), self.weight, _script_eps(x, self.eps),
+                self.weight_offset)[0]
         return rms_norm(x, self.normalized_shape, self.weight, self.eps,
                         weight_offset=self.weight_offset)
+
+    def _get_name(self) -> str:
+        return _repr_name(self)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -55,8 +112,16 @@ class RMSNorm(torch.nn.RMSNorm):
 class LayerNorm(torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` computed by rmsnorm_ext's fused kernels."""
 
+    _repr_name = "rmsnorm_ext.LayerNorm"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_scripting():
+            return torch.ops.rmsnorm_ext.layer_norm_fwd(
+                x, list(self.normalized_shape), self.weight, self.bias, self.eps)[0]
         return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def _get_name(self) -> str:
+        return _repr_name(self)
 
 
 class HFRMSNorm(RMSNorm):
@@ -68,6 +133,11 @@ class HFRMSNorm(RMSNorm):
     ``"input"`` (Gemma) or ``"weight"`` (T5). ``weight_offset=1.0`` gives Gemma's ``1 + w``
     (added in fp32). See :mod:`rmsnorm_ext.replace` for the numeric differences from HF.
     """
+
+    _repr_name = "rmsnorm_ext.modules.HFRMSNorm"
+    # TorchScript compiles a module's properties (this setter would fail to); the alias
+    # is for Python code only.
+    __jit_unused_properties__ = ["variance_epsilon"]
 
     def __init__(self, normalized_shape, eps: float = 1e-6, device=None, dtype=None, *,
                  weight_offset: float = 0.0, out_dtype: str = "promote"):
@@ -93,6 +163,9 @@ class HFRMSNorm(RMSNorm):
             out = self.weight.dtype
         else:
             out = torch.promote_types(x.dtype, self.weight.dtype)
+        if _is_scripting():
+            return _script_hf_rms_norm(x, self.weight, _script_eps(x, self.eps),
+                                       self.weight_offset, out)
         return hf_rms_norm(x, self.weight, self.eps, self.weight_offset, out)
 
     def extra_repr(self) -> str:

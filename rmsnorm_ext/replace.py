@@ -22,6 +22,13 @@ and state_dict keys keep working. ``training`` mode and registered hooks carry o
 registered in several places is replaced by one new module everywhere. Modules that are
 already rmsnorm_ext modules are skipped, so a second call returns 0.
 
+Models on the meta device work, during construction and after: ``with torch.device("meta"):``
+(or ``torch.set_default_device("meta")``) build the model, call ``replace_norms`` (inside the
+context, e.g. from a transformers ``post_init`` run by ``from_pretrained``, or after it), then
+``model.to_empty(device=...)`` and load a state_dict. HF-style modules with meta weights are
+probed on the CPU with CPU probe tensors (the probe weight replaces the missing data), with
+the CPU as the default device while the probe runs.
+
 Call it on the plain model: before ``torch.compile``, DDP, ``fully_shard`` or accelerate
 hooks. Subclasses of ``torch.nn.RMSNorm``/``LayerNorm`` (e.g. FSDP's wrapped classes),
 parametrized modules and modules with an instance-level ``forward`` (accelerate's hooks)
@@ -99,18 +106,35 @@ def _tol(*dtypes) -> float:
 
 def _probe(module: nn.Module, eps: float) -> Optional[Tuple[float, str]]:
     """Run ``module`` on random probes; return ``(weight_offset, out_dtype)`` if it behaves
-    as RMSNorm (plain or 1 + w) for every probe, else None."""
+    as RMSNorm (plain or 1 + w) for every probe, else None.
+
+    The probes live on the weight's device, or on the CPU when the weight is on the meta
+    device (a model built under ``torch.device("meta")``: its data does not exist yet, and the
+    probe weight replaces it anyway). Every probe tensor is created with an explicit device,
+    and the forward runs with that device as the default device, so this works while a
+    ``torch.device("meta")`` context or ``torch.set_default_device("meta")`` is active (as in
+    transformers' ``from_pretrained``/``post_init``); the caller's default device is restored
+    afterwards.
+    """
+    w = module.weight
+    dev = torch.device("cpu") if w.device.type == "meta" else w.device
+    with torch.device(dev):
+        return _probe_on(module, eps, dev)
+
+
+def _probe_on(module: nn.Module, eps: float, dev: torch.device) -> Optional[Tuple[float, str]]:
     w = module.weight
     shape = tuple(w.shape)
-    dev = torch.device("cpu") if w.device.type == "meta" else w.device
-    gen = torch.Generator().manual_seed(0x5EED)
+    cpu = torch.device("cpu")
+    gen = torch.Generator(device=cpu).manual_seed(0x5EED)
     lead = (2, 3)
     # Rows with different scales and a non-zero mean, so mean subtraction (LayerNorm), a
     # missing normalization, or an elementwise op all show up as large differences.
-    x64 = torch.randn(*lead, *shape, generator=gen, dtype=torch.float64)
-    x64 = x64 * torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64).view(1, 3, *[1] * len(shape))
-    x64 = x64 + torch.randn(*lead, *[1] * len(shape), generator=gen, dtype=torch.float64)
-    w64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=cpu)
+    x64 = torch.randn(*lead, *shape, generator=gen, **f64)
+    x64 = x64 * torch.tensor([0.5, 1.0, 3.0], **f64).view(1, 3, *[1] * len(shape))
+    x64 = x64 + torch.randn(*lead, *[1] * len(shape), generator=gen, **f64)
+    w64 = torch.randn(shape, generator=gen, **f64)
     dims = tuple(range(len(lead), len(lead) + len(shape)))
 
     wdt = w.dtype

@@ -411,7 +411,8 @@ def test_modules_are_drop_ins(device):
                                       {"elementwise_affine": False})):
         ours = ours_cls((4, 32), 1e-5, device=device, **kw)
         theirs = theirs_cls((4, 32), 1e-5, device=device, **kw)
-        assert repr(ours) == repr(theirs)
+        assert ours.extra_repr() == theirs.extra_repr()
+        assert repr(ours) == "rmsnorm_ext." + repr(theirs)  # the repr names ours
         with torch.no_grad():
             for p in theirs.parameters():
                 p.uniform_(-1, 1)

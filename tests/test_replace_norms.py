@@ -415,14 +415,40 @@ def test_dtype_semantics_mixed_precision():
         _assert_close(out, ref, torch.bfloat16, make.__name__ + " bf16 weight")
 
 
-def test_meta_device_model():
-    with torch.device("meta"):
-        model = TinyDecoder(NORMS["llama"])
-    w = model.norm.weight
-    assert replace_norms(model) == 2 * LAYERS + 1
+@pytest.mark.parametrize("kind", ["llama", "gemma", "torch_rms", "layernorm"])
+@pytest.mark.parametrize("when", ["after", "inside", "default_device"])
+def test_meta_device_model(kind, when):
+    """Built on meta; replaced after the ``torch.device("meta")`` context, inside it, or
+    under ``torch.set_default_device("meta")``; then to_empty + the normal model's
+    state_dict gives the normal model's results with the same swap."""
+    ref = _build(kind, "cpu")
+    assert replace_norms(ref) == 2 * LAYERS + 1
+    if when == "default_device":
+        torch.set_default_device("meta")
+        try:
+            model = TinyDecoder(NORMS[kind])
+            w = model.norm.weight
+            assert replace_norms(model) == 2 * LAYERS + 1
+        finally:
+            torch.set_default_device(None)
+    else:
+        with torch.device("meta"):
+            model = TinyDecoder(NORMS[kind])
+            w = model.norm.weight
+            if when == "inside":
+                assert replace_norms(model) == 2 * LAYERS + 1
+        if when == "after":
+            assert replace_norms(model) == 2 * LAYERS + 1
     assert model.norm.weight is w and w.device.type == "meta"
+    assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
     model.to_empty(device="cpu")
-    assert isinstance(model.norm, HFRMSNorm)
+    model.load_state_dict(ref.state_dict())
+    ids = _ids("cpu")
+    logits, grads = _run(model, ids)
+    ref_logits, ref_grads = _run(ref, ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------
