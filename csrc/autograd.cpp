@@ -1,5 +1,8 @@
-// Autograd for the forward ops, in C++ (the one place it is defined): a Python autograd
-// kernel costs ~10-30 us a call, more than a whole small-shape norm.
+// The C++ autograd nodes of the eager fast path (csrc/python_fast.cpp): a Python autograd
+// node costs ~10-30 us a call, more than a whole small-shape norm. The fast path records
+// these only for plain calls (no torch.func transform, no forward-AD tangent, no autocast);
+// every other call reaches the ops' Autograd kernels, which are registered in Python from
+// the op table (rmsnorm_ext/_autograd.py: functorch-aware, with jvp and vmap rules).
 //
 // First order: each forward op's backward is its fused *_bwd op. Second order: when a graph
 // of the gradient is being built (create_graph=True, i.e. grad mode is on inside backward)
@@ -14,6 +17,7 @@
 #include <vector>
 
 #include "common.h"
+#include "autograd.h"
 #include "op_handles.h"
 
 namespace rmsnorm_ext::autograd_impl {
@@ -24,6 +28,10 @@ using torch::autograd::Function;
 using torch::autograd::variable_list;
 
 namespace oh = rmsnorm_ext::op_handles;
+
+// An inference tensor cannot be saved for backward; torch's composite norms save only
+// tensors they compute, so they accept one: a copy keeps us as permissive.
+at::Tensor savable(const at::Tensor& t) { return t.defined() && t.is_inference() ? t.clone() : t; }
 
 std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -114,7 +122,7 @@ class RmsNormFn : public Function<RmsNormFn> {
                                double offset) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, rstd] = oh::rms_norm_fwd().call(input, normalized_shape, weight, eps, offset);
-    ctx->save_for_backward({input, rstd, weight.value_or(at::Tensor())});
+    ctx->save_for_backward({savable(input), rstd, savable(weight.value_or(at::Tensor()))});
     ctx->saved_data["ns"] = normalized_shape.vec();
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["offset"] = offset;
@@ -157,7 +165,7 @@ class LayerNormFn : public Function<LayerNormFn> {
                                const std::optional<at::Tensor>& bias, double eps) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, mean, rstd] = oh::layer_norm_fwd().call(input, normalized_shape, weight, bias, eps);
-    ctx->save_for_backward({input, mean, rstd, weight.value_or(at::Tensor())});
+    ctx->save_for_backward({savable(input), mean, rstd, savable(weight.value_or(at::Tensor()))});
     ctx->saved_data["ns"] = normalized_shape.vec();
     ctx->saved_data["eps"] = eps;
     const bool has_bias = bias.has_value() && bias->defined();
@@ -209,7 +217,7 @@ class FusedAddRmsNormFn : public Function<FusedAddRmsNormFn> {
     auto [y, h, rstd] = oh::fused_add_rms_norm_fwd().call(input, residual, normalized_shape, weight, eps, offset);
     // h is an output: in a create_graph backward its gradient flows back through this
     // node (h = input + residual), so the composite needs no copy of the inputs.
-    ctx->save_for_backward({h, rstd, weight.value_or(at::Tensor())});
+    ctx->save_for_backward({h, rstd, savable(weight.value_or(at::Tensor()))});
     ctx->saved_data["ns"] = normalized_shape.vec();
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["offset"] = offset;
@@ -249,6 +257,8 @@ class FusedAddRmsNormFn : public Function<FusedAddRmsNormFn> {
   }
 };
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_autograd(const at::Tensor& input,
                                                          c10::IntArrayRef normalized_shape,
                                                          const std::optional<at::Tensor>& weight,
@@ -271,12 +281,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_fwd_autograd(
   return {out[0], out[1], out[2]};
 }
 
-}  // namespace
 }  // namespace rmsnorm_ext::autograd_impl
-
-TORCH_LIBRARY_IMPL(rmsnorm_ext, Autograd, m) {
-  using namespace rmsnorm_ext::autograd_impl;
-  m.impl("rms_norm_fwd", &rms_norm_fwd_autograd);
-  m.impl("layer_norm_fwd", &layer_norm_fwd_autograd);
-  m.impl("fused_add_rms_norm_fwd", &fused_add_rms_norm_fwd_autograd);
-}

@@ -27,6 +27,9 @@ using FusedFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&
                                                     c10::IntArrayRef, const OptTensor&, double,
                                                     double);
 
+using FusedInplace = void(const Tensor&, const Tensor&, c10::IntArrayRef, const OptTensor&, double,
+                          double);
+
 using RmsQuant = std::tuple<Tensor, Tensor>(const Tensor&, c10::IntArrayRef, const OptTensor&,
                                             double, double, const OptTensor&, at::ScalarType,
                                             std::optional<int64_t>, const OptTensor&);
@@ -54,6 +57,7 @@ RMSNORM_EXT_OP_HANDLE(rms_norm_bwd, RmsBwd, "rms_norm_bwd")
 RMSNORM_EXT_OP_HANDLE(layer_norm_fwd, LnFwd, "layer_norm_fwd")
 RMSNORM_EXT_OP_HANDLE(layer_norm_bwd, LnBwd, "layer_norm_bwd")
 RMSNORM_EXT_OP_HANDLE(fused_add_rms_norm_fwd, FusedFwd, "fused_add_rms_norm_fwd")
+RMSNORM_EXT_OP_HANDLE(fused_add_rms_norm_inplace, FusedInplace, "fused_add_rms_norm_inplace")
 RMSNORM_EXT_OP_HANDLE(rms_norm_quant, RmsQuant, "rms_norm_quant")
 RMSNORM_EXT_OP_HANDLE(fused_add_rms_norm_quant, FusedQuant, "fused_add_rms_norm_quant")
 RMSNORM_EXT_OP_HANDLE(layer_norm_quant, LnQuant, "layer_norm_quant")

@@ -4,19 +4,25 @@
 // call costs about as much as F.layer_norm's binding.
 //
 // Only the plain case is served: exact torch.Tensor/Parameter arguments, no torch-function
-// mode or override, well-formed normalized_shape and eps. Anything else returns
-// NotImplemented and the Python caller takes the torch.ops path, so every error message,
-// subclass (DTensor) and mode behaves exactly as it does there. Dispatch modes, functorch
-// transforms, autograd and the profiler all sit behind the dispatcher and see the op as
-// usual. Under torch.compile the Python caller never comes here (it traces torch.ops).
+// mode or override, no torch.func transform, no forward-AD tangent on an argument, no CUDA
+// autocast, well-formed normalized_shape and eps. Anything else returns NotImplemented and
+// the Python caller takes the torch.ops path, whose Autograd kernel (rmsnorm_ext/
+// _autograd.py) handles transforms, tangents and autocast; so every error message, subclass
+// (DTensor) and mode behaves exactly as it does there. A call that needs a graph records
+// the C++ node of csrc/autograd.cpp directly; otherwise the op runs below autograd.
+// Dispatch modes and the profiler see the op as usual. Under torch.compile the Python
+// caller never comes here (it traces torch.ops).
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView (not transitively included by torch 2.11)
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "autograd.h"
 #include "op_handles.h"
 
 #include <optional>
@@ -81,6 +87,21 @@ PyObject* not_implemented() {
   Py_RETURN_NOTIMPLEMENTED;
 }
 
+// What the fast path cannot serve: a torch.func transform (functorch cannot see a C++
+// autograd node), a forward-AD tangent on an argument (the node has no jvp), CUDA
+// autocast (the ops' AutocastCUDA kernels sit in front of Autograd in the dispatcher).
+bool declined(std::initializer_list<const at::Tensor*> ts) {
+  if (at::impl::torch_function_mode_enabled() ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      at::autocast::is_autocast_enabled(at::kCUDA)) {
+    return true;
+  }
+  for (const at::Tensor* t : ts) {
+    if (t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
 // Whether the call records a graph: otherwise the op is called below the Autograd key,
 // skipping the autograd kernel's bookkeeping (inference and decode loops).
 bool needs_graph(std::initializer_list<const at::Tensor*> ts) {
@@ -92,13 +113,15 @@ bool needs_graph(std::initializer_list<const at::Tensor*> ts) {
 }
 
 namespace oh = rmsnorm_ext::op_handles;
+namespace ag = rmsnorm_ext::autograd_impl;
 
-template <typename F>
-auto call_maybe_below_autograd(bool graph, F&& f) {
+// graph: the C++ autograd node's call; plain: the op below autograd.
+template <typename G, typename P>
+auto call(bool graph, G&& with_graph, P&& plain) {
   pybind11::gil_scoped_release no_gil;
-  if (graph) return f();
+  if (graph) return with_graph();
   at::AutoDispatchBelowADInplaceOrView below;
-  return f();
+  return plain();
 }
 
 // _rms_norm(input, normalized_shape, weight, eps, weight_offset) -> Tensor | NotImplemented
@@ -117,10 +140,11 @@ PyObject* fast_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   const auto w = opt_tensor(args[2]);
   const at::Tensor none;
-  const bool graph = needs_graph({&x, w ? &*w : &none});
-  auto y = call_maybe_below_autograd(graph, [&] {
-    return std::get<0>(oh::rms_norm_fwd().call(x, ns, w, eps, offset));
-  });
+  const at::Tensor* wp = w ? &*w : &none;
+  if (declined({&x, wp})) return not_implemented();
+  auto y = call(
+      needs_graph({&x, wp}), [&] { return std::get<0>(ag::rms_norm_fwd_autograd(x, ns, w, eps, offset)); },
+      [&] { return std::get<0>(oh::rms_norm_fwd().call(x, ns, w, eps, offset)); });
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
 }
@@ -139,10 +163,11 @@ PyObject* fast_layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto w = opt_tensor(args[2]);
   const auto b = opt_tensor(args[3]);
   const at::Tensor none;
-  const bool graph = needs_graph({&x, w ? &*w : &none, b ? &*b : &none});
-  auto y = call_maybe_below_autograd(graph, [&] {
-    return std::get<0>(oh::layer_norm_fwd().call(x, ns, w, b, eps));
-  });
+  const at::Tensor *wp = w ? &*w : &none, *bp = b ? &*b : &none;
+  if (declined({&x, wp, bp})) return not_implemented();
+  auto y = call(
+      needs_graph({&x, wp, bp}), [&] { return std::get<0>(ag::layer_norm_fwd_autograd(x, ns, w, b, eps)); },
+      [&] { return std::get<0>(oh::layer_norm_fwd().call(x, ns, w, b, eps)); });
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
 }
@@ -165,10 +190,11 @@ PyObject* fast_fused_add_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t n
   }
   const auto w = opt_tensor(args[3]);
   const at::Tensor none;
-  const bool graph = needs_graph({&x, &r, w ? &*w : &none});
-  auto out = call_maybe_below_autograd(graph, [&] {
-    return oh::fused_add_rms_norm_fwd().call(x, r, ns, w, eps, offset);
-  });
+  const at::Tensor* wp = w ? &*w : &none;
+  if (declined({&x, &r, wp})) return not_implemented();
+  auto out = call(
+      needs_graph({&x, &r, wp}), [&] { return ag::fused_add_rms_norm_fwd_autograd(x, r, ns, w, eps, offset); },
+      [&] { return oh::fused_add_rms_norm_fwd().call(x, r, ns, w, eps, offset); });
   PyObject* y = THPVariable_Wrap(std::move(std::get<0>(out)));
   if (!y) return nullptr;
   PyObject* h = THPVariable_Wrap(std::move(std::get<1>(out)));

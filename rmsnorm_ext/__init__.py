@@ -11,6 +11,9 @@ from ._loader import load as _load
 _C = _load()  # defines the op schemas; must precede every torch.library call below
 
 from . import _elf  # noqa: E402,F401
+from . import _autograd  # noqa: E402  (Autograd, vmap and autocast kernels from the op table)
+
+_autograd.install()
 from .functional import (fused_add_rms_norm, fused_add_rms_norm_,  # noqa: E402
                          fused_add_rms_norm_quant, layer_norm, layer_norm_quant, rms_norm,
                          rms_norm_quant)

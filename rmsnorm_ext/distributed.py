@@ -41,8 +41,9 @@ leading dims (weight is replicated if needed), and raises a clear error otherwis
 
 Adding an op
 ------------
-Add its output roles to ``_OUTPUT_ROLES`` (and a role for any new tensor argument name to
-``_ARG_ROLES``); :func:`register_sharding_rules` derives the rule from the op schema.
+Its entry in the op table (rmsnorm_ext/_table.py) gives its output roles (and a new tensor
+argument name needs a role in ``ARG_ROLES`` there); :func:`register_sharding_rules` derives
+the rule from those and the op schema.
 """
 import importlib.abc
 import sys
@@ -54,42 +55,14 @@ __all__ = ["register_sharding_rules", "sharding_rule"]
 
 _NS = "rmsnorm_ext"
 
-# Roles of tensors in a rule. ROW: the input's shape (sharded with the input); STAT: one
-# value per row, indexed by the input's leading dims (rstd, mean, per-token scales shaped
-# like the leading dims); PARAM: normalized_shape-shaped, replicated; REPLICATE: always
-# replicated (e.g. a one-element scale). GRAD(param, flag): gradient of PARAM `param`,
-# computed when argument `flag` is true (and `param` is given): Partial("sum") when rows
-# are sharded; otherwise an empty tensor, replicated.
-ROW, STAT, PARAM, REPLICATE = "row", "stat", "param", "replicate"
+from ._table import ARG_ROLES as _ARG_ROLES, GRAD, PARAM, REPLICATE, ROW, STAT, TABLE  # noqa: E402,F401
 
-
-class GRAD:
-    __slots__ = ("param", "flag")
-
-    def __init__(self, param, flag):
-        self.param, self.flag = param, flag
-
-
-# Tensor arguments, by schema name.
-_ARG_ROLES = {
-    "input": ROW, "residual": ROW, "grad_out": ROW, "grad_residual": ROW,
-    "rstd": STAT, "mean": STAT,
-    "weight": PARAM, "bias": PARAM,
-}
-
-# Outputs of each functional op, in schema order.
-_OUTPUT_ROLES = {
-    "rms_norm_fwd": (ROW, STAT),                                      # y, rstd
-    "rms_norm_bwd": (ROW, GRAD("weight", "compute_weight_grad")),     # dx, dw
-    "layer_norm_fwd": (ROW, STAT, STAT),                              # y, mean, rstd
-    "layer_norm_bwd": (ROW, GRAD("weight", "compute_weight_grad"),    # dx, dw, db
-                       GRAD(None, "compute_bias_grad")),
-    "fused_add_rms_norm_fwd": (ROW, ROW, STAT),                       # y, h, rstd
-}
+# Outputs of each op served by register_sharding, in schema order (from the op table).
+_OUTPUT_ROLES = {e.name: e.outputs for e in TABLE.values() if e.sharded_by_rule}
 
 # Ops that write their arguments and return nothing: served by a DTensor dispatch rule that
 # runs them on the local shards (see module docstring). Value: the mutated arguments.
-_INPLACE_OPS = {"fused_add_rms_norm_inplace": ("input", "residual")}
+_INPLACE_OPS = {e.name: e.mutates for e in TABLE.values() if e.mutates}
 
 _lock = threading.Lock()
 _registered = False

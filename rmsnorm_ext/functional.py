@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _C
+from ._autograd import call as _call
 
 _ops = torch.ops.rmsnorm_ext
 _rms_fwd = _ops.rms_norm_fwd.default
@@ -42,6 +43,9 @@ _FINFO_EPS = {dt: torch.finfo(dt).eps for dt in (torch.float32, torch.float64, t
 def _eps(input, eps):
     if eps is not None:
         return float(eps)
+    if input.is_cuda and torch.is_autocast_enabled("cuda"):
+        # torch's rms_norm takes eps=None after its autocast cast to float32.
+        return _FINFO_EPS[torch.float32]
     e = _FINFO_EPS.get(input.dtype)
     if e is None:
         raise TypeError("rmsnorm_ext: input must be float32, float64, bfloat16 or float16, "
@@ -69,6 +73,8 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] 
         y = _fast_rms(input, normalized_shape, weight, eps, weight_offset)
         if y is not NotImplemented:
             return y
+        return _call("rms_norm_fwd", input, _shape(normalized_shape), weight,
+                     _eps(input, eps), float(weight_offset))[0]
     return _rms_fwd(input, _shape(normalized_shape), weight, _eps(input, eps),
                     float(weight_offset))[0]
 
@@ -80,6 +86,8 @@ def layer_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor
         y = _fast_ln(input, normalized_shape, weight, bias, eps)
         if y is not NotImplemented:
             return y
+        return _call("layer_norm_fwd", input, _shape(normalized_shape), weight, bias,
+                     float(eps))[0]
     return _ln_fwd(input, _shape(normalized_shape), weight, bias, float(eps))[0]
 
 
@@ -98,6 +106,9 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _Shape
         out = _fast_fused(input, residual, normalized_shape, weight, eps, weight_offset)
         if out is not NotImplemented:
             return out
+        y, h, _ = _call("fused_add_rms_norm_fwd", input, residual, _shape(normalized_shape),
+                        weight, _fused_eps(input, residual, eps), float(weight_offset))
+        return y, h
     y, h, _ = _fused_fwd(input, residual, _shape(normalized_shape), weight,
                          _fused_eps(input, residual, eps), float(weight_offset))
     return y, h

@@ -179,7 +179,9 @@ def check_ln(M, N, dt, wdt, aligned=True, has_w=True, has_b=True, shift=0.0):
     want_b = has_b
     dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [N], has_w, want_b)
     dx_ref, dw_ref, db_ref = ln_bwd_ref(dy, x, mean, rstd, w)
-    pdt = wdt if has_w else dt
+    # Parameter gradients in the weight's dtype; without a weight, dbias in the statistics
+    # dtype (float32, float64 for float64 data): autograd casts it to the bias's own dtype.
+    pdt = wdt if has_w else (torch.float64 if dt == torch.float64 else torch.float32)
     check(name + " dx", dx, dx_ref, dt, tol_scale=4)
     if has_w:
         check(name + " dw", dw, dw_ref, pdt, tol_scale=4)

@@ -1,12 +1,15 @@
-// The Autograd kernels of the norm + quantize ops: they are inference only (a quantized
-// output has no gradient), so a call that would need a graph -- grad mode on and an input
-// that requires grad -- raises instead of silently returning outputs detached from it (or,
-// with no Autograd kernel at all, outputs whose backward fails later). Otherwise the call
-// goes straight to the device kernel.
+// The Autograd kernels of the ops without a gradient: the norm + quantize ops (a quantized
+// output has no gradient) and the in-place fused_add_rms_norm_inplace. A call that would
+// need a graph -- grad mode on and an input that requires grad -- raises instead of
+// silently returning outputs detached from it. The in-place op also gets the
+// ADInplaceOrView kernel every torch in-place op has: it bumps the version counters of the
+// tensors it writes, so a tensor saved for backward and then overwritten makes that
+// backward raise ("modified by an inplace operation") instead of computing wrong gradients.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include "op_handles.h"
@@ -62,9 +65,38 @@ std::tuple<Tensor, Tensor> layer_norm_quant_autograd(
   return oh::layer_norm_quant().call(input, ns, weight, bias, eps, scale, q, group_size, scale_ub);
 }
 
+void fused_add_rms_norm_inplace_autograd(const Tensor& input, const Tensor& residual,
+                                         c10::IntArrayRef ns,
+                                         const std::optional<Tensor>& weight, double eps,
+                                         double offset) {
+  if (at::GradMode::is_enabled()) {
+    TORCH_CHECK(!(requires_grad(input) || requires_grad(residual) || requires_grad(weight)),
+                "rmsnorm_ext: fused_add_rms_norm_ is in-place and not differentiable; call it "
+                "under torch.no_grad()/torch.inference_mode(), or use fused_add_rms_norm");
+  }
+  at::AutoDispatchBelowAutograd below;  // on to ADInplaceOrView
+  oh::fused_add_rms_norm_inplace().call(input, residual, ns, weight, eps, offset);
+}
+
+void fused_add_rms_norm_inplace_view(const Tensor& input, const Tensor& residual,
+                                     c10::IntArrayRef ns, const std::optional<Tensor>& weight,
+                                     double eps, double offset) {
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    oh::fused_add_rms_norm_inplace().call(input, residual, ns, weight, eps, offset);
+  }
+  torch::autograd::impl::bump_version(input);
+  torch::autograd::impl::bump_version(residual);
+}
+
 }  // namespace
 
+TORCH_LIBRARY_IMPL(rmsnorm_ext, ADInplaceOrView, m) {
+  m.impl("fused_add_rms_norm_inplace", &fused_add_rms_norm_inplace_view);
+}
+
 TORCH_LIBRARY_IMPL(rmsnorm_ext, Autograd, m) {
+  m.impl("fused_add_rms_norm_inplace", &fused_add_rms_norm_inplace_autograd);
   m.impl("rms_norm_quant", &rms_norm_quant_autograd);
   m.impl("fused_add_rms_norm_quant", &fused_add_rms_norm_quant_autograd);
   m.impl("layer_norm_quant", &layer_norm_quant_autograd);

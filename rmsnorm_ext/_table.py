@@ -1,0 +1,211 @@
+"""The op table: what every op of the library is, in one place.
+
+An entry names an op (its schema and its one host function live in C++: csrc/ops.cpp or
+the op's own host file; the same host function serves CPU, CUDA and Meta, so shapes and
+argument checks have one source) and says what the Python layer needs to know about it:
+
+* ``outputs``: the DTensor role of each output (rmsnorm_ext/distributed.py derives the
+  sharding rules from these and the schema's argument names);
+* for a differentiable forward op: ``diff_args`` (the tensor arguments gradients flow to),
+  ``saved`` (what the backward reads), ``composite`` (the op's math as differentiable ATen
+  ops -- fp32 or fp64 compute, one rounding, like the kernels) and ``backward`` (the
+  first-order backward on the fused ``*_bwd`` kernel). rmsnorm_ext/_autograd.py builds from
+  them the autograd kernel, forward-mode AD (jvp of the composite), second and higher
+  derivatives (vjp of the composite), the vmap rules and the autocast rule;
+* for a backward op: ``grads_of`` (the forward op), and which outputs are parameter
+  gradients (per-sample under vmap);
+* ``inference_only``: no gradient (the quantized outputs); ``mutates``: in-place.
+
+Adding an op: its schema and host function in C++, a kernel per device, one entry here
+(with its composite and backward if it is differentiable) and its public function in
+functional.py.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple
+
+import torch
+
+# DTensor roles of tensors. ROW: the input's shape (sharded with the input); STAT: one value
+# per row (or per group of a row), indexed by the input's leading dims; PARAM:
+# normalized_shape-shaped, replicated; REPLICATE: always replicated (a one-element scale).
+# GRAD(param, flag): gradient of PARAM `param`, computed when argument `flag` is true (and
+# `param` is given): Partial("sum") when rows are sharded; otherwise an empty tensor.
+ROW, STAT, PARAM, REPLICATE = "row", "stat", "param", "replicate"
+
+
+class GRAD:
+    __slots__ = ("param", "flag")
+
+    def __init__(self, param, flag):
+        self.param, self.flag = param, flag
+
+
+# Roles of tensor arguments, by schema name (the same name means the same role in every op).
+ARG_ROLES = {
+    "input": ROW, "residual": ROW, "grad_out": ROW, "grad_residual": ROW, "gate": ROW,
+    "rstd": STAT, "mean": STAT,
+    "weight": PARAM, "bias": PARAM,
+    "scale": REPLICATE, "scale_ub": REPLICATE,
+}
+
+
+@dataclass(frozen=True)
+class OpEntry:
+    name: str                                  # op name in torch.ops.rmsnorm_ext
+    outputs: Tuple                             # DTensor role of each output
+    diff_args: Tuple[str, ...] = ()            # differentiable tensor arguments
+    n_diff_outputs: int = 0                    # leading outputs that carry gradients
+    saved: Tuple[str, ...] = ()                # names (args or "out0".."outK") kept for bwd
+    composite: Optional[Callable] = None       # (**args) -> differentiable outputs
+    backward: Optional[Callable] = None        # (saved dict, grads, need) -> {arg: grad}
+    # The create_graph backward, when the saved tensors are not the composite's arguments
+    # (default: vjp of `composite` at the saved arguments).
+    graph_backward: Optional[Callable] = None
+    grads_of: Optional[str] = None             # a backward op: the forward op's name
+    param_grad_outputs: Tuple[int, ...] = ()   # backward op: outputs summed over rows
+    inference_only: bool = False
+    mutates: Tuple[str, ...] = ()
+    sharded_by_rule: bool = True               # DTensor via register_sharding
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------
+# Composites: the ops' math in ATen, differentiable to any order. Used for forward-mode AD,
+# for derivatives of the backward (create_graph=True) and for vmap with a batched
+# parameter; never on the first-order eager/compiled path (the fused kernels serve it).
+
+def acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _dims(normalized_shape):
+    return tuple(range(-len(normalized_shape), 0))
+
+
+def rms_composite(input, normalized_shape, weight, eps, weight_offset):
+    acc = acc_dtype(input)
+    x = input.to(acc)
+    y = x * torch.rsqrt(x.square().mean(_dims(normalized_shape), keepdim=True) + eps)
+    if weight is not None:
+        y = y * (weight.to(acc) + weight_offset)
+    return (y.to(input.dtype),)
+
+
+def ln_composite(input, normalized_shape, weight, bias, eps):
+    acc = acc_dtype(input)
+    dims = _dims(normalized_shape)
+    x = input.to(acc)
+    xc = x - x.mean(dims, keepdim=True)
+    y = xc * torch.rsqrt(xc.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return (y.to(input.dtype),)
+
+
+def fused_add_rms_composite(input, residual, normalized_shape, weight, eps, weight_offset):
+    h = (input.to(acc_dtype(residual)) + residual).to(residual.dtype)
+    (y,) = rms_composite(h, normalized_shape, weight, eps, weight_offset)
+    return y.to(input.dtype), h
+
+
+# ---------------------------------------------------------------------------------------
+# First-order backwards on the fused kernels. `s` holds the saved tensors and the
+# non-tensor arguments by name; `need` the arguments whose gradient is wanted.
+
+_ops = torch.ops.rmsnorm_ext
+
+
+def _rms_backward(s, grads, need):
+    dy = grads[0]
+    if dy is None:
+        return {}
+    want_dw = "weight" in need and s["weight"] is not None
+    dx, dw = _ops.rms_norm_bwd.default(dy, s["input"], s["out1"], s["weight"],
+                                       s["normalized_shape"], s["weight_offset"], None, want_dw)
+    return {"input": dx, "weight": dw if want_dw else None}
+
+
+def _ln_backward(s, grads, need):
+    dy = grads[0]
+    if dy is None:
+        return {}
+    want_dw = "weight" in need and s["weight"] is not None
+    want_db = "bias" in need and s["bias"] is not None
+    dx, dw, db = _ops.layer_norm_bwd.default(dy, s["input"], s["out1"], s["out2"], s["weight"],
+                                             s["normalized_shape"], want_dw, want_db)
+    return {"input": dx, "weight": dw if want_dw else None, "bias": db if want_db else None}
+
+
+def _fused_backward(s, grads, need):
+    dy, dh_direct = grads[0], grads[1]
+    want_dw = "weight" in need and s["weight"] is not None and dy is not None
+    dw = None
+    if dy is None:
+        dh = dh_direct  # only h was used: its gradient passes straight to both summands
+    else:
+        # The gradient reaching h directly is added inside the kernel.
+        dh, dw = _ops.rms_norm_bwd.default(dy, s["out1"], s["out2"], s["weight"],
+                                           s["normalized_shape"], s["weight_offset"],
+                                           dh_direct, want_dw)
+    return {"input": dh, "residual": dh, "weight": dw if want_dw else None}
+
+
+def _fused_graph_backward(s, grads, need, dtypes):
+    # Saved: h (out1), not input/residual; y = rms_norm(h) in the input's dtype.
+    dy, dh_direct = grads[0], grads[1]
+    h, w = s["out1"], s["weight"]
+    dh, dw = None, None
+    if dy is not None:
+        def f(h, *w):
+            return rms_composite(h, s["normalized_shape"], w[0] if w else None, s["eps"],
+                                 s["weight_offset"])[0].to(dtypes["input"])
+        primals = (h,) if w is None else (h, w)
+        _, vjp_fn = torch.func.vjp(f, *primals)
+        grads_hw = vjp_fn(dy)
+        dh = grads_hw[0]
+        dw = grads_hw[1] if w is not None else None
+    if dh_direct is not None:
+        dh = dh_direct if dh is None else dh + dh_direct
+    return {"input": dh, "residual": dh, "weight": dw}
+
+
+# ---------------------------------------------------------------------------------------
+# The table.
+
+_ENTRIES = [
+    OpEntry("rms_norm_fwd", (ROW, STAT), diff_args=("input", "weight"), n_diff_outputs=1,
+            saved=("input", "weight", "out1"), composite=rms_composite,
+            backward=_rms_backward),
+    OpEntry("rms_norm_bwd", (ROW, GRAD("weight", "compute_weight_grad")),
+            grads_of="rms_norm_fwd", param_grad_outputs=(1,)),
+    OpEntry("layer_norm_fwd", (ROW, STAT, STAT), diff_args=("input", "weight", "bias"),
+            n_diff_outputs=1, saved=("input", "weight", "bias", "out1", "out2"),
+            composite=ln_composite, backward=_ln_backward),
+    OpEntry("layer_norm_bwd", (ROW, GRAD("weight", "compute_weight_grad"),
+                               GRAD(None, "compute_bias_grad")),
+            grads_of="layer_norm_fwd", param_grad_outputs=(1, 2)),
+    # h is saved as an output: in a create_graph backward its gradient flows back through
+    # this node (h = input + residual), so no copy of the inputs is kept.
+    OpEntry("fused_add_rms_norm_fwd", (ROW, ROW, STAT),
+            diff_args=("input", "residual", "weight"), n_diff_outputs=2,
+            saved=("weight", "out1", "out2"), composite=fused_add_rms_composite,
+            backward=_fused_backward, graph_backward=_fused_graph_backward),
+    OpEntry("fused_add_rms_norm_inplace", (), mutates=("input", "residual"),
+            sharded_by_rule=False),
+    OpEntry("rms_norm_quant", (ROW, STAT), inference_only=True, sharded_by_rule=False),
+    OpEntry("fused_add_rms_norm_quant", (ROW, STAT, ROW), inference_only=True,
+            sharded_by_rule=False),
+    OpEntry("layer_norm_quant", (ROW, STAT), inference_only=True, sharded_by_rule=False),
+]
+
+TABLE = {e.name: e for e in _ENTRIES}
+
+
+def op(name):
+    return getattr(_ops, name).default
+
+
+def schema_args(name):
+    return [a.name for a in op(name)._schema.arguments]
