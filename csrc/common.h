@@ -15,6 +15,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -193,6 +194,73 @@ inline RowShape check_fused(const Tensor& input, const Tensor& residual, at::Int
   check_param(weight, "weight", input, ns);
   check_eps(eps);
   check_offset(offset);
+  return rs;
+}
+
+// ---------------------------------------------------------------------------------------
+// Gated RMSNorm (csrc/host/gated_rms_norm.cpp).
+
+// gate: the input's exact shape, device and dtype.
+inline void check_gate(const Tensor& gate, const Tensor& input) {
+  TORCH_CHECK_VALUE(gate.sizes().equals(input.sizes()), "rmsnorm_ext: gate shape ",
+                    gate.sizes(), " does not match the input shape ", input.sizes());
+  check_same_device(gate, "gate", input, "the input");
+  TORCH_CHECK_TYPE(gate.scalar_type() == input.scalar_type(), "rmsnorm_ext: gate dtype ",
+                   py_dtype(gate.scalar_type()), " must match the input dtype ",
+                   py_dtype(input.scalar_type()));
+}
+
+// The RMS is taken over each group of group_size consecutive elements of a row.
+inline void check_group_size(int64_t group_size, int64_t N) {
+  TORCH_CHECK_VALUE(group_size > 0, "rmsnorm_ext: group_size must be positive, got ",
+                    group_size);
+  TORCH_CHECK_VALUE(N % group_size == 0, "rmsnorm_ext: group_size ", group_size,
+                    " does not divide the normalized size ", N);
+}
+
+// The gate activation: "silu" or "sigmoid". Returns whether it is silu.
+inline bool check_activation(std::string_view activation) {
+  TORCH_CHECK_VALUE(activation == "silu" || activation == "sigmoid",
+                    "rmsnorm_ext: activation must be \"silu\" or \"sigmoid\", got \"",
+                    std::string(activation), "\"");
+  return activation == "silu";
+}
+
+// All the forward arguments of gated_rms_norm: returns the row view.
+inline RowShape check_gated(const Tensor& input, const Tensor& gate, at::IntArrayRef ns,
+                            const std::optional<Tensor>& weight, double eps, int64_t group_size,
+                            std::string_view activation) {
+  check_input(input, "input");
+  check_gate(gate, input);
+  const RowShape rs = check_normalized_shape(input, ns);
+  check_param(weight, "weight", input, ns);
+  check_eps(eps);
+  check_group_size(group_size, rs.N);
+  check_activation(activation);
+  return rs;
+}
+
+// All the backward arguments of gated_rms_norm: returns the row view. grad_out has the
+// input's shape, device and dtype; rstd one value per row and group.
+inline RowShape check_gated_bwd(const Tensor& grad_out, const Tensor& input, const Tensor& gate,
+                                const Tensor& rstd, const std::optional<Tensor>& weight,
+                                at::IntArrayRef ns, int64_t group_size,
+                                std::string_view activation) {
+  check_input(input, "input");
+  check_gate(gate, input);
+  const RowShape rs = check_normalized_shape(input, ns);
+  check_grad(grad_out, input);
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(),
+                   "rmsnorm_ext: gated_rms_norm_bwd: grad_out dtype ",
+                   py_dtype(grad_out.scalar_type()), " must match the input dtype ",
+                   py_dtype(input.scalar_type()));
+  check_param(weight, "weight", input, ns);
+  check_group_size(group_size, rs.N);
+  check_activation(activation);
+  const int64_t groups = rs.N / group_size;
+  TORCH_CHECK(rstd.numel() == rs.M * groups, "rmsnorm_ext: rstd must have one value per row "
+              "and group (", rs.M, " rows x ", groups, " groups), got ", rstd.numel());
+  check_stats(rstd, "rstd", input, rs.M * groups);
   return rs;
 }
 

@@ -92,6 +92,51 @@ struct LnBwdParams {
 };
 
 // ---------------------------------------------------------------------------------------
+// Gated RMSNorm (gated_rms_norm_fwd / _bwd): x, gate, y, grad_out, dx and dgate all have
+// dtype t; the weight (and dweight) dtype w (t, or f32 next to bf16/f16 t). The RMS is
+// taken over each contiguous group of `group` elements of a row (group divides N; N: one
+// group), so the statistics (rstd: float, double for f64) are M * (N / group) values,
+// row-major [M][N / group]. With a = act(gate):
+//   norm_before_gate:  y = x * rstd(x) * w * a
+//   otherwise:         z = x * a, y = z * rstd(z) * w       (Mamba2's gated norm)
+enum class GateAct : int { silu = 0, sigmoid = 1 };
+
+struct GatedRmsFwdParams {
+  DType t;
+  DType w;
+  GateAct act;
+  bool norm_before_gate;
+  const void* x;
+  const void* gate;
+  const void* weight;  // nullptr: no weight (ones)
+  void* y;
+  void* rstd;
+  int64_t M;
+  int64_t N;
+  int64_t group;
+  double eps;
+};
+
+struct GatedRmsBwdParams {
+  DType t;
+  DType w;
+  GateAct act;
+  bool norm_before_gate;
+  const void* dy;
+  const void* x;
+  const void* gate;
+  const void* rstd;
+  const void* weight;  // nullptr: no weight (ones)
+  void* dx;
+  void* dgate;
+  void* dw;            // nullptr: weight grad not wanted
+  int64_t M;
+  int64_t N;
+  int64_t group;
+  int sm_count;
+};
+
+// ---------------------------------------------------------------------------------------
 // Norm + quantize (rms_norm_quant, fused_add_rms_norm_quant, layer_norm_quant): one kernel
 // family, the norm's fusions as optional operands. y is the norm's output in fp32 (never
 // rounded to the input dtype); out = quantize(y * (1 / s)) with s the static scale, or per

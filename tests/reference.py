@@ -4,6 +4,8 @@ The bar: our max error against the float64 reference is at most a small multiple
 torch's own error in the same dtype, plus a couple of rounding steps of the output
 (torch's error can be ~0 where it happens to compute exactly what the reference does).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +70,27 @@ def ln_rows_bwd_ref(dy, x, mean, rstd, w):
     dw = (dyd * xh).reshape(-1, x.shape[-1]).sum(0)
     db = dyd.reshape(-1, x.shape[-1]).sum(0)
     return dx, dw, db
+
+
+def gated_rms_norm_reference(x, g, normalized_shape, w, eps, group_size, norm_before_gate,
+                             activation):
+    """Gated RMSNorm as a plain torch composite, computed in the dtype of its arguments
+    (float64 arguments: the reference; the input's dtype: torch's own error there).
+    a = act(g); norm_before_gate: y = x * rstd(x) * w * a; otherwise z = x * a and
+    y = z * rstd(z) * w. The RMS is over each contiguous group of group_size elements of
+    the normalized (flattened) dims."""
+    ns = tuple(normalized_shape)
+    n = math.prod(ns)
+    lead = x.shape[:x.dim() - len(ns)]
+    a = F.silu(g) if activation == "silu" else torch.sigmoid(g)
+    z = x if norm_before_gate else x * a
+    zg = z.reshape(*lead, n // group_size, group_size)
+    y = (zg * torch.rsqrt(zg.pow(2).mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    if w is not None:
+        y = y * w
+    if norm_before_gate:
+        y = y * a
+    return y
 
 
 def max_err(a, ref):

@@ -13,5 +13,7 @@ void rms_bwd(const RmsBwdParams& p, const Launch& l);            // rms_norm_cpu
 void ln_fwd(const LnFwdParams& p, const Launch& l);              // layer_norm_cpu.cpp
 void ln_bwd(const LnBwdParams& p, const Launch& l);              // layer_norm_cpu.cpp
 void norm_quant(const NormQuantParams& p, const Launch& l);      // norm_quant_cpu.cpp
+void gated_rms_fwd(const GatedRmsFwdParams& p, const Launch& l);  // gated_rms_norm_cpu.cpp
+void gated_rms_bwd(const GatedRmsBwdParams& p, const Launch& l);  // gated_rms_norm_cpu.cpp
 
 }  // namespace rmsnorm_ext::cpu

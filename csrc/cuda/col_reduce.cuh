@@ -130,15 +130,64 @@ __device__ __forceinline__ void flush_runs(A* sm, int rpb, int64_t N, int planes
 // 256. Split s (blockIdx.y) covers rows [s * rows_per_split, ...); row thread ty takes
 // rows ty, ty + by, ...: runs of kRunRows of them, at most kRunsPerPartial runs (the host
 // sizes the splits so), then a tree over the by row threads.
-//   LN = false (RMSNorm): plane 0 = sum dy * (x * rstd).
-//   LN = true (LayerNorm): plane 0 = sum dy * ((x - mean) * rstd), plane 1 = sum dy.
-template <typename X, typename G>
+//
+// What one row adds to the planes of a column pack is a policy, Term:
+//   using A;                        the accumulation type
+//   static constexpr int kPlanes;   planes (partial rows per split) it produces
+//   struct Args;                    its inputs (device pointers), passed to the kernel
+//   template <int VEC> struct Row;  what it loads of one row at one column pack
+//   template <int VEC> static Row<VEC> load(const Args&, int64_t row, int64_t N, int64_t cp);
+//   template <int VEC> static void add(const Row<VEC>&, A (&s)[kPlanes][VEC]);
+// Rows are loaded U at a time (all loads in flight) before they are added, in row order.
+//   NormTerm<X, G, false> (RMSNorm): plane 0 = sum dy * (x * rstd).
+//   NormTerm<X, G, true> (LayerNorm): plane 0 = sum dy * ((x - mean) * rstd), plane 1 = sum dy.
+// (gated_rms_norm_kernels.cu has its own.)
+template <typename X, typename G, bool LN>
+struct NormTerm {
+  using A = acc_t<X>;
+  static constexpr int kPlanes = LN ? 2 : 1;
+  struct Args {
+    const X* x;
+    const G* dy;
+    const A* mean;  // LN only
+    const A* rstd;
+  };
+  template <int VEC>
+  struct Row {
+    Pack<X, VEC> x;
+    Pack<G, VEC> dy;
+    A mean;
+    A rstd;
+  };
+  template <int VEC>
+  static __device__ __forceinline__ Row<VEC> load(const Args& a, int64_t row, int64_t N,
+                                                  int64_t cp) {
+    Row<VEC> r;
+    r.x = load_pack<X, VEC>(a.x + row * N, cp);
+    r.dy = load_pack<G, VEC>(a.dy + row * N, cp);
+    r.rstd = a.rstd[row];
+    r.mean = LN ? a.mean[row] : A(0);
+    return r;
+  }
+  template <int VEC>
+  static __device__ __forceinline__ void add(const Row<VEC>& r, A (&s0)[kPlanes][VEC]) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const A dyf = to_acc<A>(r.dy.v[j]);
+      if constexpr (LN) {
+        s0[0][j] += dyf * ((to_acc<A>(r.x.v[j]) - r.mean) * r.rstd);
+        s0[1][j] += dyf;
+      } else {
+        s0[0][j] += dyf * (to_acc<A>(r.x.v[j]) * r.rstd);
+      }
+    }
+  }
+};
+
+template <typename Term>
 struct ColPartialArgs {
-  const X* x;
-  const G* dy;
-  const acc_t<X>* mean;  // LN only
-  const acc_t<X>* rstd;
-  acc_t<X>* ws;          // [planes][splits][N]
+  typename Term::Args t;
+  typename Term::A* ws;  // [planes][splits][N]
   int64_t M;
   int64_t N;
   int64_t rows_per_split;
@@ -147,11 +196,12 @@ struct ColPartialArgs {
 
 constexpr int kColThreads = 256;
 
-template <typename X, typename G, int VEC, bool LN>
+template <typename Term, int VEC>
 __global__ void __launch_bounds__(kColThreads)
-    col_partials_kernel(const ColPartialArgs<X, G> a) {
-  using A = acc_t<X>;
-  constexpr int PL = LN ? 2 : 1;
+    col_partials_kernel(const ColPartialArgs<Term> a) {
+  using A = typename Term::A;
+  using Row = typename Term::template Row<VEC>;
+  constexpr int PL = Term::kPlanes;
   constexpr int U = 4;  // rows in flight per thread
   __shared__ A sm[kColThreads * VEC * PL];
 
@@ -170,20 +220,6 @@ __global__ void __launch_bounds__(kColThreads)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) s1[p][j] = A(0);
 
-  auto add_row = [&](const Pack<X, VEC>& xv, const Pack<G, VEC>& gv, A mean, A rstd,
-                     A (&s0)[PL][VEC]) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const A dyf = to_acc<A>(gv.v[j]);
-      if constexpr (LN) {
-        s0[0][j] += dyf * ((to_acc<A>(xv.v[j]) - mean) * rstd);
-        s0[1][j] += dyf;
-      } else {
-        s0[0][j] += dyf * (to_acc<A>(xv.v[j]) * rstd);
-      }
-    }
-  };
-
   if (cp < packs) {
     const int64_t run_step = static_cast<int64_t>(by) * kRunRows;
     for (int64_t rb = r0 + ty; rb < r1; rb += run_step) {
@@ -195,23 +231,16 @@ __global__ void __launch_bounds__(kColThreads)
         for (int j = 0; j < VEC; ++j) s0[p][j] = A(0);
       int64_t r = rb;
       for (; r + (U - 1) * by < re; r += U * by) {
-        Pack<X, VEC> xv[U];
-        Pack<G, VEC> gv[U];
-        A mu[U], rs[U];
+        Row rv[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const int64_t row = r + static_cast<int64_t>(u) * by;
-          xv[u] = load_pack<X, VEC>(a.x + row * a.N, cp);
-          gv[u] = load_pack<G, VEC>(a.dy + row * a.N, cp);
-          rs[u] = a.rstd[row];
-          mu[u] = LN ? a.mean[row] : A(0);
+          rv[u] = Term::template load<VEC>(a.t, r + static_cast<int64_t>(u) * by, a.N, cp);
         }
 #pragma unroll
-        for (int u = 0; u < U; ++u) add_row(xv[u], gv[u], mu[u], rs[u], s0);
+        for (int u = 0; u < U; ++u) Term::template add<VEC>(rv[u], s0);
       }
       for (; r < re; r += by) {
-        add_row(load_pack<X, VEC>(a.x + r * a.N, cp), load_pack<G, VEC>(a.dy + r * a.N, cp),
-                LN ? a.mean[r] : A(0), a.rstd[r], s0);
+        Term::template add<VEC>(Term::template load<VEC>(a.t, r, a.N, cp), s0);
       }
 #pragma unroll
       for (int p = 0; p < PL; ++p)
@@ -248,18 +277,15 @@ __global__ void __launch_bounds__(kColThreads)
     for (int j = 0; j < VEC; ++j) out[p * a.ws_plane + j] = s1[p][j];
 }
 
-// Launches col_partials_kernel and the final reduction into out0 (dweight) / out1
-// (dbias, LN only); either may be nullptr. vec: every row of x and dy is aligned to a
-// pack of 16 / sizeof(G) elements (and N a multiple of it), as the caller checked for its
-// own packed path.
-template <typename X, typename G, typename W, bool LN>
-inline cudaError_t launch_col_partials(const X* x, const G* dy, const acc_t<X>* mean,
-                                       const acc_t<X>* rstd, int64_t M, int64_t N, bool vec,
-                                       int sm_count, Workspace ws, W* out0, W* out1,
-                                       cudaStream_t stream) {
-  using A = acc_t<X>;
-  constexpr int PL = LN ? 2 : 1;
-  constexpr int V = 16 / sizeof(G);
+// Launches col_partials_kernel for Term and the final reduction into out0 / out1 (planes 0
+// and 1; either may be nullptr). vec: the kernel may read packs of V elements (every row
+// of every tensor Term reads is aligned to a pack and N is a multiple of V); else 1.
+template <typename Term, int V, typename W>
+inline cudaError_t launch_term_col_partials(const typename Term::Args& t, int64_t M, int64_t N,
+                                            bool vec, int sm_count, Workspace ws, W* out0,
+                                            W* out1, cudaStream_t stream) {
+  using A = typename Term::A;
+  constexpr int PL = Term::kPlanes;
   const int VEC = vec ? V : 1;
   const int64_t packs = N / VEC;
   int bx = 1;
@@ -275,11 +301,8 @@ inline cudaError_t launch_col_partials(const X* x, const G* dy, const acc_t<X>* 
   const int64_t rows_per_split = ceil_div(M, splits);
   splits = ceil_div(M, rows_per_split);  // no empty split
 
-  ColPartialArgs<X, G> a{};
-  a.x = x;
-  a.dy = dy;
-  a.mean = mean;
-  a.rstd = rstd;
+  ColPartialArgs<Term> a{};
+  a.t = t;
   a.M = M;
   a.N = N;
   a.rows_per_split = rows_per_split;
@@ -289,14 +312,27 @@ inline cudaError_t launch_col_partials(const X* x, const G* dy, const acc_t<X>* 
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(splits));
   const dim3 block(bx, by);
   if (vec) {
-    col_partials_kernel<X, G, V, LN><<<grid, block, 0, stream>>>(a);
+    col_partials_kernel<Term, V><<<grid, block, 0, stream>>>(a);
   } else {
-    col_partials_kernel<X, G, 1, LN><<<grid, block, 0, stream>>>(a);
+    col_partials_kernel<Term, 1><<<grid, block, 0, stream>>>(a);
   }
   cudaError_t err = cudaSuccess;
   RMSNORM_EXT_LAUNCH_CHECK(err);
   if (err != cudaSuccess) return err;
   return launch_col_reduce<A, W>(a.ws, splits, N, PL, out0, out1, stream);
+}
+
+// RMSNorm / LayerNorm: out0 = dweight, out1 = dbias (LN only); either may be nullptr.
+// vec: every row of x and dy is aligned to a pack of 16 / sizeof(G) elements (and N a
+// multiple of it), as the caller checked for its own packed path.
+template <typename X, typename G, typename W, bool LN>
+inline cudaError_t launch_col_partials(const X* x, const G* dy, const acc_t<X>* mean,
+                                       const acc_t<X>* rstd, int64_t M, int64_t N, bool vec,
+                                       int sm_count, Workspace ws, W* out0, W* out1,
+                                       cudaStream_t stream) {
+  using Term = NormTerm<X, G, LN>;
+  return launch_term_col_partials<Term, 16 / sizeof(G), W>(
+      typename Term::Args{x, dy, mean, rstd}, M, N, vec, sm_count, ws, out0, out1, stream);
 }
 
 }  // namespace cuda

@@ -17,6 +17,8 @@ cudaError_t rms_bwd(const RmsBwdParams& p, Workspace ws, cudaStream_t stream);  
 cudaError_t ln_fwd(const LnFwdParams& p, cudaStream_t stream);  // layer_norm_fwd_kernels.cu
 cudaError_t ln_bwd(const LnBwdParams& p, Workspace ws, cudaStream_t stream);  // layer_norm_bwd_kernels.cu
 cudaError_t norm_quant(const NormQuantParams& p, cudaStream_t stream);  // norm_quant_kernels.cu
+cudaError_t gated_rms_fwd(const GatedRmsFwdParams& p, cudaStream_t stream);  // gated_rms_norm_kernels.cu
+cudaError_t gated_rms_bwd(const GatedRmsBwdParams& p, Workspace ws, cudaStream_t stream);  // gated_rms_norm_kernels.cu
 
 }  // namespace cuda
 }  // namespace rmsnorm_ext

@@ -64,4 +64,14 @@ void run_norm_quant(const NormQuantParams& p, const Launch& l) {
   on_device(l, [&](cudaStream_t s) { return norm_quant(p, s); });
 }
 
+void run_gated_rms_fwd(const GatedRmsFwdParams& p, const Launch& l) {
+  on_device(l, [&](cudaStream_t s) { return gated_rms_fwd(p, s); });
+}
+
+void run_gated_rms_bwd(const GatedRmsBwdParams& p, const Launch& l) {
+  GatedRmsBwdParams q = p;
+  q.sm_count = sm_count(l.device_index);
+  on_device(l, [&](cudaStream_t s) { return gated_rms_bwd(q, l.ws, s); });
+}
+
 }  // namespace rmsnorm_ext::cuda

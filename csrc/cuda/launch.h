@@ -12,5 +12,7 @@ void run_rms_bwd(const RmsBwdParams& p, const Launch& l);
 void run_ln_fwd(const LnFwdParams& p, const Launch& l);
 void run_ln_bwd(const LnBwdParams& p, const Launch& l);
 void run_norm_quant(const NormQuantParams& p, const Launch& l);
+void run_gated_rms_fwd(const GatedRmsFwdParams& p, const Launch& l);
+void run_gated_rms_bwd(const GatedRmsBwdParams& p, const Launch& l);
 
 }  // namespace rmsnorm_ext::cuda

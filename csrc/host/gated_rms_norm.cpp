@@ -1,0 +1,135 @@
+// Gated RMSNorm (Mamba2, Qwen3-Next, FLA's FusedRMSNormGated): its schemas, its host
+// functions for every device, and their registration. With a = act(gate) (silu or sigmoid)
+// and the RMS taken over each contiguous group of group_size elements of a row:
+//   norm_before_gate=True:   y = x * rstd(x) * w * a
+//   norm_before_gate=False:  z = x * a, y = z * rstd(z) * w
+// rstd has the input's leading shape + (N // group_size,).
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "host.h"
+
+namespace rmsnorm_ext::host {
+namespace {
+
+GateAct gate_act(std::string_view activation) {
+  return check_activation(activation) ? GateAct::silu : GateAct::sigmoid;
+}
+
+// input.shape[:-len(normalized_shape)] + (groups,)
+std::vector<int64_t> gated_stats_shape(const Tensor& input, at::IntArrayRef normalized_shape,
+                                       int64_t groups) {
+  std::vector<int64_t> s = stats_shape(input, normalized_shape);
+  s.push_back(groups);
+  return s;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> gated_rms_norm_fwd(const Tensor& input, const Tensor& gate,
+                                              at::IntArrayRef normalized_shape,
+                                              const std::optional<Tensor>& weight, double eps,
+                                              int64_t group_size, bool norm_before_gate,
+                                              c10::string_view activation) {
+  const RowShape rs =
+      check_gated(input, gate, normalized_shape, weight, eps, group_size, activation);
+  const int64_t groups = rs.N / group_size;
+
+  Tensor y = at::empty(input.sizes(), input.options());
+  Tensor rstd = at::empty(gated_stats_shape(input, normalized_shape, groups), stats_options(input));
+  if (rs.M == 0 || rs.N == 0) return {y, rstd};  // rstd has no elements either
+  const Tensor x = input.contiguous();
+  const Tensor g = gate.contiguous();
+  const Tensor w = contiguous_or_empty(weight);
+
+  GatedRmsFwdParams p{};
+  p.t = to_dtype(x.scalar_type());
+  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.t;
+  p.act = gate_act(activation);
+  p.norm_before_gate = norm_before_gate;
+  p.x = x.const_data_ptr();
+  p.gate = g.const_data_ptr();
+  p.weight = ptr_or_null(w);
+  p.y = y.data_ptr();
+  p.rstd = rstd.data_ptr();
+  p.M = rs.M;
+  p.N = rs.N;
+  p.group = group_size;
+  p.eps = eps;
+  WorkspaceHolder ws(x);
+  kernels_for(x).gated_rms_fwd(p, ws.launch(x));
+  return {y, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gated_rms_norm_bwd(
+    const Tensor& grad_out, const Tensor& input, const Tensor& gate, const Tensor& rstd,
+    const std::optional<Tensor>& weight, at::IntArrayRef normalized_shape, int64_t group_size,
+    bool norm_before_gate, c10::string_view activation, bool compute_weight_grad) {
+  const RowShape rs = check_gated_bwd(grad_out, input, gate, rstd, weight, normalized_shape,
+                                      group_size, activation);
+  const Tensor w = contiguous_or_empty(weight);
+  const bool want_dw = compute_weight_grad && w.defined();
+  Tensor dx = at::empty(input.sizes(), input.options());
+  Tensor dg = at::empty(input.sizes(), input.options());
+  if (rs.M == 0 || rs.N == 0) {
+    return {dx, dg, want_dw ? at::zeros(normalized_shape, w.options()) : empty_grad(input)};
+  }
+  Tensor dw = want_dw ? at::empty(normalized_shape, w.options()) : empty_grad(input);
+  const Tensor x = input.contiguous();
+  const Tensor g = gate.contiguous();
+  const Tensor dy = grad_out.contiguous();
+  const Tensor rs_c = rstd.contiguous();
+
+  GatedRmsBwdParams p{};
+  p.t = to_dtype(x.scalar_type());
+  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.t;
+  p.act = gate_act(activation);
+  p.norm_before_gate = norm_before_gate;
+  p.dy = dy.const_data_ptr();
+  p.x = x.const_data_ptr();
+  p.gate = g.const_data_ptr();
+  p.rstd = rs_c.const_data_ptr();
+  p.weight = ptr_or_null(w);
+  p.dx = dx.data_ptr();
+  p.dgate = dg.data_ptr();
+  p.dw = want_dw ? dw.data_ptr() : nullptr;
+  p.M = rs.M;
+  p.N = rs.N;
+  p.group = group_size;
+  WorkspaceHolder ws(x);
+  kernels_for(x).gated_rms_bwd(p, ws.launch(x));
+  return {dx, dg, dw};
+}
+
+}  // namespace rmsnorm_ext::host
+
+TORCH_LIBRARY_FRAGMENT(rmsnorm_ext, m) {
+  // Gated RMSNorm. gate: the input's shape and dtype; activation: "silu" or "sigmoid";
+  // group_size divides N = prod(normalized_shape) (N: one group). Returns (y, rstd), rstd
+  // of shape input.shape[:-len(normalized_shape)] + (N // group_size,), float32 (float64
+  // for float64 input).
+  m.def(
+      "gated_rms_norm_fwd(Tensor input, Tensor gate, int[] normalized_shape, Tensor? weight, "
+      "float eps, int group_size, bool norm_before_gate, str activation) -> (Tensor, Tensor)");
+  // Returns (grad_input, grad_gate, grad_weight); grad_weight is an empty tensor when
+  // compute_weight_grad is false or there is no weight.
+  m.def(
+      "gated_rms_norm_bwd(Tensor grad_out, Tensor input, Tensor gate, Tensor rstd, "
+      "Tensor? weight, int[] normalized_shape, int group_size, bool norm_before_gate, "
+      "str activation, bool compute_weight_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+void register_gated(torch::Library& m) {
+  m.impl("gated_rms_norm_fwd", &rmsnorm_ext::host::gated_rms_norm_fwd);
+  m.impl("gated_rms_norm_bwd", &rmsnorm_ext::host::gated_rms_norm_bwd);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rmsnorm_ext, CPU, m) { register_gated(m); }
+#ifdef RMSNORM_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(rmsnorm_ext, CUDA, m) { register_gated(m); }
+#endif
