@@ -403,3 +403,28 @@ def test_bad_backward_arguments():
           r"groups\), got 4", bwd_kw=dict(rstd=torch.ones(4)))
     _both(RuntimeError, "rmsnorm_ext: rstd must be torch.float32, got torch.float64",
           bwd_kw=dict(rstd=torch.ones(4, 4, dtype=torch.float64)))
+
+
+# ---------------------------------------------------------------------------- meta tensors
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_meta_shapes_and_checks(dtype):
+    """Meta tensors run the same host function: output shapes and dtypes, no kernel, and the
+    same argument errors."""
+    x = torch.empty(2, 3, 4, 16, device="meta", dtype=dtype)
+    g = torch.empty_like(x)
+    w = torch.empty(4, 16, device="meta", dtype=dtype)
+    y, rstd = _fwd(x, g, (4, 16), w, 8, False, "sigmoid")
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.device.type == "meta" and y.shape == x.shape and y.dtype == dtype
+    assert rstd.shape == (2, 3, 8) and rstd.dtype == sdt
+    dx, dg, dw = _bwd(torch.empty_like(x), x, g, rstd, w, (4, 16), 8, False, "sigmoid")
+    assert dx.shape == dg.shape == x.shape and dw.shape == w.shape and dw.dtype == dtype
+    _, _, dw = _bwd(torch.empty_like(x), x, g, rstd, w, (4, 16), 8, False, "sigmoid", False)
+    assert dw.numel() == 0
+    with pytest.raises(ValueError, match="group_size 6 does not divide the normalized size 64"):
+        _fwd(x, g, (4, 16), w, 6, False, "sigmoid")
+    with pytest.raises(ValueError, match='got "tanh"'):
+        _fwd(x, g, (4, 16), w, 8, False, "tanh")
+    with pytest.raises(ValueError, match="gate shape"):
+        _fwd(x, g[:1], (4, 16), w, 8, False, "silu")
