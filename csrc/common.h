@@ -202,8 +202,8 @@ inline RowShape check_fused(const Tensor& input, const Tensor& residual, at::Int
 
 // gate: the input's exact shape, device and dtype.
 inline void check_gate(const Tensor& gate, const Tensor& input) {
-  TORCH_CHECK_VALUE(gate.sizes().equals(input.sizes()), "rmsnorm_ext: gate shape ",
-                    gate.sizes(), " does not match the input shape ", input.sizes());
+  TORCH_CHECK_VALUE(gate.sym_sizes().equals(input.sym_sizes()), "rmsnorm_ext: gate shape ",
+                    gate.sym_sizes(), " does not match the input shape ", input.sym_sizes());
   check_same_device(gate, "gate", input, "the input");
   TORCH_CHECK_TYPE(gate.scalar_type() == input.scalar_type(), "rmsnorm_ext: gate dtype ",
                    py_dtype(gate.scalar_type()), " must match the input dtype ",
@@ -258,8 +258,8 @@ inline RowShape check_gated_bwd(const Tensor& grad_out, const Tensor& input, con
   check_group_size(group_size, rs.N);
   check_activation(activation);
   const int64_t groups = rs.N / group_size;
-  TORCH_CHECK(rstd.numel() == rs.M * groups, "rmsnorm_ext: rstd must have one value per row "
-              "and group (", rs.M, " rows x ", groups, " groups), got ", rstd.numel());
+  TORCH_CHECK(rstd.sym_numel() == rs.M * groups, "rmsnorm_ext: rstd must have one value per "
+              "row and group (", rs.M, " rows x ", groups, " groups), got ", rstd.sym_numel());
   check_stats(rstd, "rstd", input, rs.M * groups);
   return rs;
 }

@@ -18,9 +18,9 @@ GateAct gate_act(std::string_view activation) {
 }
 
 // input.shape[:-len(normalized_shape)] + (groups,)
-std::vector<int64_t> gated_stats_shape(const Tensor& input, at::IntArrayRef normalized_shape,
-                                       int64_t groups) {
-  std::vector<int64_t> s = stats_shape(input, normalized_shape);
+std::vector<c10::SymInt> gated_stats_shape(const Tensor& input,
+                                           at::IntArrayRef normalized_shape, int64_t groups) {
+  std::vector<c10::SymInt> s = stats_shape(input, normalized_shape);
   s.push_back(groups);
   return s;
 }
@@ -36,9 +36,10 @@ std::tuple<Tensor, Tensor> gated_rms_norm_fwd(const Tensor& input, const Tensor&
       check_gated(input, gate, normalized_shape, weight, eps, group_size, activation);
   const int64_t groups = rs.N / group_size;
 
-  Tensor y = at::empty(input.sizes(), input.options());
-  Tensor rstd = at::empty(gated_stats_shape(input, normalized_shape, groups), stats_options(input));
-  if (rs.M == 0 || rs.N == 0) return {y, rstd};  // rstd has no elements either
+  Tensor y = new_like(input);
+  Tensor rstd =
+      at::empty_symint(gated_stats_shape(input, normalized_shape, groups), stats_options(input));
+  if (shapes_only(input) || rs.empty()) return {y, rstd};  // empty: rstd has no elements either
   const Tensor x = input.contiguous();
   const Tensor g = gate.contiguous();
   const Tensor w = contiguous_or_empty(weight);
@@ -53,7 +54,7 @@ std::tuple<Tensor, Tensor> gated_rms_norm_fwd(const Tensor& input, const Tensor&
   p.weight = ptr_or_null(w);
   p.y = y.data_ptr();
   p.rstd = rstd.data_ptr();
-  p.M = rs.M;
+  p.M = rs.rows();
   p.N = rs.N;
   p.group = group_size;
   p.eps = eps;
@@ -70,12 +71,14 @@ std::tuple<Tensor, Tensor, Tensor> gated_rms_norm_bwd(
                                       group_size, activation);
   const Tensor w = contiguous_or_empty(weight);
   const bool want_dw = compute_weight_grad && w.defined();
-  Tensor dx = at::empty(input.sizes(), input.options());
-  Tensor dg = at::empty(input.sizes(), input.options());
-  if (rs.M == 0 || rs.N == 0) {
-    return {dx, dg, want_dw ? at::zeros(normalized_shape, w.options()) : empty_grad(input)};
-  }
+  Tensor dx = new_like(input);
+  Tensor dg = new_like(input);
   Tensor dw = want_dw ? at::empty(normalized_shape, w.options()) : empty_grad(input);
+  if (shapes_only(input)) return {dx, dg, dw};
+  if (rs.empty()) {
+    if (want_dw) dw.zero_();
+    return {dx, dg, dw};
+  }
   const Tensor x = input.contiguous();
   const Tensor g = gate.contiguous();
   const Tensor dy = grad_out.contiguous();
@@ -94,7 +97,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_rms_norm_bwd(
   p.dx = dx.data_ptr();
   p.dgate = dg.data_ptr();
   p.dw = want_dw ? dw.data_ptr() : nullptr;
-  p.M = rs.M;
+  p.M = rs.rows();
   p.N = rs.N;
   p.group = group_size;
   WorkspaceHolder ws(x);
@@ -130,6 +133,7 @@ void register_gated(torch::Library& m) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmsnorm_ext, CPU, m) { register_gated(m); }
+TORCH_LIBRARY_IMPL(rmsnorm_ext, Meta, m) { register_gated(m); }
 #ifdef RMSNORM_EXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(rmsnorm_ext, CUDA, m) { register_gated(m); }
 #endif
