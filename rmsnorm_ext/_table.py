@@ -110,6 +110,27 @@ def fused_add_rms_composite(input, residual, normalized_shape, weight, eps, weig
     return y.to(input.dtype), h
 
 
+def act_fn(activation):
+    return torch.nn.functional.silu if activation == "silu" else torch.sigmoid
+
+
+def gated_rms_composite(input, gate, normalized_shape, weight, eps, group_size,
+                        norm_before_gate, activation):
+    acc = acc_dtype(input)
+    x = input.to(acc)
+    a = act_fn(activation)(gate.to(acc))
+    if not norm_before_gate:
+        x = x * a
+    lead = x.shape[:x.dim() - len(normalized_shape)]
+    xg = x.reshape(*lead, -1, group_size)
+    y = (xg * torch.rsqrt(xg.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if norm_before_gate:
+        y = y * a
+    return (y.to(input.dtype),)
+
+
 # ---------------------------------------------------------------------------------------
 # First-order backwards on the fused kernels. `s` holds the saved tensors and the
 # non-tensor arguments by name; `need` the arguments whose gradient is wanted.
@@ -171,6 +192,17 @@ def _fused_graph_backward(s, grads, need, dtypes):
     return {"input": dh, "residual": dh, "weight": dw}
 
 
+def _gated_backward(s, grads, need):
+    dy = grads[0]
+    if dy is None:
+        return {}
+    want_dw = "weight" in need and s["weight"] is not None
+    dx, dg, dw = _ops.gated_rms_norm_bwd.default(
+        dy, s["input"], s["gate"], s["out1"], s["weight"], s["normalized_shape"],
+        s["group_size"], s["norm_before_gate"], s["activation"], want_dw)
+    return {"input": dx, "gate": dg, "weight": dw if want_dw else None}
+
+
 # ---------------------------------------------------------------------------------------
 # The table.
 
@@ -192,6 +224,11 @@ _ENTRIES = [
             diff_args=("input", "residual", "weight"), n_diff_outputs=2,
             saved=("weight", "out1", "out2"), composite=fused_add_rms_composite,
             backward=_fused_backward, graph_backward=_fused_graph_backward),
+    OpEntry("gated_rms_norm_fwd", (ROW, STAT), diff_args=("input", "gate", "weight"),
+            n_diff_outputs=1, saved=("input", "gate", "weight", "out1"),
+            composite=gated_rms_composite, backward=_gated_backward),
+    OpEntry("gated_rms_norm_bwd", (ROW, ROW, GRAD("weight", "compute_weight_grad")),
+            grads_of="gated_rms_norm_fwd", param_grad_outputs=(2,)),
     OpEntry("fused_add_rms_norm_inplace", (), mutates=("input", "residual"),
             sharded_by_rule=False),
     OpEntry("rms_norm_quant", (ROW, STAT), inference_only=True, sharded_by_rule=False),

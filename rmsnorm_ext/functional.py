@@ -19,6 +19,7 @@ _rms_fwd = _ops.rms_norm_fwd.default
 _ln_fwd = _ops.layer_norm_fwd.default
 _fused_fwd = _ops.fused_add_rms_norm_fwd.default
 _fused_inplace = _ops.fused_add_rms_norm_inplace.default
+_gated_fwd = _ops.gated_rms_norm_fwd.default
 
 _fast_rms = _C._rms_norm
 _fast_ln = _C._layer_norm
@@ -130,6 +131,36 @@ def fused_add_rms_norm_(input: Tensor, residual: Tensor, normalized_shape: _Shap
     _fused_inplace(input, residual, _shape(normalized_shape), weight, _fused_eps(input, residual, eps),
                    float(weight_offset))
     return input, residual
+
+
+def gated_rms_norm(input: Tensor, gate: Tensor, normalized_shape: _ShapeT,
+                   weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
+                   group_size: Optional[int] = None, norm_before_gate: bool = True,
+                   activation: str = "silu") -> Tensor:
+    """Gated RMSNorm in one pass (Mamba2, Nemotron-H, Bamba, Falcon-H1, Granite-4 hybrid,
+    Qwen3-Next, Kimi Linear). ``gate`` has the input's shape and dtype; ``act`` is
+    ``"silu"`` or ``"sigmoid"``:
+
+    - ``norm_before_gate=True``: ``y = rms_norm(x) * weight * act(gate)`` (Qwen3-Next, FLA
+      ``FusedRMSNormGated``, Kimi Linear with sigmoid);
+    - ``norm_before_gate=False``: ``y = rms_norm(x * act(gate)) * weight`` (Mamba2,
+      mamba_ssm ``rmsnorm_fn``).
+
+    ``group_size`` (dividing the normalized size) takes the RMS over each group of that many
+    consecutive elements separately (Mamba2's ``ngroups``); ``None`` is one group. fp32
+    math (fp64 for fp64), one rounding to the input dtype; ``eps=None`` is
+    ``torch.finfo(input.dtype).eps``. Differentiable w.r.t. input, gate and weight.
+    """
+    ns = _shape(normalized_shape)
+    n = 1
+    for d in ns:
+        n *= d
+    g = max(n, 1) if group_size is None else int(group_size)
+    args = (input, gate, ns, weight, _eps(input, eps), g, bool(norm_before_gate),
+            str(activation))
+    if _is_compiling():
+        return _gated_fwd(*args)[0]
+    return _call("gated_rms_norm_fwd", *args)[0]
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .functional import layer_norm, rms_norm
+from .functional import gated_rms_norm, layer_norm, rms_norm
 
 # Bound once, so the eager forwards pay one plain function call (~20 ns) for the scripting
 # check. TorchScript resolves it to ``torch.jit.is_scripting`` and treats the ``if`` as
@@ -167,6 +167,87 @@ class HFRMSNorm(RMSNorm):
             return _script_hf_rms_norm(x, self.weight, _script_eps(x, self.eps),
                                        self.weight_offset, out)
         return hf_rms_norm(x, self.weight, self.eps, self.weight_offset, out)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", out_dtype={self.out_dtype!r}"
+
+
+class GatedRMSNorm(torch.nn.Module):
+    _repr_name = "rmsnorm_ext.GatedRMSNorm"
+
+    """Gated RMSNorm (see :func:`rmsnorm_ext.gated_rms_norm`): ``forward(x, gate)``.
+
+    ``hidden_size`` the normalized (last) dimension; ``group_size`` RMS groups (``None``:
+    one); ``norm_before_gate`` True: ``rms(x) * w * act(gate)`` (Qwen3-Next), False:
+    ``rms(x * act(gate)) * w`` (Mamba2); ``activation`` ``"silu"`` or ``"sigmoid"``. The
+    weight starts at ones.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, group_size=None,
+                 norm_before_gate: bool = True, activation: str = "silu", device=None,
+                 dtype=None):
+        super().__init__()
+        self.hidden_size = int(hidden_size)
+        self.eps = eps
+        self.group_size = group_size
+        self.norm_before_gate = bool(norm_before_gate)
+        self.activation = activation
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(x, gate, (self.hidden_size,), self.weight, self.eps,
+                              group_size=self.group_size,
+                              norm_before_gate=self.norm_before_gate,
+                              activation=self.activation)
+
+    def _get_name(self) -> str:
+        return _repr_name(self)
+
+    def extra_repr(self) -> str:
+        return (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "
+                f"norm_before_gate={self.norm_before_gate}, activation={self.activation!r}")
+
+
+class HFGatedRMSNorm(GatedRMSNorm):
+    """Replacement for Hugging Face's gated RMSNorms (``Mamba2RMSNormGated`` and its copies
+    in NemotronH, Bamba, FalconH1, GraniteMoeHybrid: norm after the gate, groups, optional
+    gate; ``Qwen3NextRMSNormGated``, ``KimiLinearRMSNormGated``: norm before the gate),
+    keeping their attribute names (``variance_epsilon``) and output dtype rule: ``"promote"``
+    (``weight * normed.to(input_dtype)``) or ``"input"``. Without a gate (the Mamba2 style
+    allows it) it is the grouped RMSNorm times the weight, as there."""
+
+    _repr_name = "rmsnorm_ext.modules.HFGatedRMSNorm"
+
+    def __init__(self, hidden_size, eps=1e-6, *, out_dtype="input", gate_optional=False,
+                 **kw):
+        super().__init__(hidden_size, eps, **kw)
+        self.out_dtype = out_dtype
+        self.gate_optional = gate_optional
+
+    @property
+    def variance_epsilon(self) -> float:
+        return self.eps
+
+    @variance_epsilon.setter
+    def variance_epsilon(self, value: float) -> None:
+        self.eps = value
+
+    def forward(self, hidden_states: torch.Tensor, gate=None) -> torch.Tensor:
+        x, w = hidden_states, self.weight
+        out = torch.promote_types(x.dtype, w.dtype) if self.out_dtype == "promote" else x.dtype
+        if not (w.dtype == x.dtype or (w.dtype == torch.float32 and x.dtype in _REDUCED)):
+            w = w.to(torch.float32 if x.dtype in _REDUCED else x.dtype)
+        if gate is None:
+            if not self.gate_optional:
+                raise TypeError(f"{type(self).__name__}.forward() needs a gate")
+            g = self.group_size or self.hidden_size
+            xg = x.reshape(*x.shape[:-1], -1, g)
+            y = rms_norm(xg, (g,), None, self.eps).reshape(x.shape)
+            return (self.weight * y).to(out)
+        y = gated_rms_norm(x, gate, (self.hidden_size,), w, self.eps,
+                           group_size=self.group_size, norm_before_gate=self.norm_before_gate,
+                           activation=self.activation)
+        return y if y.dtype == out else y.to(out)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", out_dtype={self.out_dtype!r}"

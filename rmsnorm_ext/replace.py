@@ -13,8 +13,14 @@ What is replaced
   random probe weight, substituted with ``torch.func.functional_call``; the module's own
   weight is never touched) under ``torch.no_grad()`` in float32, in the weight's dtype and in
   bfloat16 -- computes ``x * rstd * w`` (Llama style) or ``x * rstd * (1 + w)`` (Gemma style,
-  replaced with ``weight_offset=1.0``) within that dtype's rounding. Anything else is left
-  alone.
+  replaced with ``weight_offset=1.0``) within that dtype's rounding.
+* Hugging Face's gated RMSNorms (``Mamba2RMSNormGated`` and its copies in NemotronH, Bamba,
+  FalconH1, GraniteMoeHybrid; ``Qwen3NextRMSNormGated``, ``KimiLinearRMSNormGated``) ->
+  :class:`~rmsnorm_ext.modules.HFGatedRMSNorm`, recognized the same way: the same structure,
+  and ``forward(x, gate)`` computing a gated RMSNorm (norm before or after the gate, silu or
+  sigmoid, over ``module.group_size`` groups when it has that attribute) on random probes.
+
+Anything else is left alone.
 
 The replacement reuses the very same ``Parameter`` objects (``new.weight is old.weight``): no
 copies, same device and dtype, so tied weights, optimizers that already hold the parameters,
@@ -67,7 +73,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .modules import HFRMSNorm, LayerNorm, RMSNorm
+from ._table import gated_rms_composite
+from .modules import GatedRMSNorm, HFGatedRMSNorm, HFRMSNorm, LayerNorm, RMSNorm
 
 __all__ = ["replace_norms", "HFRMSNorm"]
 
@@ -189,6 +196,74 @@ def _probe_on(module: nn.Module, eps: float, dev: torch.device) -> Optional[Tupl
     return None
 
 
+def _probe_gated(module: nn.Module, eps: float) -> Optional[dict]:
+    """Run ``module(x, gate)`` on random probes; return the HFGatedRMSNorm settings if it
+    computes a gated RMSNorm (norm before or after the gate, silu or sigmoid, over
+    ``module.group_size`` groups if it has one) for every probe, else None."""
+    w = module.weight
+    if w.dim() != 1:
+        return None
+    n = w.numel()
+    g = getattr(module, "group_size", None)
+    g = g if isinstance(g, int) and not isinstance(g, bool) and g > 0 and n % g == 0 else n
+    dev = torch.device("cpu") if w.device.type == "meta" else w.device
+    cpu = torch.device("cpu")
+    gen = torch.Generator(device=cpu).manual_seed(0x6A7E)
+    f64 = dict(dtype=torch.float64, device=cpu)
+    x64 = torch.randn(2, 3, n, generator=gen, **f64) * 2 + 0.5
+    g64 = torch.randn(2, 3, n, generator=gen, **f64) * 3
+    w64 = torch.randn(n, generator=gen, **f64)
+    try:
+        probe_mod = copy.copy(module)
+        probe_mod.__dict__["_parameters"] = OrderedDict(module._parameters)
+        for k in _HOOK_DICTS:
+            if k in probe_mod.__dict__:
+                probe_mod.__dict__[k] = OrderedDict()
+    except Exception:
+        return None
+    wdt = w.dtype
+    candidates = [(nbg, act) for nbg in (True, False) for act in ("silu", "sigmoid")]
+    observed: Dict[torch.dtype, torch.dtype] = {}
+    with torch.device(dev):
+        wp = w64.to(device=dev, dtype=wdt)
+        wq = wp.double().cpu()
+        for d in dict.fromkeys((torch.float32, wdt, torch.bfloat16)):
+            xp, gp = x64.to(device=dev, dtype=d), g64.to(device=dev, dtype=d)
+            try:
+                with torch.no_grad():
+                    out = torch.func.functional_call(probe_mod, {"weight": wp}, (xp, gp))
+            except Exception:
+                if d in (torch.float32, wdt):
+                    return None
+                continue
+            if not isinstance(out, torch.Tensor) or out.shape != xp.shape \
+                    or not out.is_floating_point():
+                return None
+            observed[d] = out.dtype
+            got = out.detach().double().cpu()
+            tol = _tol(d, wdt, out.dtype)
+            atol = tol * max(float(got.abs().max()), 1.0)
+            xq, gq = xp.double().cpu(), gp.double().cpu()
+            candidates = [c for c in candidates if torch.allclose(
+                got, gated_rms_composite(xq, gq, (n,), wq, eps, g, c[0], c[1])[0],
+                rtol=tol, atol=atol)]
+            if not candidates:
+                return None
+        try:  # the Mamba2 style accepts no gate (a grouped RMSNorm then)
+            with torch.no_grad():
+                torch.func.functional_call(probe_mod, {"weight": wp},
+                                           (x64.to(device=dev, dtype=wdt),))
+            gate_optional = True
+        except Exception:
+            gate_optional = False
+    nbg, act = candidates[0]
+    for policy in ("input", "promote"):
+        if all(_predict(policy, d, wdt) == od for d, od in observed.items()):
+            return dict(group_size=None if g == n else g, norm_before_gate=nbg,
+                        activation=act, out_dtype=policy, gate_optional=gate_optional)
+    return None
+
+
 def _predict(policy: str, x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
     if policy == "input":
         return x_dtype
@@ -199,7 +274,7 @@ def _predict(policy: str, x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.d
 
 def _hf_candidate(module: nn.Module) -> Optional[float]:
     """Structural check for an HF-style RMSNorm; returns its eps or None."""
-    if isinstance(module, (RMSNorm, LayerNorm)) or "forward" in module.__dict__:
+    if isinstance(module, (RMSNorm, LayerNorm, GatedRMSNorm)) or "forward" in module.__dict__:
         return None
     if module._modules or any(b is not None for b in module._buffers.values()):
         return None
@@ -261,13 +336,18 @@ def _replacement(module: nn.Module) -> Optional[nn.Module]:
         eps = _hf_candidate(module)
         if eps is None:
             return None
-        found = _probe(module, eps)
-        if found is None:
-            return None
-        offset, policy = found
         weight = module.weight
-        new = HFRMSNorm(tuple(weight.shape), eps, device="meta", weight_offset=offset,
-                        out_dtype=policy)
+        # Gated first: a Mamba2-style gated norm without a gate is also a (grouped) RMSNorm.
+        gated = _probe_gated(module, eps)
+        if gated is not None:
+            new = HFGatedRMSNorm(weight.numel(), eps, device="meta", **gated)
+        else:
+            found = _probe(module, eps)
+            if found is None:
+                return None
+            offset, policy = found
+            new = HFRMSNorm(tuple(weight.shape), eps, device="meta", weight_offset=offset,
+                            out_dtype=policy)
         new.weight = weight
         # Keep other plain attributes users may read (e.g. hidden_size, dim).
         for k, v in module.__dict__.items():

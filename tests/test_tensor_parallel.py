@@ -179,6 +179,9 @@ def _functional_cases(device):
         ("fused_add_rms_norm", lambda x, r, w, b: rmsnorm_ext.fused_add_rms_norm(x, r, ns, w,
                                                                                  1e-6),
          True, False, lambda x, r, w, b: (F.rms_norm(x + r, ns, w, 1e-6), x + r)),
+        # r as the gate
+        ("gated_rms_norm", lambda x, r, w, b: (rmsnorm_ext.gated_rms_norm(
+            x, r, ns, w, 1e-6, group_size=4, norm_before_gate=False),), True, False, None),
     ]
 
 

@@ -13,11 +13,23 @@
 // kMinBytes, and not already backed (see backed()). Where the call is unsupported (older
 // kernels, seccomp filters, other systems) it is skipped from then on and the pages fault
 // as before.
+//
+// Huge pages: before the first write, the output's 2 MiB-aligned interior is also marked
+// madvise(MADV_HUGEPAGE), where the system's transparent-huge-page mode allows it
+// ("madvise" or "always" in /sys/kernel/mm/transparent_hugepage/enabled): one fault then
+// backs 2 MiB instead of 4 KiB, and the TLB covers the whole output. Only memory the kernel
+// allocated itself, never the process's policy (torch's THP_MEM_ALLOC_ENABLE does that for
+// every allocation) and never memory the caller owns. RMSNORM_EXT_HUGEPAGES=0 turns it off
+// (for A/B measurements); "never", EINVAL (no THP in the kernel) or another system: off.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -42,6 +54,7 @@ class OutputPrefault {
     if (out != nullptr && M * row_bytes >= kMinBytes && !unsupported().load(std::memory_order_relaxed) &&
         !backed(base_ + M * row_bytes / 2)) {
       rows_ = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(row_bytes, 1));
+      advise_huge(base_, base_ + M * row_bytes);
     }
 #else
     (void)M;
@@ -74,6 +87,44 @@ class OutputPrefault {
 #else
     (void)p;
     return true;
+#endif
+  }
+
+  // Whether transparent huge pages may be asked for (read once per process).
+  static bool huge_pages_allowed() {
+#if defined(__linux__)
+    static const bool allowed = [] {
+      const char* env = std::getenv("RMSNORM_EXT_HUGEPAGES");
+      if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+      std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+      std::string mode;
+      std::getline(f, mode);
+      return mode.find("[madvise]") != std::string::npos ||
+             mode.find("[always]") != std::string::npos;
+    }();
+    return allowed;
+#else
+    return false;
+#endif
+  }
+
+  // MADV_HUGEPAGE on the 2 MiB-aligned interior of [begin, end) (the boundary pieces, which
+  // may share a huge page with other memory, stay 4 KiB pages).
+  static void advise_huge(char* begin, char* end) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    static std::atomic<bool> failed{false};
+    if (!huge_pages_allowed() || failed.load(std::memory_order_relaxed)) return;
+    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+    const uintptr_t b = (reinterpret_cast<uintptr_t>(begin) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t e = reinterpret_cast<uintptr_t>(end) & ~(kHuge - 1);
+    if (e <= b) return;
+    if (madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE) != 0 &&
+        (errno == EINVAL || errno == ENOSYS || errno == EPERM)) {
+      failed.store(true, std::memory_order_relaxed);
+    }
+#else
+    (void)begin;
+    (void)end;
 #endif
   }
 

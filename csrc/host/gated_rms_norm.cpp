@@ -17,12 +17,12 @@ GateAct gate_act(std::string_view activation) {
   return check_activation(activation) ? GateAct::silu : GateAct::sigmoid;
 }
 
-// The statistics, input.shape[:-len(normalized_shape)] + (groups,), allocated before the
-// kernel (or instead of it).
-Tensor new_group_stats(const Tensor& input, at::IntArrayRef normalized_shape, int64_t groups) {
+// input.shape[:-len(normalized_shape)] + (groups,)
+std::vector<c10::SymInt> gated_stats_shape(const Tensor& input,
+                                           at::IntArrayRef normalized_shape, int64_t groups) {
   std::vector<c10::SymInt> s = stats_shape(input, normalized_shape);
-  s.emplace_back(groups);
-  return at::empty_symint(s, stats_options(input));
+  s.push_back(groups);
+  return s;
 }
 
 }  // namespace
@@ -37,8 +37,9 @@ std::tuple<Tensor, Tensor> gated_rms_norm_fwd(const Tensor& input, const Tensor&
   const int64_t groups = rs.N / group_size;
 
   Tensor y = new_like(input);
-  Tensor rstd = new_group_stats(input, normalized_shape, groups);
-  if (shapes_only(input) || rs.empty()) return {y, rstd};  // empty: rstd has no elements
+  Tensor rstd =
+      at::empty_symint(gated_stats_shape(input, normalized_shape, groups), stats_options(input));
+  if (shapes_only(input) || rs.empty()) return {y, rstd};  // empty: rstd has no elements either
   const Tensor x = input.contiguous();
   const Tensor g = gate.contiguous();
   const Tensor w = contiguous_or_empty(weight);
@@ -132,7 +133,6 @@ void register_gated(torch::Library& m) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmsnorm_ext, CPU, m) { register_gated(m); }
-// Meta and fake tensors: the same checks and output shapes (host.h, shapes_only).
 TORCH_LIBRARY_IMPL(rmsnorm_ext, Meta, m) { register_gated(m); }
 #ifdef RMSNORM_EXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(rmsnorm_ext, CUDA, m) { register_gated(m); }
