@@ -20,6 +20,11 @@ on buffers of the case's own size, each row has `%BW` (copy time / our time: the
 bandwidth a copy reaches *for that working set*) and `floor×` (our time / copy time), and
 says whether that working set fits the caches or streams from DRAM.
 
+A busy machine (CPU runs): benchmarks/_machine.py checks before the run (other processes' CPU
+use, a warm copy's speed and scheduler-slice quantization) and after every case; a busy
+machine stops the run with the reason, unless --allow-busy, which marks every row, table,
+CSV/JSON record (`busy`, `busy_reason`) and plot "BUSY MACHINE — NOT A MEASUREMENT".
+
 Output goes to a fresh, git-ignored benchmarks/out/bench-<machine>-<date>-<time>[-quick]/
 unless --out or --save-results (the committed benchmarks/results/cpu/ or cuda-<gpu>/) is
 given: results.csv, results.json, results.md and plots/*.png.
@@ -43,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import _common
+import _machine
 import _timer
 
 import rmsnorm_ext
@@ -159,6 +165,8 @@ class Result:
     floor_ratio: float
     speedup_vs_eager: float = math.nan
     speedup_vs_compile: float = math.nan
+    busy: bool = False  # timed on a busy machine (--allow-busy): not a measurement
+    busy_reason: str = ""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -425,6 +433,7 @@ class Config:
     quant: Tuple[str, ...] = DEFAULT_QUANT
     extra_cases: Tuple[Case, ...] = ()  # appended to the sweep (--quick's quant case)
     name: str = "results"  # output files: <name>.csv, <name>.json, <name>.md
+    allow_busy: bool = False  # run on a busy machine, every row marked, instead of stopping
 
     def cases(self) -> List[Case]:
         seen, cases = set(), []
@@ -479,7 +488,8 @@ def regime(nbytes: int, device: torch.device, llc: int) -> str:
     return "cache" if nbytes <= llc else "DRAM"
 
 
-def run_case(case: Case, cfg: Config, progress: Progress, skipped: List[dict]) -> List[Result]:
+def run_case(case: Case, cfg: Config, progress: Progress, skipped: List[dict],
+             guard: Optional[_machine.Guard] = None) -> List[Result]:
     inputs = make_inputs(case, cfg.device)
     elem = DTYPES[case.dtype].itemsize
     label = f"{case.label} {DTYPE_SHORT[case.dtype]} {case.tokens}x{case.hidden}"
@@ -510,9 +520,13 @@ def run_case(case: Case, cfg: Config, progress: Progress, skipped: List[dict]) -
                                     why=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
                 continue
             runners[impl] = runner
+        before = guard.begin() if guard else None
         stats = _timer.interleaved(runners, device=cfg.device, rounds=cfg.rounds,
                                    max_rounds=cfg.max_rounds, target_sample_s=cfg.sample_s)
         copy = stats.pop("copy")
+        # other processes' CPU use over these rounds, the copy's slice quantization: a
+        # busy case stops the run (MachineBusy) or, with --allow-busy, marks its rows
+        busy = guard.end(before, f"{label} {pass_}", copy, nbytes) if guard else ""
         where = regime(nbytes, cfg.device, cfg.llc_bytes)
         for impl, s in stats.items():
             results.append(Result(
@@ -523,7 +537,7 @@ def run_case(case: Case, cfg: Config, progress: Progress, skipped: List[dict]) -
                 bytes=nbytes, regime=where, gbps=nbytes / s.median / 1e9,
                 copy_us=copy.median * 1e6, copy_spread=copy.spread,
                 copy_gbps=nbytes / copy.median / 1e9, bw_fraction=copy.median / s.median,
-                floor_ratio=s.median / copy.median))
+                floor_ratio=s.median / copy.median, busy=bool(busy), busy_reason=busy))
         del runners
     add_speedups(results)
     return results
@@ -558,7 +572,8 @@ def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
     if not cases:
         raise SystemExit("nothing to run: the filters exclude every case")
 
-    _common.warn_if_busy(cfg.device)
+    # a busy machine stops here with the reason, unless --allow-busy (then rows are marked)
+    guard = _machine.Guard(cfg.device, cfg.allow_busy)
     load_before = _common.load_average()
     progress = Progress(sum(len(c.passes(cfg.passes)) for c in cases))
     results: List[Result] = []
@@ -575,11 +590,13 @@ def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         for i, case in enumerate(cases):
-            results += run_case(case, cfg, progress, skipped)
+            results += run_case(case, cfg, progress, skipped, guard)
             if cfg.device.type == "cuda":
                 torch.cuda.empty_cache()
     except KeyboardInterrupt as e:
         stopped = f"{e or 'interrupted'} during case {i + 1} of {len(cases)}; rows of finished cases kept"
+    except _machine.MachineBusy as e:
+        stopped = f"{e} (case {i + 1} of {len(cases)}; rows of the finished cases kept)"
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
@@ -608,6 +625,9 @@ def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
                    "eps": {"rms": RMS_EPS, "layer": LN_EPS}},
         "skipped": skipped,
         "stopped": stopped,
+        "busy": bool(guard.reason) or any(r.busy for r in results),
+        "busy_reason": guard.reason or next((r.busy_reason for r in results if r.busy), ""),
+        "machine_check": guard.check,
     }
     return results, meta
 
@@ -636,7 +656,8 @@ def pivot_table(results: List[Result], markdown: bool = False) -> str:
     for (op, quant, dtype, pass_, tokens, hidden), impl_rows in by_key.items():
         any_row = next(iter(impl_rows.values()))
         ours = impl_rows.get("ours")
-        row = [op + (f" {quant}" if quant else ""), DTYPE_SHORT[dtype], pass_,
+        row = [("⚠BUSY " if any_row.busy else "") + op + (f" {quant}" if quant else ""),
+               DTYPE_SHORT[dtype], pass_,
                f"{tokens}x{hidden}", any_row.regime]
         row += [_time_cell(impl_rows[i]) if i in impl_rows else "-" for i in impls]
         row.append(f"{any_row.copy_us:.1f} ±{100 * any_row.copy_spread:.0f}%"
@@ -668,12 +689,23 @@ LEGEND = ("Times: median of interleaved rounds ± spread (IQR / median); `!` = s
           "fused op the residual read and residual_out written).")
 
 
+def busy_banner(results: List[Result]) -> str:
+    """'' unless some row was timed on a busy machine (--allow-busy)."""
+    busy = [r for r in results if r.busy]
+    if not busy:
+        return ""
+    return (f"{_machine.BANNER}: {len(busy)} of {len(results)} timings (marked ⚠BUSY) were "
+            f"taken on a busy machine -- {busy[0].busy_reason}. Rerun on an idle machine.")
+
+
 def noisy_summary(results: List[Result]) -> str:
     noisy = [r for r in results if r.noisy]
     if not noisy:
-        return "no row's spread exceeds 10%"
-    return (f"{len(noisy)} of {len(results)} timings have a spread above 10% (marked '!'): "
-            "the machine was busy; rerun on a quiet machine before drawing conclusions")
+        text = "no row's spread exceeds 10%"
+    else:
+        text = (f"{len(noisy)} of {len(results)} timings have a spread above 10% (marked '!'): "
+                "the machine was busy; rerun on a quiet machine before drawing conclusions")
+    return "\n".join(filter(None, [busy_banner(results), text]))
 
 
 def write_csv(results: List[Result], path: Path) -> None:
@@ -701,7 +733,9 @@ def write_json(results: List[Result], meta: dict, path: Path) -> None:
 
 
 def write_markdown(results: List[Result], meta: dict, path: Path) -> None:
-    path.write_text(_common.header_line(meta["machine"]) + "\n\n" + LEGEND + "\n\n"
+    banner = busy_banner(results)
+    path.write_text(_common.header_line(meta["machine"]) + "\n\n"
+                    + (f"**{banner}**\n\n" if banner else "") + LEGEND + "\n\n"
                     + pivot_table(results, markdown=True) + "\n\n" + noisy_summary(results)
                     + "\n")
 
@@ -776,7 +810,12 @@ def _plot_gbps(ax, results: List[Result], op: str, dtype: str, pass_: str,
 def _save(fig, path: Path, meta: dict) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.suptitle(_common.header_line(meta["machine"], markdown=False), fontsize=8)
+    title = _common.header_line(meta["machine"], markdown=False)
+    if meta.get("busy"):
+        title = f"{_machine.BANNER}\n{title}"
+        fig.text(0.5, 0.5, _machine.BANNER, ha="center", va="center", rotation=25,
+                 fontsize=22, color="red", alpha=0.35, weight="bold")
+    fig.suptitle(title, fontsize=8, color="red" if meta.get("busy") else "black")
     handles = {}
     for ax in fig.axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -870,6 +909,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="results",
                    help="output file names NAME.csv, NAME.json, NAME.md (default results)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--allow-busy", action="store_true",
+                   help="run even when other processes load the CPU (the run otherwise stops "
+                        "with the reason); every row, table, CSV/JSON record and plot is then "
+                        f"marked {_machine.BANNER!r}")
     return p.parse_args(argv)
 
 
@@ -890,7 +933,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         extra = (dataclasses.replace(QUICK_QUANT[kind], dtype=sweeps[0].dtypes[0]),)
     return Config(device=device, ops=args.op or OPS, passes=args.passes,
                   impls=args.impl, sweeps=sweeps, rounds=rounds, quant=args.quant,
-                  extra_cases=extra, name=args.name,
+                  extra_cases=extra, name=args.name, allow_busy=args.allow_busy,
                   max_rounds=max(rounds, args.max_rounds or max_rounds),
                   sample_s=args.sample_ms / 1e3 if args.sample_ms else sample_s,
                   out=_common.out_dir(args, device, quick=args.quick),
@@ -905,6 +948,8 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore", UserWarning)
         results, meta = run_benchmark(cfg)
     print()
+    if busy_banner(results):
+        print(busy_banner(results) + "\n")
     print(pivot_table(results))
     print("\n" + noisy_summary(results))
     if meta["skipped"]:

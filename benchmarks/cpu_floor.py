@@ -14,7 +14,10 @@ numerator and denominator together. Also times the [1, N] forward against
 native F.rms_norm / F.layer_norm (host overhead decides decode-loop performance).
 
 Timing: benchmarks/_timer.py (every candidate and both floors in the same interleaved rounds;
-each ratio is the median over rounds of that round's time / that round's floor).
+each ratio is the median over rounds of that round's time / that round's floor). A busy
+machine stops the run with the reason (benchmarks/_machine.py), unless --allow-busy: then
+each block timed while busy is printed under "BUSY MACHINE — NOT A MEASUREMENT" and the JSON
+has busy: true and busy_reason.
 """
 import argparse
 import json
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import _common
+import _machine
 import _timer
 
 import rmsnorm_ext as R
@@ -65,6 +69,14 @@ def per_round_ratio(num: _timer.Stats, *dens: _timer.Stats) -> float:
     return statistics.median(n / sum(d) for n, *d in zip(num.samples, *(x.samples for x in dens)))
 
 
+def _banner(reason: str) -> str:
+    return f"\n{_machine.BANNER}: {reason}" if reason else ""
+
+
+def _mark(reason: str) -> str:
+    return "  ⚠BUSY" if reason else ""
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="4096x4096")
@@ -72,16 +84,24 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--sample-ms", type=float, default=100.0, help="milliseconds per sample")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
+    p.add_argument("--allow-busy", action="store_true", help="run on a busy machine (it "
+                   "otherwise stops with the reason), every result marked busy")
     a = p.parse_args(argv)
     m, n = (int(v) for v in a.shape.split("x"))
+    guard = _machine.Guard("cpu", a.allow_busy)
     report = {"machine": _common.machine_info(torch.device("cpu")), "shape": [m, n],
-              "rounds": a.rounds, "ratios": {}, "ratio_spread": {}, "latency_us": {}}
+              "rounds": a.rounds, "ratios": {}, "ratio_spread": {}, "latency_us": {},
+              "machine_check": guard.check}
+    busy = {}  # block -> why it was busy
     for dname in a.dtypes.split(","):
         dtype = getattr(torch, dname)
         x, dy = torch.randn(m, n).to(dtype), torch.randn(m, n).to(dtype)
         w, b = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
+        before = guard.begin()
         stats = _timer.interleaved(candidates(x, w, b, dy), rounds=a.rounds,
                                    target_sample_s=a.sample_ms / 1e3)
+        busy[dname] = guard.end(before, f"{dname} [{m}, {n}]", stats["floor fwd (clone)"],
+                                2 * x.numel() * x.element_size())
         clone, add = stats["floor fwd (clone)"], stats["floor add"]
         ratios, spreads = {}, {}
         for k, s in stats.items():
@@ -92,11 +112,11 @@ def main(argv=None):
             spreads[k] = s.spread
         report["ratios"][dname] = ratios
         report["ratio_spread"][dname] = spreads
-        print(f"\n{dname} [{m}, {n}]: time / floor (median of {a.rounds} interleaved rounds; "
-              "spread of the time)")
+        print(_banner(busy[dname]) + f"\n{dname} [{m}, {n}]: time / floor (median of "
+              f"{a.rounds} interleaved rounds; spread of the time)")
         for k, v in ratios.items():
             flag = "!" if spreads[k] > _timer.SPREAD_LIMIT else ""
-            print(f"  {k:22s} {v:6.2f}x  ±{100 * spreads[k]:.0f}%{flag}")
+            print(f"  {k:22s} {v:6.2f}x  ±{100 * spreads[k]:.0f}%{flag}" + _mark(busy[dname]))
     x1, w1, b1 = torch.randn(1, n), torch.randn(n), torch.randn(n)
     lat = {
         "ours rms_norm": lambda: R.rms_norm(x1, (n,), w1),
@@ -104,12 +124,19 @@ def main(argv=None):
         "ours layer_norm": lambda: R.layer_norm(x1, (n,), w1, b1),
         "native F.layer_norm": lambda: F.layer_norm(x1, (n,), w1, b1),
     }
+    before = guard.begin()
     lat_stats = _timer.interleaved(lat, rounds=a.rounds, target_sample_s=0.02)
+    busy["latency"] = guard.end(before, f"the [1, {n}] latency rows")
     report["latency_us"] = {k: s.median * 1e6 for k, s in lat_stats.items()}
     report["latency_spread"] = {k: s.spread for k, s in lat_stats.items()}
-    print(f"\n[1, {n}] float32 forward latency (µs, median of {a.rounds} interleaved rounds)")
+    reasons = [r for r in busy.values() if r]
+    parts = dict.fromkeys(p for r in reasons for p in r.split("; "))  # the run's reason once
+    report.update(busy=bool(reasons), busy_reason="; ".join(parts),
+                  busy_blocks=[k for k, r in busy.items() if r])
+    print(_banner(busy["latency"]) + f"\n[1, {n}] float32 forward latency (µs, median of "
+          f"{a.rounds} interleaved rounds)")
     for k, s in lat_stats.items():
-        print(f"  {k:22s} {s.median * 1e6:8.2f}  ±{100 * s.spread:.0f}%")
+        print(f"  {k:22s} {s.median * 1e6:8.2f}  ±{100 * s.spread:.0f}%" + _mark(busy["latency"]))
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=1, default=str))

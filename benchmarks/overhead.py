@@ -13,6 +13,10 @@ decides decode-time and small-batch speed. The targets (the host-layer issue):
 
     python benchmarks/overhead.py                 # prints the table; files in benchmarks/out/
     python benchmarks/overhead.py --save-results  # into benchmarks/results/cpu/overhead.*
+
+A busy machine stops the run with the reason (benchmarks/_machine.py), unless --allow-busy:
+then the rows timed while busy are marked ⚠BUSY under "BUSY MACHINE — NOT A MEASUREMENT",
+their targets read BUSY instead of yes/NO, and the JSON has busy: true and busy_reason.
 """
 import argparse
 import json
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+import _machine  # noqa: E402
 import _timer  # noqa: E402
 
 import rmsnorm_ext as R  # noqa: E402
@@ -98,51 +103,66 @@ def main(argv=None):
     p.add_argument("--cols", type=int, default=4096)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny rows, 3 rounds")
+    p.add_argument("--allow-busy", action="store_true", help="run on a busy machine (it "
+                   "otherwise stops with the reason), every result marked busy")
     _common.add_out_args(p, "overhead")
     args = p.parse_args(argv)
     device = _common.pick_device(args.device)
     rounds, target_s = (3, 0.002) if args.quick else (args.rounds, 0.02)
     cols = 256 if args.quick else args.cols
+    guard = _machine.Guard(device, args.allow_busy)  # stops here when busy, unless allowed
     machine = _common.machine_info(device)
-    _common.warn_if_busy(device)
 
     rows, checks = [], []
     for M in (int(m) for m in args.rows.split(",")):
         fns = cases(M, cols, device, torch.float32)
         # One interleaved run per group: members alternate within each round.
-        stats = {}
+        stats, busy = {}, {}
         for group in ("train", "fused", "infer"):
             members = {n: f for n, (gname, f) in fns.items() if gname == group}
+            before = guard.begin()
             stats.update(_timer.interleaved(members, device=device, rounds=rounds,
                                             max_rounds=2 * rounds, target_sample_s=target_s))
+            reason = guard.end(before, f"the {group} rows at [{M}, {cols}]")
+            busy.update(dict.fromkeys(members, reason))
         for name, s in stats.items():
             rows.append({"shape": [M, cols], "impl": name, "median_us": s.median * 1e6,
                          "min_us": s.min * 1e6, "max_us": s.max * 1e6,
-                         "spread": s.spread, "noisy": s.noisy})
+                         "spread": s.spread, "noisy": s.noisy, "busy": bool(busy[name]),
+                         "busy_reason": busy[name]})
         for ours, base, limit in targets(M):
             ratio = stats[ours].median / stats[base].median
             checks.append({"shape": [M, cols], "ours": ours, "baseline": base,
-                           "ratio": ratio, "limit": limit, "met": ratio <= limit})
+                           "ratio": ratio, "limit": limit, "met": ratio <= limit,
+                           "busy": bool(busy[ours] or busy[base])})
 
+    busy = [r for r in rows if r["busy"]]
+    busy_reason = "; ".join(dict.fromkeys(p for r in busy for p in r["busy_reason"].split("; ")))
     lines = [f"Small-shape call cost, fp32, forward+backward via torch.autograd.grad "
-             f"(and no-grad forwards) — {_common.header_line(machine)}", "",
-             "| shape | impl | median µs | min–max µs | spread |", "|---|---|---:|---:|---:|"]
+             f"(and no-grad forwards) — {_common.header_line(machine)}", ""]
+    if busy:
+        lines += [f"**{_machine.BANNER}**: {len(busy)} of {len(rows)} rows (marked ⚠BUSY) were "
+                  f"timed on a busy machine -- {busy_reason}. Rerun on an idle machine.", ""]
+    lines += ["| shape | impl | median µs | min–max µs | spread |", "|---|---|---:|---:|---:|"]
     for r in rows:
         flag = " ⚠" if r["noisy"] else ""
-        lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r['impl']} | "
+        lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | "
+                     f"{'⚠BUSY ' if r['busy'] else ''}{r['impl']} | "
                      f"{r['median_us']:.1f} | {r['min_us']:.1f}–{r['max_us']:.1f} | "
                      f"{100 * r['spread']:.0f}%{flag} |")
     lines += ["", "| shape | ours / baseline | ratio | target | met |", "|---|---|---:|---:|:-:|"]
     for c in checks:
+        met = "BUSY" if c["busy"] else "yes" if c["met"] else "NO"
         lines.append(f"| {c['shape'][0]}×{c['shape'][1]} | {c['ours']} / {c['baseline']} | "
-                     f"{c['ratio']:.2f} | ≤ {c['limit']} | {'yes' if c['met'] else 'NO'} |")
+                     f"{c['ratio']:.2f} | ≤ {c['limit']} | {met} |")
     table = "\n".join(lines)
     print(table)
     out = _common.out_dir(args, device, quick=args.quick, what="overhead")
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.md").write_text(table + "\n")
     (out / "overhead.json").write_text(json.dumps(
-        {"machine": machine, "rows": rows, "targets": checks}, indent=1))
+        {"machine": machine, "busy": bool(busy), "busy_reason": busy_reason,
+         "machine_check": guard.check, "rows": rows, "targets": checks}, indent=1))
     print(f"\nwritten to {out}")
     return 0
 

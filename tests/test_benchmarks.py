@@ -1,16 +1,19 @@
 """Tests of the benchmark harness: the interleaved timer's order and statistics (exactly, with
 a scripted clock), and smoke runs of bench.py (norm + quantize ops included), model_bench.py
 and cpu_floor.py on tiny CPU configurations that check every output is produced and well
-formed -- never timings.
+formed -- never timings (the smoke runs pass --allow-busy: CI machines are shared). The
+busy-machine check (benchmarks/_machine.py) is tested beside busy-looping processes.
 """
 import csv
 import importlib.util
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
+import time
 import types
 from argparse import Namespace
 from pathlib import Path
@@ -27,7 +30,7 @@ PASSES = ("fwd", "bwd", "fwdbwd")
 COLUMNS = ["device", "op", "impl", "dtype", "quant", "pass", "tokens", "hidden", "time_us", "min_us",
            "max_us", "q1_us", "q3_us", "spread", "noisy", "rounds", "bytes", "regime", "gbps",
            "copy_us", "copy_spread", "copy_gbps", "bw_fraction", "floor_ratio",
-           "speedup_vs_eager", "speedup_vs_compile"]
+           "speedup_vs_eager", "speedup_vs_compile", "busy", "busy_reason"]
 POSITIVE = ["time_us", "min_us", "max_us", "q1_us", "q3_us", "bytes", "gbps", "copy_us",
             "copy_gbps", "bw_fraction", "floor_ratio", "speedup_vs_eager"]
 
@@ -145,7 +148,8 @@ def test_calibrated_inner_targets_sample_time(timer):
 def _bench(out: Path, ops, impls, *extra: str) -> str:
     return _run("bench.py", "--device", "cpu", "--shape", "8x256,16x512", "--dtype", "float32",
                 "--op", ",".join(ops), "--impl", ",".join(impls), "--rounds", "3",
-                "--max-rounds", "3", "--sample-ms", "1", "--out", str(out), *extra).stdout
+                "--max-rounds", "3", "--sample-ms", "1", "--out", str(out), "--allow-busy",
+                *extra).stdout
 
 
 def _read_csv(path: Path):
@@ -169,7 +173,8 @@ def _check_rows(rows, ops, impls, with_compile):
     for row in rows:
         assert row["device"] == "cpu" and row["dtype"] == "float32" and row["quant"] == ""
         assert row["regime"] in ("cache", "DRAM", "?")
-        assert row["noisy"] in ("True", "False")
+        assert row["noisy"] in ("True", "False") and row["busy"] in ("True", "False")
+        assert (row["busy"] == "True") == bool(row["busy_reason"])
         assert row["rounds"] == "3"
         for col in POSITIVE + (["speedup_vs_compile"] if with_compile else []):
             value = float(row[col])
@@ -215,6 +220,7 @@ def test_bench_json_and_markdown(bench_out):
                 "git_commit", "date", "llc_bytes", "cpu_caches"):
         assert key in machine
     assert data["config"]["timer"]["rounds"] == 3
+    assert isinstance(data["busy"], bool) and "others_share" in data["machine_check"]
     assert data["columns"] == COLUMNS
     assert len(data["results"]) == len(OPS) * 2 * len(PASSES) * 2
     for row in data["results"]:
@@ -267,7 +273,8 @@ def test_bench_keeps_finished_rows_when_cut(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_case", run_case)
     rc = bench.main(["--device", "cpu", "--shape", "8x256,16x256,32x256", "--dtype", "float32",
                      "--op", "rms_norm", "--pass", "fwd", "--rounds", "2", "--max-rounds", "2",
-                     "--sample-ms", "1", "--no-plots", "--out", str(tmp_path), "--name", "cut"])
+                     "--sample-ms", "1", "--no-plots", "--out", str(tmp_path), "--name", "cut",
+                     "--allow-busy"])
     assert rc == 3
     data = json.loads((tmp_path / "cut.json").read_text())
     assert "case 2 of 3" in data["stopped"]
@@ -345,7 +352,7 @@ def test_bench_quant(tmp_path):
     _run("bench.py", "--device", "cpu", "--shape", "4x256", "--dtype", "float32",
          "--op", ",".join(QUANT_OPS), "--quant", "fp8-token,int8-group128",
          "--impl", "ours,eager", "--rounds", "3", "--max-rounds", "3", "--sample-ms", "1",
-         "--out", str(tmp_path), "--name", "quant", "--no-plots")
+         "--out", str(tmp_path), "--name", "quant", "--no-plots", "--allow-busy")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quant.csv", "quant.json",
                                                           "quant.md"]
     rows = _read_csv(tmp_path / "quant.csv")
@@ -403,7 +410,7 @@ def test_default_output_is_fresh_and_ignored():
 def test_cpu_floor(tmp_path):
     out = tmp_path / "floor.json"
     _run("cpu_floor.py", "--shape", "16x256", "--dtypes", "float32", "--rounds", "3",
-         "--sample-ms", "1", "--out", str(out))
+         "--sample-ms", "1", "--out", str(out), "--allow-busy")
     report = json.loads(out.read_text())
     ratios = report["ratios"]["float32"]
     assert {"ours rms fwd", "ours rms fwdbwd", "native ln fwd"} <= set(ratios)
@@ -412,6 +419,161 @@ def test_cpu_floor(tmp_path):
                                         "ours layer_norm", "native F.layer_norm"}
     table = _load("regen_cpu_results").floor_table(report)
     assert "| fp32 forward |" in table and "| fp32 forward+backward |" in table
+
+
+# ------------------------------------------------------------------- busy-machine check
+BANNER = "BUSY MACHINE — NOT A MEASUREMENT"
+
+
+def test_slice_quantization_detector():
+    """Times at whole scheduler slices (threads waiting for a core) are told from an op's
+    own jitter, and from an op that genuinely takes milliseconds."""
+    m = _load("_machine")
+    rng = random.Random(0)
+    # a 50 µs op on a busy machine: every call waits out 4-6 slices of 4 ms
+    busy = [k * 4e-3 + rng.uniform(-40e-6, 40e-6) for k in (4, 4, 5, 4, 6, 4, 5, 4, 4)]
+    assert m.quantized(busy, expected_s=50e-6) == 4e-3
+    assert m.quantized([t / 3 for t in busy], inner=3, expected_s=50e-6) == 4e-3  # 3 calls/sample
+    assert m.quantized([k * 1e-3 + rng.uniform(-20e-6, 20e-6) for k in (1, 2, 1, 1, 3, 1, 2)],
+                       expected_s=20e-6) == 1e-3
+    # ordinary jitter: a microsecond op, and a slow op whose times are at no slice multiple
+    assert m.quantized([50e-6 * rng.uniform(0.9, 1.1) for _ in range(9)], expected_s=50e-6) is None
+    assert m.quantized([2.5e-3 * rng.uniform(0.95, 1.05) for _ in range(9)],
+                       expected_s=50e-6) is None
+    # a copy that should take 15 ms and does: 16 ms is 4 slices, but no sign of a busy machine
+    assert m.quantized([16e-3 * rng.uniform(0.998, 1.002) for _ in range(9)],
+                       expected_s=15e-3) is None
+    assert m.quantized([], expected_s=1e-6) is None
+    # /proc/stat arithmetic: 200 busy ticks of 250, 20 of them ours -> others used 180 / 250
+    assert m.others_share((100, 1000, 5), (300, 1250, 25)) == pytest.approx(0.72)
+    assert m.others_share(None, (1, 2, 3)) is None
+
+
+@pytest.fixture
+def hogs():
+    """One busy-looping process per core this process may use (at least 2): the machine is
+    unmistakably busy while the test runs; they are always killed."""
+    n = max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    procs = []
+    try:
+        procs += [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                  for _ in range(n)]
+        time.sleep(0.5)
+        yield n
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat")
+def test_busy_machine_refused(hogs, tmp_path):
+    """Beside a CPU hog each benchmark stops before timing, saying why and what to do."""
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench.py"), "--device", "cpu",
+                           "--shape", "8x256", "--op", "rms_norm", "--impl", "ours", "--pass",
+                           "fwd", "--rounds", "3", "--sample-ms", "1", "--no-plots",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0
+    assert f"{BANNER}: not benchmarking" in proc.stderr, proc.stderr
+    assert re.search(r"other processes used [\d.]+ of the \d+ cores", proc.stderr), proc.stderr
+    assert "idle machine" in proc.stderr and "--allow-busy" in proc.stderr
+    assert not (tmp_path / "results.csv").exists()
+    for name, argv in (("cpu_floor", ["--shape", "8x64", "--rounds", "2"]),
+                       ("overhead", ["--quick", "--out", str(tmp_path)])):
+        with pytest.raises(SystemExit, match=f"{BANNER}: not benchmarking"):
+            _load(name).main(argv)
+    assert not (tmp_path / "overhead.json").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat")
+def test_busy_machine_marked_with_allow_busy(hogs, tmp_path, monkeypatch):
+    """--allow-busy runs, and marks every row, table, CSV/JSON record and plot."""
+    bench = _load("bench")
+    figures, real_save = [], bench._save
+
+    def save(fig, path, meta):  # records each figure's texts (watermark, title)
+        path = real_save(fig, path, meta)
+        figures.append((fig.get_suptitle(), [t.get_text() for t in fig.texts]))
+        return path
+
+    monkeypatch.setattr(bench, "_save", save)
+    rc = bench.main(["--device", "cpu", "--shape", "8x256,16x256", "--dtype", "float32",
+                     "--op", "rms_norm", "--impl", "ours", "--pass", "fwd", "--rounds", "2",
+                     "--max-rounds", "2", "--sample-ms", "1", "--out", str(tmp_path),
+                     "--allow-busy"])
+    assert rc == 0
+    rows = _read_csv(tmp_path / "results.csv")
+    assert rows and all(r["busy"] == "True" and "other processes used" in r["busy_reason"]
+                        for r in rows)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["busy"] is True and data["machine_check"]["busy"] is True
+    assert all(r["busy"] is True for r in data["results"])
+    md = (tmp_path / "results.md").read_text()
+    assert BANNER in md and md.count("⚠BUSY rms_norm") == 2
+    assert figures and all(BANNER in title and BANNER in texts for title, texts in figures)
+
+    _load("overhead").main(["--quick", "--rows", "1", "--out", str(tmp_path), "--allow-busy"])
+    report = json.loads((tmp_path / "overhead.json").read_text())
+    assert report["busy"] and all(r["busy"] for r in report["rows"] + report["targets"])
+    assert BANNER in (tmp_path / "overhead.md").read_text()
+
+    floor = _load("cpu_floor")  # the floors and one candidate: no torch.compile build here
+    monkeypatch.setattr(floor, "candidates", lambda x, w, b, dy: {
+        "floor fwd (clone)": x.clone, "floor add": lambda: x + dy, "ours rms fwd": x.clone})
+    floor.main(["--shape", "8x64", "--dtypes", "float32", "--rounds", "2", "--sample-ms", "1",
+                "--out", str(tmp_path / "floor.json"), "--allow-busy"])
+    report = json.loads((tmp_path / "floor.json").read_text())
+    assert report["busy"] and report["busy_blocks"] == ["float32", "latency"]
+    assert "other processes used" in report["busy_reason"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat")
+def test_busy_during_run(hogs, tmp_path, monkeypatch):
+    """A machine that was quiet at the start (faked here) and got busy: the case is caught
+    by the between-case check -- the run stops, or with --allow-busy its rows are marked."""
+    bench = _load("bench")
+    monkeypatch.setattr(bench._machine.Guard, "_calibrate", lambda self, seconds: {
+        "busy": False, "reasons": [], "copy_best_gbps": 10.0})
+    argv = ["--device", "cpu", "--shape", "8x256", "--dtype", "float32", "--op", "rms_norm",
+            "--impl", "ours", "--pass", "fwd", "--rounds", "2", "--max-rounds", "2",
+            "--sample-ms", "1", "--no-plots", "--out", str(tmp_path)]
+    assert bench.main(argv) == 3
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert f"{BANNER}: stopped -- other processes used" in data["stopped"]
+    assert data["results"] == []
+    assert bench.main(argv + ["--allow-busy"]) == 0
+    (row,) = _read_csv(tmp_path / "results.csv")
+    assert row["busy"] == "True" and row["busy_reason"].startswith("other processes used")
+
+
+def test_quiet_machine_passes():
+    """On an idle machine the check lets the run through. Other jobs sharing this machine
+    make that untestable at times: then it is skipped, saying so."""
+    m = _load("_machine")
+
+    def others(seconds):
+        before = m.snapshot()
+        time.sleep(seconds)
+        return m.others_share(before, m.snapshot())
+
+    share = others(1.0)
+    if share is None:
+        pytest.skip("no /proc/stat")
+    if share > m.OTHERS_LIMIT / 2:
+        pytest.skip(f"the machine is busy: other processes used {share:.0%} of its cores")
+    try:
+        guard = m.Guard("cpu")
+    except SystemExit as e:
+        if others(0.5) > m.OTHERS_LIMIT / 2:
+            pytest.skip(f"the machine got busy during the check: {e}")
+        raise
+    assert guard.reason == "" and not guard.check["busy"], guard.check
+    t = guard.begin()
+    sum(range(10 ** 6))  # a case of our own: our CPU use is not the others'
+    assert guard.end(t, "a case") == ""
 
 
 def test_gpu_check_entry_points_exist():
