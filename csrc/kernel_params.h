@@ -179,4 +179,80 @@ struct NormQuantParams {
   double offset;         // rms kinds: weight_offset
 };
 
+// ---------------------------------------------------------------------------------------
+// Fused QK-norm + RoPE (qk_norm_rope_fwd / _bwd; Qwen3, Gemma 3, GLM): per-head RMSNorm of
+// q [..., S, Hq, D] and k [..., S, Hk, D], then the rotary embedding. A row is one head
+// vector of D elements; q has P * Hq rows and k P * Hk rows, P = B * S positions (B the
+// product of the leading dims). Head row i is at position i / H, whose cos/sin row is
+// i / H ([B * S, D] tables, cs_per_batch) or (i / H) % S ([S, D] tables shared by the
+// batch). q, k, their outputs and gradients have dtype t; the weights wq / wk (t, or f32
+// next to bf16/f16 t; == t when absent); cos and sin dtype cs (t, or f32 next to
+// bf16/f16 t). Statistics (rstd, one per row) are float, double for f64. Math in
+// float (double for f64), one rounding per output.
+//
+// With u = v * rstd * w (w = 1 without a weight) and c, s the cos/sin row, the rotation
+// acts on pairs (a, b) of a row: (j, j + D/2) for j < D/2 (rotate-half, interleaved =
+// false) or (2i, 2i + 1) (GPT-J, interleaved = true). Each output element uses the cos/sin
+// entries of its own index:
+//   out[a] = u[a] * c[a] - u[b] * s[a]
+//   out[b] = u[b] * c[b] + u[a] * s[b]
+// (rotate-half: out = u * c + rotate_half(u) * s, rotate_half(u) = cat(-u[D/2:], u[:D/2]);
+// interleaved: out = u * c + rotate_every_two(u) * s.) The backward is the transpose:
+//   du[a] = g[a] * c[a] + g[b] * s[b],   du[b] = g[b] * c[b] - g[a] * s[a]
+// then RMSNorm's backward per row: dv = rstd * (du * w - vhat * mean(du * w * vhat)),
+// vhat = v * rstd, and dw = sum over all rows of du * vhat. No gradient for cos / sin.
+struct QkNormRopeFwdParams {
+  DType t;
+  DType cs;
+  DType wq;
+  DType wk;
+  bool interleaved;
+  bool cs_per_batch;
+  const void* q;
+  const void* k;
+  const void* q_weight;  // nullptr: no weight (ones)
+  const void* k_weight;  // nullptr: no weight (ones)
+  const void* cos;
+  const void* sin;
+  void* q_out;
+  void* k_out;
+  void* q_rstd;
+  void* k_rstd;
+  int64_t P;   // positions B * S
+  int64_t S;
+  int64_t Hq;
+  int64_t Hk;
+  int64_t D;   // even
+  double eps;
+};
+
+struct QkNormRopeBwdParams {
+  DType t;
+  DType cs;
+  DType wq;
+  DType wk;
+  bool interleaved;
+  bool cs_per_batch;
+  const void* dq_out;  // grad_q (of q_out)
+  const void* dk_out;  // grad_k (of k_out)
+  const void* q;
+  const void* k;
+  const void* q_weight;  // nullptr: no weight (ones)
+  const void* k_weight;  // nullptr: no weight (ones)
+  const void* cos;
+  const void* sin;
+  const void* q_rstd;
+  const void* k_rstd;
+  void* dq;
+  void* dk;
+  void* dwq;  // nullptr: not wanted
+  void* dwk;  // nullptr: not wanted
+  int64_t P;
+  int64_t S;
+  int64_t Hq;
+  int64_t Hk;
+  int64_t D;
+  int sm_count;
+};
+
 }  // namespace rmsnorm_ext

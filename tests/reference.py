@@ -170,3 +170,40 @@ def quant_step(v, quant_dtype):
     mb, emin = _FP8[quant_dtype]
     e = torch.floor(torch.log2(v.abs().clamp(min=2.0 ** emin)))
     return torch.exp2(e - mb)
+
+
+# ---------------------------------------------------------------------------------------
+# Fused QK-norm + RoPE
+
+def rope_reference(u, cos, sin, interleaved):
+    """The rotary embedding of u [..., S, H, D] with cos/sin [S, D] or [B, S, D] (B the
+    product of u's leading dims), each output element using the cos/sin entries of its own
+    index: rotate-half out = u * cos + cat(-u[D/2:], u[:D/2]) * sin; interleaved (GPT-J)
+    out = u * cos + rot * sin with rot[2i] = -u[2i+1], rot[2i+1] = u[2i]."""
+    s_len, d = u.shape[-3], u.shape[-1]
+    lead = u.shape[:-3]
+    if cos.dim() == 2:
+        c, s = cos[:, None, :], sin[:, None, :]
+    else:
+        c = cos.reshape(*lead, s_len, 1, d)
+        s = sin.reshape(*lead, s_len, 1, d)
+    if interleaved:
+        rot = torch.stack((-u[..., 1::2], u[..., 0::2]), -1).flatten(-2)
+    else:
+        rot = torch.cat((-u[..., d // 2:], u[..., :d // 2]), -1)
+    return u * c + rot * s
+
+
+def qk_norm_rope_reference(q, k, qw, kw, cos, sin, eps, interleaved):
+    """Fused QK-norm + RoPE as a plain torch composite, computed in the dtype of its
+    arguments (float64 arguments: the reference; the input's dtype: torch's own error
+    there): each head vector v of q [..., S, Hq, D] and k [..., S, Hk, D] is normalized,
+    u = v * rsqrt(mean(v^2) + eps) * w (w = ones when None), then rotated
+    (rope_reference). Returns (q_out, k_out)."""
+    def one(x, w):
+        u = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        if w is not None:
+            u = u * w
+        return rope_reference(u, cos, sin, interleaved)
+
+    return one(q, qw), one(k, kw)

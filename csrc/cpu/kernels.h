@@ -15,5 +15,7 @@ void ln_bwd(const LnBwdParams& p, const Launch& l);              // layer_norm_c
 void norm_quant(const NormQuantParams& p, const Launch& l);      // norm_quant_cpu.cpp
 void gated_rms_fwd(const GatedRmsFwdParams& p, const Launch& l);  // gated_rms_norm_cpu.cpp
 void gated_rms_bwd(const GatedRmsBwdParams& p, const Launch& l);  // gated_rms_norm_cpu.cpp
+void qk_norm_rope_fwd(const QkNormRopeFwdParams& p, const Launch& l);  // qk_norm_rope_cpu.cpp
+void qk_norm_rope_bwd(const QkNormRopeBwdParams& p, const Launch& l);  // qk_norm_rope_cpu.cpp
 
 }  // namespace rmsnorm_ext::cpu

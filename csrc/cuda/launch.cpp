@@ -74,4 +74,14 @@ void run_gated_rms_bwd(const GatedRmsBwdParams& p, const Launch& l) {
   on_device(l, [&](cudaStream_t s) { return gated_rms_bwd(q, l.ws, s); });
 }
 
+void run_qk_norm_rope_fwd(const QkNormRopeFwdParams& p, const Launch& l) {
+  on_device(l, [&](cudaStream_t s) { return qk_norm_rope_fwd(p, s); });
+}
+
+void run_qk_norm_rope_bwd(const QkNormRopeBwdParams& p, const Launch& l) {
+  QkNormRopeBwdParams q = p;
+  q.sm_count = sm_count(l.device_index);
+  on_device(l, [&](cudaStream_t s) { return qk_norm_rope_bwd(q, l.ws, s); });
+}
+
 }  // namespace rmsnorm_ext::cuda

@@ -10,12 +10,15 @@ namespace rmsnorm_ext {
 const DeviceKernels& kernels_for(const Tensor& t) {
   static const DeviceKernels cpu_kernels{&cpu::rms_fwd, &cpu::fused_add_rms_fwd, &cpu::rms_bwd,
                                          &cpu::ln_fwd, &cpu::ln_bwd, &cpu::norm_quant,
-                                         &cpu::gated_rms_fwd, &cpu::gated_rms_bwd};
+                                         &cpu::gated_rms_fwd, &cpu::gated_rms_bwd,
+                                         &cpu::qk_norm_rope_fwd, &cpu::qk_norm_rope_bwd};
 #ifdef RMSNORM_EXT_WITH_CUDA
   static const DeviceKernels cuda_kernels{&cuda::run_rms_fwd, &cuda::run_fused_add_rms_fwd,
                                           &cuda::run_rms_bwd, &cuda::run_ln_fwd,
                                           &cuda::run_ln_bwd, &cuda::run_norm_quant,
-                                          &cuda::run_gated_rms_fwd, &cuda::run_gated_rms_bwd};
+                                          &cuda::run_gated_rms_fwd, &cuda::run_gated_rms_bwd,
+                                          &cuda::run_qk_norm_rope_fwd,
+                                          &cuda::run_qk_norm_rope_bwd};
   if (t.is_cuda()) return cuda_kernels;
 #endif
   TORCH_CHECK(t.is_cpu(), "rmsnorm_ext: no kernels for device ", t.device());

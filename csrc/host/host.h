@@ -35,6 +35,8 @@ struct DeviceKernels {
   void (*norm_quant)(const NormQuantParams&, const Launch&);
   void (*gated_rms_fwd)(const GatedRmsFwdParams&, const Launch&);
   void (*gated_rms_bwd)(const GatedRmsBwdParams&, const Launch&);
+  void (*qk_norm_rope_fwd)(const QkNormRopeFwdParams&, const Launch&);
+  void (*qk_norm_rope_bwd)(const QkNormRopeBwdParams&, const Launch&);
 };
 
 // The kernels of a device type this build has kernels for (ops are registered only for
