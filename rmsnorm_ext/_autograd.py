@@ -73,6 +73,9 @@ def make_function(e):
     fwd = op(e.name)
     n_out = len(fwd._schema.returns)
     saved_args = [n for n in e.saved if not n.startswith("out")]
+    # Every Tensor / Tensor? argument: jvp re-evaluates the composite at all of them.
+    tensor_args = [a.name for a in fwd._schema.arguments
+                   if "Tensor" in str(a.type)]
     saved_outs = [int(n[3:]) for n in e.saved if n.startswith("out")]
 
     class Fn(torch.autograd.Function):
@@ -94,7 +97,7 @@ def make_function(e):
             ctx.save_for_backward(*(a[n] for n in saved_args),
                                   *(output[i] for i in saved_outs))
             # jvp differentiates the composite at the inputs.
-            ctx.save_for_forward(*(a[n] for n in e.diff_args))
+            ctx.save_for_forward(*(a[n] for n in tensor_args))
             ctx.mark_non_differentiable(*output[e.n_diff_outputs:])
             ctx.set_materialize_grads(False)
 
@@ -122,7 +125,7 @@ def make_function(e):
 
         @staticmethod
         def jvp(ctx, *tangents):
-            primals = dict(zip(e.diff_args, ctx.saved_tensors))
+            primals = dict(zip(tensor_args, ctx.saved_tensors))
             primals.update(ctx.attrs)
             diff = [n for n in e.diff_args if primals[n] is not None]
             tan = [tangents[names.index(n)] for n in diff]
@@ -190,6 +193,16 @@ def _vmap_rule(e):
     out_roles = e.outputs
     grad_flags = [o.flag for o in out_roles if not isinstance(o, str)]
 
+    def rule_per_sample(B, args, in_dims):
+        outs = []
+        for b in range(B):
+            sl = [x if (d is None or not isinstance(x, torch.Tensor)) else x.select(d, b)
+                  for x, d in zip(args, in_dims)]
+            outs.append(fn(*sl))
+        if not isinstance(outs[0], tuple):
+            return torch.stack(outs), 0
+        return tuple(torch.stack(list(o)) for o in zip(*outs)), (0,) * len(outs[0])
+
     def rule(info, in_dims, *args):
         B = info.batch_size
         a = dict(zip(names, args))
@@ -198,18 +211,15 @@ def _vmap_rule(e):
         # A parameter gradient summed over rows must stay per sample.
         per_sample |= any(bool(a.get(f)) for f in grad_flags)
         if per_sample:
-            outs = []
-            for b in range(B):
-                sl = [x if (d is None or not isinstance(x, torch.Tensor)) else x.select(d, b)
-                      for x, d in zip(args, in_dims)]
-                outs.append(fn(*sl))
-            if not isinstance(outs[0], tuple):
-                return torch.stack(outs), 0
-            return tuple(torch.stack(list(o)) for o in zip(*outs)), (0,) * len(outs[0])
-        # Fold the batch into the leading dims: one kernel call.
+            return rule_per_sample(B, args, in_dims)
+        # Fold the batch into the leading dims: one kernel call (an argument tied to the
+        # leading dims' count, e.g. per-batch rotary tables, refuses: then sample by sample).
         folded = [(_move(x, d, B) if r in (ROW, STAT) and isinstance(x, torch.Tensor) else x)
                   for x, d, r in zip(args, in_dims, roles)]
-        out = fn(*folded)
+        try:
+            out = fn(*folded)
+        except (RuntimeError, ValueError):
+            return rule_per_sample(B, args, in_dims)
         if not isinstance(out, tuple):
             return out, (0 if out_roles and out_roles[0] in (ROW, STAT) else None)
         dims = tuple(0 if r in (ROW, STAT) else None for r in out_roles)

@@ -43,6 +43,7 @@ class GRAD:
 # Roles of tensor arguments, by schema name (the same name means the same role in every op).
 ARG_ROLES = {
     "input": ROW, "residual": ROW, "grad_out": ROW, "grad_residual": ROW, "gate": ROW,
+    "q": ROW, "k": ROW, "grad_q": ROW, "grad_k": ROW, "q_rstd": STAT, "k_rstd": STAT,
     "rstd": STAT, "mean": STAT,
     "weight": PARAM, "bias": PARAM,
     "scale": REPLICATE, "scale_ub": REPLICATE,
@@ -131,6 +132,34 @@ def gated_rms_composite(input, gate, normalized_shape, weight, eps, group_size,
     return (y.to(input.dtype),)
 
 
+def _rope_table(t, x, acc):
+    """cos/sin [S, D] or [B, S, D] (B the product of x's leading dims) as x's
+    [..., S, 1, D] broadcast."""
+    t = t.to(acc)
+    if t.dim() == 3:
+        t = t.reshape(*x.shape[:-3], *t.shape[1:])
+    return t.unsqueeze(-2)
+
+
+def _rotate(u, interleaved):
+    if interleaved:  # GPT-J: pairs (2i, 2i+1)
+        return torch.stack((-u[..., 1::2], u[..., 0::2]), dim=-1).flatten(-2)
+    h = u.shape[-1] // 2  # rotate-half (Llama, Qwen, NeoX)
+    return torch.cat((-u[..., h:], u[..., :h]), dim=-1)
+
+
+def qk_norm_rope_composite(q, k, q_weight, k_weight, cos, sin, eps, interleaved):
+    def one(x, w):
+        acc = acc_dtype(x)
+        xf = x.to(acc)
+        u = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        if w is not None:
+            u = u * w.to(acc)
+        out = u * _rope_table(cos, x, acc) + _rotate(u, interleaved) * _rope_table(sin, x, acc)
+        return out.to(x.dtype)
+    return one(q, q_weight), one(k, k_weight)
+
+
 # ---------------------------------------------------------------------------------------
 # First-order backwards on the fused kernels. `s` holds the saved tensors and the
 # non-tensor arguments by name; `need` the arguments whose gradient is wanted.
@@ -203,6 +232,20 @@ def _gated_backward(s, grads, need):
     return {"input": dx, "gate": dg, "weight": dw if want_dw else None}
 
 
+def _qk_backward(s, grads, need):
+    gq, gk = grads
+    if gq is None and gk is None:
+        return {}
+    gq = torch.zeros_like(s["q"]) if gq is None else gq
+    gk = torch.zeros_like(s["k"]) if gk is None else gk
+    want_dw = bool({"q_weight", "k_weight"} & need)
+    dq, dk, dqw, dkw = _ops.qk_norm_rope_bwd.default(
+        gq, gk, s["q"], s["k"], s["q_weight"], s["k_weight"], s["cos"], s["sin"], s["out2"],
+        s["out3"], s["interleaved"], want_dw)
+    return {"q": dq, "k": dk, "q_weight": dqw if want_dw else None,
+            "k_weight": dkw if want_dw else None}
+
+
 # ---------------------------------------------------------------------------------------
 # The table.
 
@@ -229,6 +272,14 @@ _ENTRIES = [
             composite=gated_rms_composite, backward=_gated_backward),
     OpEntry("gated_rms_norm_bwd", (ROW, ROW, GRAD("weight", "compute_weight_grad")),
             grads_of="gated_rms_norm_fwd", param_grad_outputs=(2,)),
+    # cos / sin get no gradient (rotary tables are computed from positions).
+    OpEntry("qk_norm_rope_fwd", (ROW, ROW, STAT, STAT),
+            diff_args=("q", "k", "q_weight", "k_weight"), n_diff_outputs=2,
+            saved=("q", "k", "q_weight", "k_weight", "cos", "sin", "out2", "out3"),
+            composite=qk_norm_rope_composite, backward=_qk_backward, sharded_by_rule=False),
+    OpEntry("qk_norm_rope_bwd", (ROW, ROW, GRAD("q_weight", "compute_weight_grad"),
+                                 GRAD("k_weight", "compute_weight_grad")),
+            grads_of="qk_norm_rope_fwd", param_grad_outputs=(2, 3), sharded_by_rule=False),
     OpEntry("fused_add_rms_norm_inplace", (), mutates=("input", "residual"),
             sharded_by_rule=False),
     OpEntry("rms_norm_quant", (ROW, STAT), inference_only=True, sharded_by_rule=False),

@@ -20,6 +20,7 @@ _ln_fwd = _ops.layer_norm_fwd.default
 _fused_fwd = _ops.fused_add_rms_norm_fwd.default
 _fused_inplace = _ops.fused_add_rms_norm_inplace.default
 _gated_fwd = _ops.gated_rms_norm_fwd.default
+_qk_fwd = _ops.qk_norm_rope_fwd.default
 
 _fast_rms = _C._rms_norm
 _fast_ln = _C._layer_norm
@@ -161,6 +162,27 @@ def gated_rms_norm(input: Tensor, gate: Tensor, normalized_shape: _ShapeT,
     if _is_compiling():
         return _gated_fwd(*args)[0]
     return _call("gated_rms_norm_fwd", *args)[0]
+
+
+def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                 cos: Tensor, sin: Tensor, eps: float = 1e-6, *,
+                 interleaved: bool = False) -> Tuple[Tensor, Tensor]:
+    """Per-head RMSNorm of q and k, then rotary embedding, in one pass (Qwen3, Gemma 3, GLM).
+
+    ``q`` is ``[..., S, Hq, D]`` and ``k`` ``[..., S, Hk, D]`` (Hugging Face's layout before
+    its transpose to ``[B, H, S, D]``); each head vector is normalized over ``D`` with its
+    weight (``[D]``, or None), then rotated by ``cos`` / ``sin`` (``[S, D]`` or ``[B, S, D]``,
+    as HF's rotary embedding returns them): ``interleaved=False`` is rotate-half (Llama,
+    Qwen, NeoX: ``u * cos + rotate_half(u) * sin``), ``True`` rotates adjacent pairs (GPT-J).
+    fp32 math, one rounding. Returns ``(q_out, k_out)``; differentiable w.r.t. q, k and the
+    weights (not cos / sin).
+    """
+    args = (q, k, q_weight, k_weight, cos, sin, float(eps), bool(interleaved))
+    if _is_compiling():
+        out = _qk_fwd(*args)
+    else:
+        out = _call("qk_norm_rope_fwd", *args)
+    return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""qk_norm_rope as a user meets it: against Hugging Face's Qwen3 attention preamble
+(q_norm / k_norm, transpose, apply_rotary_pos_emb), autograd to second order, torch.func,
+vmap, compile, opcheck. The kernels' accuracy: tests/test_qk_norm_rope_kernels.py."""
+import warnings
+
+import pytest
+import torch
+from torch.func import grad, jvp, vmap
+
+import rmsnorm_ext as R
+from rmsnorm_ext._table import qk_norm_rope_composite
+
+
+def _inputs(B=2, S=5, Hq=4, Hk=2, D=8, dtype=torch.float64, batched_tables=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, Hq, D, generator=g, dtype=dtype)
+    k = torch.randn(B, S, Hk, D, generator=g, dtype=dtype)
+    qw = torch.randn(D, generator=g, dtype=dtype)
+    kw = torch.randn(D, generator=g, dtype=dtype)
+    pos = torch.arange(S, dtype=torch.float64)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    ang = torch.outer(pos, inv)
+    emb = torch.cat((ang, ang), -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    if batched_tables:
+        cos, sin = cos.expand(B, S, D).contiguous(), sin.expand(B, S, D).contiguous()
+    return q, k, qw, kw, cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_hf_qwen3_preamble(dtype):
+    tr = pytest.importorskip("transformers")
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+    q, k, qw, kw, cos, sin = _inputs(dtype=torch.float32, batched_tables=True, D=16)
+    q, k = q.to(dtype), k.to(dtype)
+    qn, kn = Qwen3RMSNorm(16, eps=1e-6).to(dtype), Qwen3RMSNorm(16, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        qn.weight.copy_(qw)
+        kn.weight.copy_(kw)
+    hq, hk = apply_rotary_pos_emb(qn(q).transpose(1, 2), kn(k).transpose(1, 2), cos.to(dtype),
+                                  sin.to(dtype))
+    oq, ok = R.qk_norm_rope(q, k, qn.weight, kn.weight, cos.to(dtype), sin.to(dtype), 1e-6)
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(oq.transpose(1, 2), hq, **tol)
+    torch.testing.assert_close(ok.transpose(1, 2), hk, **tol)
+    del tr
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("batched_tables", [False, True])
+def test_gradcheck_and_gradgradcheck(interleaved, batched_tables):
+    q, k, qw, kw, cos, sin = _inputs(S=3, Hq=2, Hk=1, D=4, batched_tables=batched_tables)
+    args = [t.requires_grad_() for t in (q, k, qw, kw)]
+    f = lambda q, k, qw, kw: R.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6,  # noqa: E731
+                                            interleaved=interleaved)
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_torch_func_vmap_and_values(interleaved):
+    q, k, qw, kw, cos, sin = _inputs()
+    ours = lambda q, k, qw, kw: R.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6,  # noqa: E731
+                                               interleaved=interleaved)
+    ref = lambda q, k, qw, kw: qk_norm_rope_composite(q, k, qw, kw, cos, sin, 1e-6,  # noqa: E731
+                                                      interleaved)
+    sq = lambda f: (lambda *a: sum(o.square().sum() for o in f(*a)))  # noqa: E731
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        close(ours(q, k, qw, kw), ref(q, k, qw, kw))
+        close(grad(sq(ours), argnums=(0, 1, 2, 3))(q, k, qw, kw),
+              grad(sq(ref), argnums=(0, 1, 2, 3))(q, k, qw, kw))
+        t = tuple(torch.randn_like(a) for a in (q, k, qw, kw))
+        close(jvp(ours, (q, k, qw, kw), t), jvp(ref, (q, k, qw, kw), t))
+        close(vmap(ours, in_dims=(0, 0, None, None))(q, k, qw, kw),
+              vmap(ref, in_dims=(0, 0, None, None))(q, k, qw, kw))
+        close(vmap(grad(sq(ours), argnums=2), in_dims=(0, 0, None, None))(q, k, qw, kw),
+              vmap(grad(sq(ref), argnums=2), in_dims=(0, 0, None, None))(q, k, qw, kw))
+
+
+def test_compile_fullgraph_and_opcheck():
+    q, k, qw, kw, cos, sin = (t.float() for t in _inputs())
+    q.requires_grad_()
+    f = lambda q: R.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)  # noqa: E731
+    eager = f(q)
+    comp = torch.compile(f, fullgraph=True, backend="aot_eager")(q)
+    torch.testing.assert_close(comp, eager)
+    torch.testing.assert_close(torch.autograd.grad(comp[0].sum(), q),
+                               torch.autograd.grad(eager[0].sum(), q))
+    ops = torch.ops.rmsnorm_ext
+    qd = q.detach()
+    torch.library.opcheck(ops.qk_norm_rope_fwd, (qd, k, qw, kw, cos, sin, 1e-6, False))
+    oq, ok, rq, rk = ops.qk_norm_rope_fwd(qd, k, qw, kw, cos, sin, 1e-6, True)
+    torch.library.opcheck(ops.qk_norm_rope_bwd, (torch.randn_like(oq), torch.randn_like(ok), qd,
+                                                 k, qw, kw, cos, sin, rq, rk, True, True))
