@@ -224,13 +224,8 @@ class HFGatedRMSNorm(GatedRMSNorm):
         self.out_dtype = out_dtype
         self.gate_optional = gate_optional
 
-    @property
-    def variance_epsilon(self) -> float:
-        return self.eps
-
-    @variance_epsilon.setter
-    def variance_epsilon(self, value: float) -> None:
-        self.eps = value
+    # HF's attribute name for eps (shared with HFRMSNorm).
+    variance_epsilon = HFRMSNorm.variance_epsilon
 
     def forward(self, hidden_states: torch.Tensor, gate=None) -> torch.Tensor:
         x, w = hidden_states, self.weight

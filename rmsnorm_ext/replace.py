@@ -111,6 +111,20 @@ def _tol(*dtypes) -> float:
     return 1e-4  # fp32 (HF computes fp64 inputs in fp32 too)
 
 
+def _probe_copy(module: nn.Module) -> Optional[nn.Module]:
+    """A shallow copy with its own parameter dict and no hooks, to probe: the module itself,
+    its weight and its hooks are never touched or fired."""
+    try:
+        probe_mod = copy.copy(module)
+        probe_mod.__dict__["_parameters"] = OrderedDict(module._parameters)
+        for k in _HOOK_DICTS:
+            if k in probe_mod.__dict__:
+                probe_mod.__dict__[k] = OrderedDict()
+    except Exception:
+        return None
+    return probe_mod
+
+
 def _probe(module: nn.Module, eps: float) -> Optional[Tuple[float, str]]:
     """Run ``module`` on random probes; return ``(weight_offset, out_dtype)`` if it behaves
     as RMSNorm (plain or 1 + w) for every probe, else None.
@@ -150,15 +164,8 @@ def _probe_on(module: nn.Module, eps: float, dev: torch.device) -> Optional[Tupl
         if d not in in_dtypes:
             in_dtypes.append(d)
 
-    # Probe a shallow copy with its own parameter dict and no hooks: the module itself, its
-    # weight and its hooks are never touched or fired.
-    try:
-        probe_mod = copy.copy(module)
-        probe_mod.__dict__["_parameters"] = OrderedDict(module._parameters)
-        for k in _HOOK_DICTS:
-            if k in probe_mod.__dict__:
-                probe_mod.__dict__[k] = OrderedDict()
-    except Exception:
+    probe_mod = _probe_copy(module)
+    if probe_mod is None:
         return None
 
     offsets = [0.0, 1.0]
@@ -213,13 +220,8 @@ def _probe_gated(module: nn.Module, eps: float) -> Optional[dict]:
     x64 = torch.randn(2, 3, n, generator=gen, **f64) * 2 + 0.5
     g64 = torch.randn(2, 3, n, generator=gen, **f64) * 3
     w64 = torch.randn(n, generator=gen, **f64)
-    try:
-        probe_mod = copy.copy(module)
-        probe_mod.__dict__["_parameters"] = OrderedDict(module._parameters)
-        for k in _HOOK_DICTS:
-            if k in probe_mod.__dict__:
-                probe_mod.__dict__[k] = OrderedDict()
-    except Exception:
+    probe_mod = _probe_copy(module)
+    if probe_mod is None:
         return None
     wdt = w.dtype
     candidates = [(nbg, act) for nbg in (True, False) for act in ("silu", "sigmoid")]
