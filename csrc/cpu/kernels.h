@@ -13,5 +13,7 @@ void rms_bwd(const RmsBwdParams& p, const Launch& l);            // rms_norm_cpu
 void ln_fwd(const LnFwdParams& p, const Launch& l);              // layer_norm_cpu.cpp
 void ln_bwd(const LnBwdParams& p, const Launch& l);              // layer_norm_cpu.cpp
 void norm_quant(const NormQuantParams& p, const Launch& l);      // norm_quant_cpu.cpp
+void norm_modulate_fwd(const NormModulateParams& p, const Launch& l);     // norm_modulate_cpu.cpp
+void norm_modulate_bwd(const NormModulateBwdParams& p, const Launch& l);  // norm_modulate_cpu.cpp
 
 }  // namespace rmsnorm_ext::cpu

@@ -17,6 +17,9 @@ cudaError_t rms_bwd(const RmsBwdParams& p, Workspace ws, cudaStream_t stream);  
 cudaError_t ln_fwd(const LnFwdParams& p, cudaStream_t stream);  // layer_norm_fwd_kernels.cu
 cudaError_t ln_bwd(const LnBwdParams& p, Workspace ws, cudaStream_t stream);  // layer_norm_bwd_kernels.cu
 cudaError_t norm_quant(const NormQuantParams& p, cudaStream_t stream);  // norm_quant_kernels.cu
+cudaError_t norm_modulate_fwd(const NormModulateParams& p, cudaStream_t stream);  // norm_modulate_kernels.cu
+cudaError_t norm_modulate_bwd(const NormModulateBwdParams& p, Workspace ws,
+                              cudaStream_t stream);  // norm_modulate_kernels.cu
 
 }  // namespace cuda
 }  // namespace rmsnorm_ext

@@ -12,5 +12,7 @@ void run_rms_bwd(const RmsBwdParams& p, const Launch& l);
 void run_ln_fwd(const LnFwdParams& p, const Launch& l);
 void run_ln_bwd(const LnBwdParams& p, const Launch& l);
 void run_norm_quant(const NormQuantParams& p, const Launch& l);
+void run_norm_modulate_fwd(const NormModulateParams& p, const Launch& l);
+void run_norm_modulate_bwd(const NormModulateBwdParams& p, const Launch& l);
 
 }  // namespace rmsnorm_ext::cuda

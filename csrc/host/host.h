@@ -33,6 +33,8 @@ struct DeviceKernels {
   void (*ln_fwd)(const LnFwdParams&, const Launch&);
   void (*ln_bwd)(const LnBwdParams&, const Launch&);
   void (*norm_quant)(const NormQuantParams&, const Launch&);
+  void (*norm_modulate_fwd)(const NormModulateParams&, const Launch&);
+  void (*norm_modulate_bwd)(const NormModulateBwdParams&, const Launch&);
 };
 
 // The kernels of a device type this build has kernels for (ops are registered only for
