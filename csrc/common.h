@@ -523,4 +523,99 @@ inline QkShape check_qk_norm_rope(const Tensor& q, const Tensor& k,
   return s;
 }
 
+// adaLN modulation (csrc/host/norm_modulate.cpp): y = norm(x) * (1 + scale) + shift over
+// the last dim D of an input [B, ..., D], with one scale / shift vector per sample b.
+
+// One normalized dim, and a leading batch dim in front of it.
+inline void check_modulate_shape(const Tensor& input, at::IntArrayRef normalized_shape,
+                                 const char* op) {
+  TORCH_CHECK_VALUE(normalized_shape.size() == 1, "rmsnorm_ext: ", op,
+                    ": normalized_shape must have exactly one dimension (the last dim D), got ",
+                    normalized_shape);
+  TORCH_CHECK_VALUE(input.dim() >= 2, "rmsnorm_ext: ", op,
+                    ": input must have a batch dimension and the normalized one, [B, ..., D], "
+                    "got shape ", input.sym_sizes());
+}
+
+// scale / shift: D last, 1 in every middle dim, B (= input.shape[0]) or 1 first: [B, D],
+// [B, 1, D], [1, D], [D], ... (at most the input's number of dims); on the input's device;
+// dtype the input's, or float32 with a bfloat16/float16 input. Returns whether it holds one
+// vector per sample (first dim B, B > 1) rather than one for all rows.
+inline bool check_modulation(const Tensor& s, const char* name, const Tensor& input, int64_t D) {
+  const auto ss = s.sym_sizes();
+  const auto is = input.sym_sizes();
+  const int64_t sd = s.dim();
+  bool ok = sd >= 1 && sd <= input.dim() && ss[sd - 1] == D;
+  bool per_sample = false;
+  if (ok && sd >= 2) {
+    for (int64_t k = 1; ok && k + 1 < sd; ++k) ok = ss[k] == 1;
+    per_sample = ok && ss[0] != 1;
+    ok = ok && (ss[0] == 1 || ss[0] == is[0]);
+  }
+  TORCH_CHECK_VALUE(ok, "rmsnorm_ext: ", name, " of shape ", ss,
+                    " does not fit the input of shape ", is, ": expected [B, D], [B, 1, ..., 1, D], "
+                    "[1, D] or [D] with B = ", is[0], " (the input's first dim) and D = ", D,
+                    " (normalized_shape), at most ", input.dim(), " dims");
+  TORCH_CHECK(s.device() == input.device(), "rmsnorm_ext: ", name, " is on ", s.device(),
+              " but the input is on ", input.device(), "; move them to the same device");
+  const auto st = s.scalar_type();
+  const auto it = input.scalar_type();
+  TORCH_CHECK_TYPE(st == it || (st == at::kFloat && is_reduced_float(it)), "rmsnorm_ext: ", name,
+                   " dtype ", py_dtype(st), " is not supported with input dtype ", py_dtype(it),
+                   " (use the input's dtype, or float32 with a bfloat16/float16 input)");
+  return per_sample;
+}
+
+// scale and the optional shift together: one dtype, and both per sample or both shared.
+// Returns whether they are per sample.
+inline bool check_scale_shift(const Tensor& scale, const std::optional<Tensor>& shift,
+                              const Tensor& input, int64_t D) {
+  const bool per_sample = check_modulation(scale, "scale", input, D);
+  if (!shift.has_value() || !shift->defined()) return per_sample;
+  const bool shift_per_sample = check_modulation(*shift, "shift", input, D);
+  TORCH_CHECK_VALUE(per_sample == shift_per_sample, "rmsnorm_ext: scale of shape ",
+                    scale.sym_sizes(), " and shift of shape ", shift->sym_sizes(),
+                    " must both hold one vector per sample (first dim B) or both one vector for "
+                    "all rows (first dim 1, or 1-D)");
+  TORCH_CHECK_TYPE(scale.scalar_type() == shift->scalar_type(), "rmsnorm_ext: scale dtype ",
+                   py_dtype(scale.scalar_type()), " and shift dtype ",
+                   py_dtype(shift->scalar_type()), " must match");
+  return per_sample;
+}
+
+// The row view of a modulated input, and whether scale / shift hold one vector per sample.
+struct ModulateShape {
+  RowShape rows;
+  bool per_sample;
+};
+
+// All the forward arguments of rms_norm_modulate_fwd / layer_norm_modulate_fwd (bias: layer
+// only).
+inline ModulateShape check_norm_modulate(const Tensor& input, at::IntArrayRef ns,
+                                         const Tensor& scale, const std::optional<Tensor>& shift,
+                                         const std::optional<Tensor>& weight,
+                                         const std::optional<Tensor>& bias, double eps,
+                                         const char* op) {
+  check_input(input, "input");
+  const RowShape rs = check_normalized_shape(input, ns);
+  check_modulate_shape(input, ns, op);
+  check_param(weight, "weight", input, ns);
+  check_param(bias, "bias", input, ns);
+  check_same_param_dtype(weight, bias);
+  const bool per_sample = check_scale_shift(scale, shift, input, rs.N);
+  check_eps(eps);
+  return {rs, per_sample};
+}
+
+// norm_modulate_bwd's grad_out: the input's shape, device and dtype (no mixed dtype).
+inline void check_modulate_grad(const Tensor& grad_out, const Tensor& input) {
+  TORCH_CHECK_VALUE(grad_out.sym_sizes().equals(input.sym_sizes()), "rmsnorm_ext: grad_out shape ",
+                    grad_out.sym_sizes(), " does not match the input shape ", input.sym_sizes());
+  check_same_device(grad_out, "grad_out", input, "the input");
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(),
+                   "rmsnorm_ext: norm_modulate_bwd: grad_out dtype ",
+                   py_dtype(grad_out.scalar_type()), " must match the input dtype ",
+                   py_dtype(input.scalar_type()));
+}
+
 }  // namespace rmsnorm_ext

@@ -255,4 +255,59 @@ struct QkNormRopeBwdParams {
   int sm_count;
 };
 
+// adaLN modulation (rms_norm_modulate_fwd, layer_norm_modulate_fwd, norm_modulate_bwd): one
+// kernel family for both norms, the kind (rms or layer) set by the host from the operands:
+//   y = yn * (1 + scale[b]) + shift[b],   yn = xhat * w (+ bias)
+// with xhat = x * rstd (rms) or (x - mean) * rstd (layer), and b = row / S: scale and shift
+// are Bs = M / S rows of N, one per sample of S consecutive rows (S = M: one row for all).
+// Math in fp32 (fp64 for f64 data), y rounded once. Stats as for the plain norms.
+struct NormModulateParams {
+  NormKind kind;       // rms or layer
+  DType t;             // x and y
+  DType w;             // weight and bias (== t when both are absent)
+  DType s;             // scale and shift
+  const void* x;
+  const void* weight;  // nullptr: no weight
+  const void* bias;    // layer only; nullptr: no bias
+  const void* scale;   // Bs x N
+  const void* shift;   // Bs x N; nullptr: no shift
+  void* y;
+  void* mean;          // layer only
+  void* rstd;
+  int64_t M;
+  int64_t N;
+  int64_t S;           // rows per scale row (divides M)
+  double eps;
+};
+
+// The backward, with m = 1 + scale[b], dyn = dy * m, g = dyn * w:
+//   dx = rstd * (g - xhat * mean(g * xhat))              (rms)
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))    (layer)
+//   dscale[b] = sum over the S rows of sample b of dy * yn, dshift[b] = sum of dy,
+//   dweight = sum over all rows of dyn * xhat, dbias = sum of dyn.
+// Sums in the accumulation type, cascaded / pairwise and in a fixed order (deterministic);
+// dscale and dshift are stored in dtype s, dweight and dbias in dtype w.
+struct NormModulateBwdParams {
+  NormKind kind;       // rms or layer
+  DType t;             // x, dy and dx
+  DType w;             // weight, bias, dweight, dbias (== t when both are absent)
+  DType s;             // scale, dscale, dshift
+  const void* x;
+  const void* dy;
+  const void* mean;    // layer only
+  const void* rstd;
+  const void* weight;  // nullptr: no weight (ones)
+  const void* bias;    // layer only; nullptr: no bias (read for yn, i.e. dscale)
+  const void* scale;   // Bs x N
+  void* dx;
+  void* dscale;        // Bs x N; nullptr: not wanted
+  void* dshift;        // Bs x N; nullptr: not wanted
+  void* dweight;       // N; nullptr: not wanted
+  void* dbias;         // N; nullptr: not wanted
+  int64_t M;
+  int64_t N;
+  int64_t S;           // rows per scale row (divides M)
+  int sm_count;
+};
+
 }  // namespace rmsnorm_ext

@@ -93,6 +93,44 @@ def gated_rms_norm_reference(x, g, normalized_shape, w, eps, group_size, norm_be
     return y
 
 
+def modulation_view(s, x):
+    """scale / shift of an adaLN modulation ([B, D], [B, 1, ..., D], [1, D] or [D]) as a tensor
+    that broadcasts against x [B, ..., D]: one vector per sample, or one for all rows."""
+    bs = s.shape[0] if s.dim() >= 2 else 1
+    return s.reshape((bs,) + (1,) * (x.dim() - 2) + (x.shape[-1],))
+
+
+def modulate_reference(x, scale, shift, w, b, eps, kind, dtype=torch.float64):
+    """adaLN modulation as a composite: norm(x) * (1 + scale) + shift, every operand cast to
+    `dtype`. kind: "rms" (weight) or "layer" (weight and bias). float64: the reference, with
+    the norm written out (two-pass variance: x - mean is exactly 0 for a row of one element,
+    where F.layer_norm's float64 kernel leaves a rounding error that rstd = 1/sqrt(eps)
+    magnifies); any other dtype: torch's own result, F.rms_norm / F.layer_norm.
+    Differentiable: the backward reference is torch.autograd on it."""
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    xd = x.to(dtype)
+    d = x.shape[-1]
+    assert kind == "layer" or b is None, "RMSNorm has no bias"
+    if dtype == torch.float64:
+        if kind == "layer":
+            xd = xd - xd.mean(-1, keepdim=True)
+        yn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+        if w is not None:
+            yn = yn * cast(w)
+        if b is not None:
+            yn = yn + cast(b)
+    elif kind == "rms":
+        yn = F.rms_norm(xd, (d,), cast(w), eps)
+    else:
+        yn = F.layer_norm(xd, (d,), cast(w), cast(b), eps)
+    y = yn * (1 + modulation_view(cast(scale), x))
+    if shift is not None:
+        y = y + modulation_view(cast(shift), x)
+    return y
+
+
 def max_err(a, ref):
     if a.numel() == 0:
         return 0.0

@@ -17,5 +17,7 @@ void gated_rms_fwd(const GatedRmsFwdParams& p, const Launch& l);  // gated_rms_n
 void gated_rms_bwd(const GatedRmsBwdParams& p, const Launch& l);  // gated_rms_norm_cpu.cpp
 void qk_norm_rope_fwd(const QkNormRopeFwdParams& p, const Launch& l);  // qk_norm_rope_cpu.cpp
 void qk_norm_rope_bwd(const QkNormRopeBwdParams& p, const Launch& l);  // qk_norm_rope_cpu.cpp
+void norm_modulate_fwd(const NormModulateParams& p, const Launch& l);     // norm_modulate_cpu.cpp
+void norm_modulate_bwd(const NormModulateBwdParams& p, const Launch& l);  // norm_modulate_cpu.cpp
 
 }  // namespace rmsnorm_ext::cpu

@@ -125,9 +125,17 @@ inline void add_row(A* __restrict dst, const A* __restrict src, int64_t width) {
 template <typename A>
 class PartialTree {
  public:
-  PartialTree(A* buf, int64_t nrows, int64_t width) : width_(width) {
-    for (int64_t r = nrows - 1; r >= 0; --r) free_.push_back(buf + r * width);
-    level_.assign(static_cast<size_t>(nrows), nullptr);
+  PartialTree(A* buf, int64_t nrows, int64_t width) : buf_(buf), nrows_(nrows), width_(width) {
+    reset();
+  }
+
+  // Every row free and no blocks: the next sum starts here, on the same rows (a row that
+  // finish() returned is overwritten by it).
+  void reset() {
+    free_.clear();
+    for (int64_t r = nrows_ - 1; r >= 0; --r) free_.push_back(buf_ + r * width_);
+    level_.assign(static_cast<size_t>(nrows_), nullptr);
+    cur_ = nullptr;
   }
 
   // A zeroed row for the next block (padded lanes included: the kernels store whole steps).
@@ -174,6 +182,8 @@ class PartialTree {
   }
 
  private:
+  A* buf_;
+  int64_t nrows_;
   int64_t width_;
   A* cur_ = nullptr;
   std::vector<A*> free_;   // rows not in use

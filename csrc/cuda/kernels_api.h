@@ -21,6 +21,9 @@ cudaError_t gated_rms_fwd(const GatedRmsFwdParams& p, cudaStream_t stream);  // 
 cudaError_t gated_rms_bwd(const GatedRmsBwdParams& p, Workspace ws, cudaStream_t stream);  // gated_rms_norm_kernels.cu
 cudaError_t qk_norm_rope_fwd(const QkNormRopeFwdParams& p, cudaStream_t stream);  // qk_norm_rope_kernels.cu
 cudaError_t qk_norm_rope_bwd(const QkNormRopeBwdParams& p, Workspace ws, cudaStream_t stream);  // qk_norm_rope_kernels.cu
+cudaError_t norm_modulate_fwd(const NormModulateParams& p, cudaStream_t stream);  // norm_modulate_kernels.cu
+cudaError_t norm_modulate_bwd(const NormModulateBwdParams& p, Workspace ws,
+                              cudaStream_t stream);  // norm_modulate_kernels.cu
 
 }  // namespace cuda
 }  // namespace rmsnorm_ext

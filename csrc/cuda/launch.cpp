@@ -84,4 +84,14 @@ void run_qk_norm_rope_bwd(const QkNormRopeBwdParams& p, const Launch& l) {
   on_device(l, [&](cudaStream_t s) { return qk_norm_rope_bwd(q, l.ws, s); });
 }
 
+void run_norm_modulate_fwd(const NormModulateParams& p, const Launch& l) {
+  on_device(l, [&](cudaStream_t s) { return norm_modulate_fwd(p, s); });
+}
+
+void run_norm_modulate_bwd(const NormModulateBwdParams& p, const Launch& l) {
+  NormModulateBwdParams q = p;
+  q.sm_count = sm_count(l.device_index);
+  on_device(l, [&](cudaStream_t s) { return norm_modulate_bwd(q, l.ws, s); });
+}
+
 }  // namespace rmsnorm_ext::cuda

@@ -16,5 +16,7 @@ void run_gated_rms_fwd(const GatedRmsFwdParams& p, const Launch& l);
 void run_gated_rms_bwd(const GatedRmsBwdParams& p, const Launch& l);
 void run_qk_norm_rope_fwd(const QkNormRopeFwdParams& p, const Launch& l);
 void run_qk_norm_rope_bwd(const QkNormRopeBwdParams& p, const Launch& l);
+void run_norm_modulate_fwd(const NormModulateParams& p, const Launch& l);
+void run_norm_modulate_bwd(const NormModulateBwdParams& p, const Launch& l);
 
 }  // namespace rmsnorm_ext::cuda

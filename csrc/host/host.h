@@ -37,6 +37,8 @@ struct DeviceKernels {
   void (*gated_rms_bwd)(const GatedRmsBwdParams&, const Launch&);
   void (*qk_norm_rope_fwd)(const QkNormRopeFwdParams&, const Launch&);
   void (*qk_norm_rope_bwd)(const QkNormRopeBwdParams&, const Launch&);
+  void (*norm_modulate_fwd)(const NormModulateParams&, const Launch&);
+  void (*norm_modulate_bwd)(const NormModulateBwdParams&, const Launch&);
 };
 
 // The kernels of a device type this build has kernels for (ops are registered only for

@@ -58,4 +58,22 @@ std::tuple<Tensor, Tensor> layer_norm_quant(const Tensor& input, at::IntArrayRef
                                             std::optional<int64_t> group_size,
                                             const std::optional<Tensor>& scale_ub);
 
+// adaLN modulation (norm_modulate.cpp, which also defines their schemas and registers
+// them): (y, rstd), (y, mean, rstd), and (dx, dscale, dshift, dweight, dbias).
+std::tuple<Tensor, Tensor> rms_norm_modulate_fwd(const Tensor& input,
+                                                 at::IntArrayRef normalized_shape,
+                                                 const Tensor& scale,
+                                                 const std::optional<Tensor>& shift,
+                                                 const std::optional<Tensor>& weight, double eps);
+std::tuple<Tensor, Tensor, Tensor> layer_norm_modulate_fwd(
+    const Tensor& input, at::IntArrayRef normalized_shape, const Tensor& scale,
+    const std::optional<Tensor>& shift, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, double eps);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> norm_modulate_bwd(
+    const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& mean,
+    const Tensor& rstd, const Tensor& scale, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, at::IntArrayRef normalized_shape,
+    bool compute_scale_grad, bool compute_shift_grad, bool compute_weight_grad,
+    bool compute_bias_grad);
+
 }  // namespace rmsnorm_ext::host
