@@ -160,6 +160,31 @@ def qk_norm_rope_composite(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
     return one(q, q_weight), one(k, k_weight)
 
 
+def modulation_view(s, x):
+    """scale / shift ([B, D], [B, 1, ..., D], [1, D] or [D]) broadcast against x [B, ..., D]."""
+    bs = s.shape[0] if s.dim() >= 2 else 1
+    return s.reshape((bs,) + (1,) * (x.dim() - 2) + (x.shape[-1],))
+
+
+def _modulate(y, x, scale, shift, acc):
+    y = y * (1 + modulation_view(scale, x).to(acc))
+    if shift is not None:
+        y = y + modulation_view(shift, x).to(acc)
+    return y
+
+
+def rms_modulate_composite(input, normalized_shape, scale, shift, weight, eps):
+    acc = acc_dtype(input)
+    (y,) = rms_composite(input.to(acc), normalized_shape, weight, eps, 0.0)
+    return (_modulate(y, input, scale, shift, acc).to(input.dtype),)
+
+
+def ln_modulate_composite(input, normalized_shape, scale, shift, weight, bias, eps):
+    acc = acc_dtype(input)
+    (y,) = ln_composite(input.to(acc), normalized_shape, weight, bias, eps)
+    return (_modulate(y, input, scale, shift, acc).to(input.dtype),)
+
+
 # ---------------------------------------------------------------------------------------
 # First-order backwards on the fused kernels. `s` holds the saved tensors and the
 # non-tensor arguments by name; `need` the arguments whose gradient is wanted.
@@ -246,6 +271,23 @@ def _qk_backward(s, grads, need):
             "k_weight": dkw if want_dw else None}
 
 
+def _modulate_backward(s, grads, need):
+    dy = grads[0]
+    if dy is None:
+        return {}
+    layer = "out2" in s
+    mean, rstd = (s["out1"], s["out2"]) if layer else (None, s["out1"])
+    bias = s.get("bias")
+    want = {n: n in need and s.get(n) is not None for n in ("scale", "shift", "weight", "bias")}
+    dx, dscale, dshift, dw, db = _ops.norm_modulate_bwd.default(
+        dy, s["input"], mean, rstd, s["scale"], s["weight"], bias, s["normalized_shape"],
+        want["scale"], want["shift"], want["weight"], want["bias"])
+    if want["shift"]:  # the kernel writes dshift in scale's layout; shift may differ in 1s
+        dshift = dshift.reshape(s["shift"].shape)
+    got = {"input": dx, "scale": dscale, "shift": dshift, "weight": dw, "bias": db}
+    return {n: g for n, g in got.items() if n == "input" or want[n]}
+
+
 # ---------------------------------------------------------------------------------------
 # The table.
 
@@ -280,6 +322,21 @@ _ENTRIES = [
     OpEntry("qk_norm_rope_bwd", (ROW, ROW, GRAD("q_weight", "compute_weight_grad"),
                                  GRAD("k_weight", "compute_weight_grad")),
             grads_of="qk_norm_rope_fwd", param_grad_outputs=(2, 3), sharded_by_rule=False),
+    # adaLN modulation: scale / shift are per sample (DTensor rules: not yet).
+    OpEntry("rms_norm_modulate_fwd", (ROW, STAT),
+            diff_args=("input", "scale", "shift", "weight"), n_diff_outputs=1,
+            saved=("input", "scale", "shift", "weight", "out1"),
+            composite=rms_modulate_composite, backward=_modulate_backward,
+            sharded_by_rule=False),
+    OpEntry("layer_norm_modulate_fwd", (ROW, STAT, STAT),
+            diff_args=("input", "scale", "shift", "weight", "bias"), n_diff_outputs=1,
+            saved=("input", "scale", "shift", "weight", "bias", "out1", "out2"),
+            composite=ln_modulate_composite, backward=_modulate_backward,
+            sharded_by_rule=False),
+    OpEntry("norm_modulate_bwd", (ROW, ROW, ROW, GRAD("weight", "compute_weight_grad"),
+                                  GRAD("bias", "compute_bias_grad")),
+            grads_of="layer_norm_modulate_fwd", param_grad_outputs=(1, 2, 3, 4),
+            sharded_by_rule=False),
     OpEntry("fused_add_rms_norm_inplace", (), mutates=("input", "residual"),
             sharded_by_rule=False),
     OpEntry("rms_norm_quant", (ROW, STAT), inference_only=True, sharded_by_rule=False),

@@ -21,6 +21,8 @@ _fused_fwd = _ops.fused_add_rms_norm_fwd.default
 _fused_inplace = _ops.fused_add_rms_norm_inplace.default
 _gated_fwd = _ops.gated_rms_norm_fwd.default
 _qk_fwd = _ops.qk_norm_rope_fwd.default
+_rms_mod_fwd = _ops.rms_norm_modulate_fwd.default
+_ln_mod_fwd = _ops.layer_norm_modulate_fwd.default
 
 _fast_rms = _C._rms_norm
 _fast_ln = _C._layer_norm
@@ -183,6 +185,34 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
     else:
         out = _call("qk_norm_rope_fwd", *args)
     return out[0], out[1]
+
+
+def rms_norm_modulate(input: Tensor, normalized_shape: _ShapeT, scale: Tensor,
+                      shift: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                      eps: Optional[float] = None) -> Tensor:
+    """adaLN modulation on RMSNorm, one pass: ``rms_norm(x) * (1 + scale) + shift``.
+
+    ``input`` is ``[B, ..., D]``; ``scale`` / ``shift`` are ``[B, D]`` (one vector per sample,
+    broadcast over the middle dims) or any shape with ``D`` last, 1 in every middle dim and
+    ``B`` or 1 first (``[B, 1, D]``, ``[1, D]``, ``[D]``). fp32 math, one rounding; gradients
+    to input, scale, shift and weight (dscale / dshift: per-sample sums over the sequence,
+    blocked and deterministic). ``eps=None`` is ``torch.finfo(input.dtype).eps``.
+    """
+    args = (input, _shape(normalized_shape), scale, shift, weight, _eps(input, eps))
+    if _is_compiling():
+        return _rms_mod_fwd(*args)[0]
+    return _call("rms_norm_modulate_fwd", *args)[0]
+
+
+def layer_norm_modulate(input: Tensor, normalized_shape: _ShapeT, scale: Tensor,
+                        shift: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    """adaLN modulation on LayerNorm (DiT, Flux, SD3, Wan): ``layer_norm(x) * (1 + scale) +
+    shift`` in one pass; shapes and gradients as :func:`rms_norm_modulate`."""
+    args = (input, _shape(normalized_shape), scale, shift, weight, bias, float(eps))
+    if _is_compiling():
+        return _ln_mod_fwd(*args)[0]
+    return _call("layer_norm_modulate_fwd", *args)[0]
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ What is replaced
   weight is never touched) under ``torch.no_grad()`` in float32, in the weight's dtype and in
   bfloat16 -- computes ``x * rstd * w`` (Llama style) or ``x * rstd * (1 + w)`` (Gemma style,
   replaced with ``weight_offset=1.0``) within that dtype's rounding.
+* diffusers' ``AdaLayerNormZero``, ``AdaLayerNormZeroSingle`` and ``AdaLayerNormContinuous``
+  (with a plain LayerNorm) -> fused subclasses that compute ``norm(x) * (1 + scale) +
+  shift`` with :func:`rmsnorm_ext.layer_norm_modulate` (rmsnorm_ext/_diffusers.py).
 * Hugging Face's gated RMSNorms (``Mamba2RMSNormGated`` and its copies in NemotronH, Bamba,
   FalconH1, GraniteMoeHybrid; ``Qwen3NextRMSNormGated``, ``KimiLinearRMSNormGated``) ->
   :class:`~rmsnorm_ext.modules.HFGatedRMSNorm`, recognized the same way: the same structure,
@@ -73,6 +76,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import _diffusers
 from ._table import gated_rms_composite
 from .modules import GatedRMSNorm, HFGatedRMSNorm, HFRMSNorm, LayerNorm, RMSNorm
 
@@ -313,6 +317,9 @@ def _carry_state(old: nn.Module, new: nn.Module) -> None:
 
 
 def _replacement(module: nn.Module) -> Optional[nn.Module]:
+    fused = _diffusers.replacement(module)
+    if fused is not None:
+        return fused
     t = type(module)
     if t is nn.RMSNorm:
         if not _torch_plain(module, ("weight",)):
