@@ -522,7 +522,9 @@ def test_busy_machine_marked_with_allow_busy(hogs, tmp_path, monkeypatch):
 
     floor = _load("cpu_floor")  # the floors and one candidate: no torch.compile build here
     monkeypatch.setattr(floor, "candidates", lambda x, w, b, dy: {
-        "floor fwd (clone)": x.clone, "floor add": lambda: x + dy, "ours rms fwd": x.clone})
+        "floor fwd (fresh)": x.clone, "floor add (fresh)": lambda: x + dy,
+        "floor bandwidth (warm copy)": x.clone, "floor clone": x.clone,
+        "ours rms fwd": x.clone, "ours rms fwdbwd": x.clone})
     floor.main(["--shape", "8x64", "--dtypes", "float32", "--rounds", "2", "--sample-ms", "1",
                 "--out", str(tmp_path / "floor.json"), "--allow-busy"])
     report = json.loads((tmp_path / "floor.json").read_text())
