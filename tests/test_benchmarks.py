@@ -566,12 +566,17 @@ def test_quiet_machine_passes():
         pytest.skip("no /proc/stat")
     if share > m.OTHERS_LIMIT / 2:
         pytest.skip(f"the machine is busy: other processes used {share:.0%} of its cores")
-    try:
-        guard = m.Guard("cpu")
-    except SystemExit as e:
-        if others(0.5) > m.OTHERS_LIMIT / 2:
-            pytest.skip(f"the machine got busy during the check: {e}")
-        raise
+    guard = None
+    for attempt in range(2):  # a refusal must repeat after a pause to count (a passing job)
+        try:
+            guard = m.Guard("cpu")
+            break
+        except SystemExit as e:
+            if others(0.5) > m.OTHERS_LIMIT / 2:
+                pytest.skip(f"the machine got busy during the check: {e}")
+            if attempt:
+                raise
+            time.sleep(2.0)
     assert guard.reason == "" and not guard.check["busy"], guard.check
     t = guard.begin()
     sum(range(10 ** 6))  # a case of our own: our CPU use is not the others'
