@@ -40,7 +40,27 @@ def backend(world):
 
 
 def run_workers(script, world, *args, timeout=240):
-    """Run `python script *args` as `world` ranks; fail with the failing rank's log."""
+    """Run `python script *args` as `world` ranks; fail with the failing rank's log.
+
+    A run in which a rank aborted with libstdc++'s "terminate called without an active
+    exception" (seen once in CI, in a gloo rank under load; never reproduced in 11 local
+    runs) is repeated once, with a warning; the same abort twice fails."""
+    for attempt in range(2):
+        logs, procs = _run_once(script, world, args, timeout)
+        aborted = [r for r, p in enumerate(procs)
+                   if p.returncode == -6 and "terminate called without an active exception"
+                   in logs[r]]
+        if not aborted or attempt:
+            break
+        import warnings
+        warnings.warn(f"ranks {aborted} aborted (terminate without an active exception); "
+                      "running the workers once more")
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed (rc {p.returncode}):\n{log[-6000:]}"
+    return logs
+
+
+def _run_once(script, world, args, timeout):
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
@@ -57,6 +77,4 @@ def run_workers(script, world, *args, timeout=240):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed (rc {p.returncode}):\n{log[-6000:]}"
-    return logs
+    return logs, procs
