@@ -151,7 +151,6 @@ def _register_autograd(e):
     Fn = make_function(e)
     fwd = op(e.name)
     after = torch._C._after_autograd_keyset
-    names = schema_args(e.name)
 
     def kernel(keyset, *args):
         if torch._C._are_functorch_transforms_active():
@@ -169,7 +168,6 @@ def _register_autograd(e):
         with torch._C._AutoDispatchBelowAutograd():
             return fwd.redispatch(keyset & after, *args)
 
-    del names
 
     _lib.impl(e.name, kernel, "Autograd", with_keyset=True)
     return Fn
@@ -189,7 +187,6 @@ def _vmap_rule(e):
     names = schema_args(e.name)
     fn = op(e.name)
     roles = [ARG_ROLES.get(n) for n in names]
-    tensor_roles = [r for r in roles if r is not None]
     out_roles = e.outputs
     grad_flags = [o.flag for o in out_roles if not isinstance(o, str)]
 
@@ -225,7 +222,6 @@ def _vmap_rule(e):
         dims = tuple(0 if r in (ROW, STAT) else None for r in out_roles)
         return out, dims
 
-    del tensor_roles
     return rule
 
 
