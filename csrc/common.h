@@ -112,6 +112,18 @@ inline RowShape check_normalized_shape(const Tensor& input, at::IntArrayRef norm
   return {M, N};
 }
 
+// A parameter's device and dtype: the input's device; the input's dtype, or float32 when
+// the input is bfloat16/float16.
+inline void check_param_device_dtype(const Tensor& t, const char* name, const Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), "rmsnorm_ext: ", name, " is on ", t.device(),
+              " but the input is on ", input.device(), "; move them to the same device");
+  const auto wt = t.scalar_type();
+  const auto it = input.scalar_type();
+  TORCH_CHECK_TYPE(wt == it || (wt == at::kFloat && is_reduced_float(it)), "rmsnorm_ext: ", name,
+                   " dtype ", py_dtype(wt), " is not supported with input dtype ", py_dtype(it),
+                   " (use the input's dtype, or float32 with a bfloat16/float16 input)");
+}
+
 // weight / bias: shape == normalized_shape, same device as the input, dtype equal to
 // the input's or float32 when the input is bfloat16/float16.
 inline void check_param(const std::optional<Tensor>& p, const char* name, const Tensor& input,
@@ -121,13 +133,7 @@ inline void check_param(const std::optional<Tensor>& p, const char* name, const 
   TORCH_CHECK_VALUE(same_shape(t.sym_sizes(), normalized_shape), "rmsnorm_ext: ", name,
                     " must have shape normalized_shape ", normalized_shape, ", got ",
                     t.sym_sizes());
-  TORCH_CHECK(t.device() == input.device(), "rmsnorm_ext: ", name, " is on ", t.device(),
-              " but the input is on ", input.device(), "; move them to the same device");
-  const auto wt = t.scalar_type();
-  const auto it = input.scalar_type();
-  TORCH_CHECK_TYPE(wt == it || (wt == at::kFloat && is_reduced_float(it)), "rmsnorm_ext: ", name,
-                   " dtype ", py_dtype(wt), " is not supported with input dtype ", py_dtype(it),
-                   " (use the input's dtype, or float32 with a bfloat16/float16 input)");
+  check_param_device_dtype(t, name, input);
 }
 
 inline void check_same_device(const Tensor& a, const char* an, const Tensor& b, const char* bn) {

@@ -5,6 +5,14 @@
 //
 // Kernels receive contiguous [M, N] rows with M, N > 0; the host has validated shapes
 // and dtype combinations before any kernel runs.
+//
+// Channels-first layout (the rms_norm_2d / layer_norm_2d ops on a contiguous [B, C, *S]
+// tensor): the plain norms' structs carry `inner` = prod(S). inner > 1 means the M rows are
+// M / inner blocks of an [N, inner] matrix: row i = (o, s) = (i / inner, i % inner) has its
+// element j at offset o * N * inner + j * inner + s, and its statistics at index i (the
+// [B, *S] order). inner 0 or 1: contiguous rows. rms_fwd, rms_bwd, ln_fwd and ln_bwd serve
+// both layouts (the fused residual forms and grad_residual: rows only); a channels_last
+// [B, C, *S] tensor is contiguous rows (inner 1) and never reaches the strided kernels.
 #pragma once
 
 #include <cstddef>
@@ -35,6 +43,7 @@ struct RmsFwdParams {
   void* rstd;
   int64_t M;
   int64_t N;
+  int64_t inner;  // channels-first (see top); 0 or 1: contiguous rows
   double eps;
   double offset;
 };
@@ -55,6 +64,7 @@ struct RmsBwdParams {
   void* dw;            // nullptr: weight grad not wanted
   int64_t M;
   int64_t N;
+  int64_t inner;  // channels-first (see top); 0 or 1: contiguous rows
   double offset;
   int sm_count;
 };
@@ -71,6 +81,7 @@ struct LnFwdParams {
   void* rstd;
   int64_t M;
   int64_t N;
+  int64_t inner;  // channels-first (see top); 0 or 1: contiguous rows
   double eps;
 };
 
@@ -88,6 +99,7 @@ struct LnBwdParams {
   void* db;            // nullptr: not wanted
   int64_t M;
   int64_t N;
+  int64_t inner;  // channels-first (see top); 0 or 1: contiguous rows
   int sm_count;
 };
 
