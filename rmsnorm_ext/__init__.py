@@ -15,10 +15,10 @@ from . import _autograd  # noqa: E402  (Autograd, vmap and autocast kernels from
 
 _autograd.install()
 from .functional import (fused_add_rms_norm, fused_add_rms_norm_,  # noqa: E402
-                         fused_add_rms_norm_quant, gated_rms_norm, layer_norm, layer_norm_quant,
-                         layer_norm_modulate, qk_norm_rope, rms_norm, rms_norm_modulate,
-                         rms_norm_quant)
-from .modules import GatedRMSNorm, LayerNorm, RMSNorm  # noqa: E402
+                         fused_add_rms_norm_quant, gated_rms_norm, layer_norm, layer_norm_2d,
+                         layer_norm_quant, layer_norm_modulate, qk_norm_rope, rms_norm,
+                         rms_norm_2d, rms_norm_modulate, rms_norm_quant)
+from .modules import GatedRMSNorm, LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d  # noqa: E402
 from .replace import replace_norms  # noqa: E402
 from . import distributed  # noqa: E402  (DTensor rules: registered lazily, see distributed.py)
 
@@ -72,5 +72,6 @@ def build_info() -> dict:
 
 __all__ = ["rms_norm", "layer_norm", "fused_add_rms_norm", "fused_add_rms_norm_", "RMSNorm",
            "LayerNorm", "gated_rms_norm", "GatedRMSNorm", "qk_norm_rope", "rms_norm_modulate",
-           "layer_norm_modulate", "replace_norms", "build_info", "rms_norm_quant",
+           "layer_norm_modulate", "rms_norm_2d", "layer_norm_2d", "RMSNorm2d", "LayerNorm2d",
+           "replace_norms", "build_info", "rms_norm_quant",
            "fused_add_rms_norm_quant", "layer_norm_quant"]

@@ -211,16 +211,27 @@ def _vmap_rule(e):
             return rule_per_sample(B, args, in_dims)
         # Fold the batch into the leading dims: one kernel call (an argument tied to the
         # leading dims' count, e.g. per-batch rotary tables, refuses: then sample by sample).
-        folded = [(_move(x, d, B) if r in (ROW, STAT) and isinstance(x, torch.Tensor) else x)
+        # A channels-first op normalizes dim 1: the batch merges into dim 0 instead.
+        def fold(x, d):
+            x = _move(x, d, B)
+            return x.flatten(0, 1) if e.channels_first else x
+
+        folded = [(fold(x, d) if r in (ROW, STAT) and isinstance(x, torch.Tensor) else x)
                   for x, d, r in zip(args, in_dims, roles)]
         try:
             out = fn(*folded)
         except (RuntimeError, ValueError):
             return rule_per_sample(B, args, in_dims)
+
+        def unfold(o, r):
+            if r not in (ROW, STAT):
+                return o, None
+            return (o.unflatten(0, (B, -1)) if e.channels_first else o), 0
+
         if not isinstance(out, tuple):
-            return out, (0 if out_roles and out_roles[0] in (ROW, STAT) else None)
-        dims = tuple(0 if r in (ROW, STAT) else None for r in out_roles)
-        return out, dims
+            return unfold(out, out_roles[0] if out_roles else None)
+        res = [unfold(o, r) for o, r in zip(out, out_roles)]
+        return tuple(o for o, _ in res), tuple(d for _, d in res)
 
     return rule
 
@@ -233,7 +244,7 @@ def _vmap_rule(e):
 def _register_autocast():
     if not torch._C._is_autocast_available("cuda"):
         return
-    for name in ("rms_norm_fwd", "layer_norm_fwd"):
+    for name in ("rms_norm_fwd", "layer_norm_fwd", "rms_norm_2d_fwd", "layer_norm_2d_fwd"):
         torch.library.register_autocast(f"rmsnorm_ext::{name}", "cuda", torch.float32,
                                         lib=_lib)
     # fused_add_rms_norm = rms_norm(input + residual): torch's composite adds in the

@@ -67,6 +67,9 @@ class OpEntry:
     inference_only: bool = False
     mutates: Tuple[str, ...] = ()
     sharded_by_rule: bool = True               # DTensor via register_sharding
+    # Normalizes over dim 1 of [B, C, *spatial] (the 2d ops): ROW tensors have the input's
+    # shape, STAT tensors are [B, *spatial]; batch and spatial dims are the "row" dims.
+    channels_first: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -160,6 +163,16 @@ def qk_norm_rope_composite(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
     return one(q, q_weight), one(k, k_weight)
 
 
+def rms_2d_composite(input, weight, eps):
+    (y,) = rms_composite(input.movedim(1, -1), (input.shape[1],), weight, eps, 0.0)
+    return (y.movedim(-1, 1),)
+
+
+def ln_2d_composite(input, weight, bias, eps):
+    (y,) = ln_composite(input.movedim(1, -1), (input.shape[1],), weight, bias, eps)
+    return (y.movedim(-1, 1),)
+
+
 def modulation_view(s, x):
     """scale / shift ([B, D], [B, 1, ..., D], [1, D] or [D]) broadcast against x [B, ..., D]."""
     bs = s.shape[0] if s.dim() >= 2 else 1
@@ -210,6 +223,26 @@ def _ln_backward(s, grads, need):
     want_db = "bias" in need and s["bias"] is not None
     dx, dw, db = _ops.layer_norm_bwd.default(dy, s["input"], s["out1"], s["out2"], s["weight"],
                                              s["normalized_shape"], want_dw, want_db)
+    return {"input": dx, "weight": dw if want_dw else None, "bias": db if want_db else None}
+
+
+def _rms_2d_backward(s, grads, need):
+    dy = grads[0]
+    if dy is None:
+        return {}
+    want_dw = "weight" in need and s["weight"] is not None
+    dx, dw = _ops.rms_norm_2d_bwd.default(dy, s["input"], s["out1"], s["weight"], want_dw)
+    return {"input": dx, "weight": dw if want_dw else None}
+
+
+def _ln_2d_backward(s, grads, need):
+    dy = grads[0]
+    if dy is None:
+        return {}
+    want_dw = "weight" in need and s["weight"] is not None
+    want_db = "bias" in need and s["bias"] is not None
+    dx, dw, db = _ops.layer_norm_2d_bwd.default(dy, s["input"], s["out1"], s["out2"],
+                                                s["weight"], want_dw, want_db)
     return {"input": dx, "weight": dw if want_dw else None, "bias": db if want_db else None}
 
 
@@ -337,6 +370,18 @@ _ENTRIES = [
                                   GRAD("bias", "compute_bias_grad")),
             grads_of="layer_norm_modulate_fwd", param_grad_outputs=(1, 2, 3, 4),
             sharded_by_rule=False),
+    # Channels-first norms (csrc/host/norm_2d.cpp): over dim 1 of [B, C, *spatial].
+    OpEntry("rms_norm_2d_fwd", (ROW, STAT), diff_args=("input", "weight"), n_diff_outputs=1,
+            saved=("input", "weight", "out1"), composite=rms_2d_composite,
+            backward=_rms_2d_backward, channels_first=True),
+    OpEntry("rms_norm_2d_bwd", (ROW, GRAD("weight", "compute_weight_grad")),
+            grads_of="rms_norm_2d_fwd", param_grad_outputs=(1,), channels_first=True),
+    OpEntry("layer_norm_2d_fwd", (ROW, STAT, STAT), diff_args=("input", "weight", "bias"),
+            n_diff_outputs=1, saved=("input", "weight", "bias", "out1", "out2"),
+            composite=ln_2d_composite, backward=_ln_2d_backward, channels_first=True),
+    OpEntry("layer_norm_2d_bwd", (ROW, GRAD("weight", "compute_weight_grad"),
+                                  GRAD(None, "compute_bias_grad")),
+            grads_of="layer_norm_2d_fwd", param_grad_outputs=(1, 2), channels_first=True),
     OpEntry("fused_add_rms_norm_inplace", (), mutates=("input", "residual"),
             sharded_by_rule=False),
     OpEntry("rms_norm_quant", (ROW, STAT), inference_only=True, sharded_by_rule=False),

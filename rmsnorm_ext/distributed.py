@@ -1,7 +1,8 @@
 """DTensor support: sharding rules for the rmsnorm_ext ops (tensor / sequence parallel).
 
 With these rules a DTensor can flow through ``rmsnorm_ext.rms_norm``, ``layer_norm``,
-``fused_add_rms_norm`` (forward and backward) and ``fused_add_rms_norm_`` exactly like
+``fused_add_rms_norm``, ``gated_rms_norm``, ``rms_norm_2d`` / ``layer_norm_2d`` (forward and
+backward) and ``fused_add_rms_norm_`` exactly like
 through torch's native norms, so torchtitan-style plans (``SequenceParallel`` on the norms,
 FSDP2 x TP) work with our modules.
 
@@ -59,6 +60,7 @@ from ._table import ARG_ROLES as _ARG_ROLES, GRAD, PARAM, REPLICATE, ROW, STAT, 
 
 # Outputs of each op served by register_sharding, in schema order (from the op table).
 _OUTPUT_ROLES = {e.name: e.outputs for e in TABLE.values() if e.sharded_by_rule}
+_CHANNELS_FIRST = {e.name for e in TABLE.values() if e.channels_first}
 
 # Ops that write their arguments and return nothing: served by a DTensor dispatch rule that
 # runs them on the local shards (see module docstring). Value: the mutated arguments.
@@ -89,8 +91,12 @@ def _tensor_args(op):
     return out
 
 
-def sharding_rule(op, output_roles):
-    """Build the ``register_sharding`` function for ``op`` from its output roles."""
+def sharding_rule(op, output_roles, channels_first=False):
+    """Build the ``register_sharding`` function for ``op`` from its output roles.
+
+    ``channels_first``: the op normalizes dim 1 of [B, C, *spatial] (the 2d ops): a shard on
+    the batch or a spatial dim passes through (the statistics, [B, *spatial], shard on the
+    matching dim), a shard on the channels is redistributed."""
     from torch.distributed.tensor import Partial, Replicate, Shard
 
     arg_names = [a.name for a in op._schema.arguments]
@@ -103,19 +109,26 @@ def sharding_rule(op, output_roles):
         bound = dict(zip(arg_names, args))
         bound.update(kwargs)
         x = bound["input"]
-        axis = x.ndim - len(bound["normalized_shape"])
+        if channels_first:
+            row_dims = [0, *range(2, x.ndim)]
+            stat_dim = {d: (0 if d == 0 else d - 1) for d in row_dims}
+        else:
+            row_dims = list(range(x.ndim - len(bound["normalized_shape"])))
+            stat_dim = {d: d for d in row_dims}
 
         def place(role, d):
             if isinstance(role, GRAD):
                 computed = bool(bound[role.flag]) and (role.param is None or
                                                       bound[role.param] is not None)
                 return Partial("sum") if (computed and d is not None) else Replicate()
-            if role in (ROW, STAT) and d is not None:
+            if role == ROW and d is not None:
                 return Shard(d)
+            if role == STAT and d is not None:
+                return Shard(stat_dim[d])
             return Replicate()
 
         strategies = []
-        for d in [None, *range(axis)]:  # None: all replicated
+        for d in [None, *row_dims]:  # None: all replicated
             outs = [place(r, d) for r in output_roles]
             ins = [None if bound[n] is None else place(r, d) for n, r in tensor_args]
             strategies.append((outs, ins))
@@ -156,7 +169,7 @@ def register_sharding_rules():
                 "the op on local tensors (dtensor.full_tensor() / to_local()).") from e
         for name, roles in _OUTPUT_ROLES.items():
             op = _op(name)
-            register_sharding(op)(sharding_rule(op, roles))
+            register_sharding(op)(sharding_rule(op, roles, name in _CHANNELS_FIRST))
             # register_sharding keys DTensor's sharding cache only on arguments from the first
             # `int` argument on; ours are int[]/float/bool, and the bool flags change the
             # outputs' shapes (an empty gradient vs a weight-shaped one), so every argument

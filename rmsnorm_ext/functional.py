@@ -23,6 +23,8 @@ _gated_fwd = _ops.gated_rms_norm_fwd.default
 _qk_fwd = _ops.qk_norm_rope_fwd.default
 _rms_mod_fwd = _ops.rms_norm_modulate_fwd.default
 _ln_mod_fwd = _ops.layer_norm_modulate_fwd.default
+_rms_2d_fwd = _ops.rms_norm_2d_fwd.default
+_ln_2d_fwd = _ops.layer_norm_2d_fwd.default
 
 _fast_rms = _C._rms_norm
 _fast_ln = _C._layer_norm
@@ -213,6 +215,37 @@ def layer_norm_modulate(input: Tensor, normalized_shape: _ShapeT, scale: Tensor,
     if _is_compiling():
         return _ln_mod_fwd(*args)[0]
     return _call("layer_norm_modulate_fwd", *args)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Channels-first norms (vision: ConvNeXt, SAM, Hiera; timm's LayerNorm2d / RmsNorm2d)
+
+def rms_norm_2d(input: Tensor, weight: Optional[Tensor] = None,
+                eps: Optional[float] = 1e-6) -> Tensor:
+    """RMSNorm over the channels (dim 1) of ``[N, C, *spatial]`` (one or more spatial dims),
+    ``weight`` of shape ``[C]``: what timm's ``RmsNorm2d`` computes, without its permutes.
+
+    The input is read in its own memory format (contiguous or ``channels_last``) and the
+    output has the same one; fp32 math (fp64 for fp64), one rounding. ``eps=None`` is
+    ``torch.finfo(input.dtype).eps``.
+    """
+    args = (input, weight, _eps(input, eps))
+    if _is_compiling():
+        return _rms_2d_fwd(*args)[0]
+    return _call("rms_norm_2d_fwd", *args)[0]
+
+
+def layer_norm_2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                  eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the channels (dim 1) of ``[N, C, *spatial]``, ``weight`` / ``bias`` of
+    shape ``[C]``: ``F.layer_norm(x.movedim(1, -1), (C,), weight, bias, eps).movedim(-1, 1)``
+    (timm's / torchvision's ``LayerNorm2d``, HF ConvNeXt's ``channels_first``) in one pass,
+    in the input's memory format (contiguous or ``channels_last``, never a permuted copy).
+    """
+    args = (input, weight, bias, _eps(input, eps))
+    if _is_compiling():
+        return _ln_2d_fwd(*args)[0]
+    return _call("layer_norm_2d_fwd", *args)[0]
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .functional import gated_rms_norm, layer_norm, rms_norm
+from .functional import gated_rms_norm, layer_norm, layer_norm_2d, rms_norm, rms_norm_2d
 
 # Bound once, so the eager forwards pay one plain function call (~20 ns) for the scripting
 # check. TorchScript resolves it to ``torch.jit.is_scripting`` and treats the ``if`` as
@@ -246,3 +246,60 @@ class HFGatedRMSNorm(GatedRMSNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", out_dtype={self.out_dtype!r}"
+
+
+class _ChannelsFirstNorm(torch.nn.Module):
+    """Shared constructor of the channels-first norms: ``num_channels`` (dim 1 of
+    ``[N, C, *spatial]``), ``eps``, ``affine`` (a ``[C]`` weight, ones) and, for
+    LayerNorm2d, ``bias`` (zeros)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.num_channels = int(num_channels)
+        self.eps = eps
+        self.affine = bool(affine)
+        kw = dict(device=device, dtype=dtype)
+        self.weight = torch.nn.Parameter(torch.ones(num_channels, **kw)) if affine else None
+        self.bias = (torch.nn.Parameter(torch.zeros(num_channels, **kw)) if affine and bias
+                     else None)
+
+    def _get_name(self) -> str:
+        return _repr_name(self)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+class LayerNorm2d(_ChannelsFirstNorm):
+    """LayerNorm over the channels of ``[N, C, *spatial]`` (ConvNeXt), in the input's memory
+    format: :func:`rmsnorm_ext.layer_norm_2d`. ``bias=False`` drops the bias."""
+
+    _repr_name = "rmsnorm_ext.LayerNorm2d"
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True,
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__(num_channels, eps, affine, bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_scripting():
+            return torch.ops.rmsnorm_ext.layer_norm_2d_fwd(x, self.weight, self.bias,
+                                                           self.eps)[0]
+        return layer_norm_2d(x, self.weight, self.bias, self.eps)
+
+
+class RMSNorm2d(_ChannelsFirstNorm):
+    """RMSNorm over the channels of ``[N, C, *spatial]``, in the input's memory format:
+    :func:`rmsnorm_ext.rms_norm_2d`."""
+
+    _repr_name = "rmsnorm_ext.RMSNorm2d"
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, device=None,
+                 dtype=None):
+        super().__init__(num_channels, eps, affine, False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_scripting():
+            return torch.ops.rmsnorm_ext.rms_norm_2d_fwd(x, self.weight,
+                                                         _script_eps(x, self.eps))[0]
+        return rms_norm_2d(x, self.weight, self.eps)
