@@ -31,6 +31,11 @@ import torch
 # GRAD(param, flag): gradient of PARAM `param`, computed when argument `flag` is true (and
 # `param` is given): Partial("sum") when rows are sharded; otherwise an empty tensor.
 ROW, STAT, PARAM, REPLICATE = "row", "stat", "param", "replicate"
+# BATCH: per-sample (adaLN scale / shift: [B, D], [B, 1, ..., D], or broadcast [1, D] / [D]):
+# sharded with the input's dim 0 when it has B rows, else replicated. ROPE: rotary tables
+# (cos / sin, [S, D] or [B, S, D]): sharded with the sequence dim (and with the batch for a
+# [B, S, D] table next to a [B, S, H, D] input), replicated when heads are sharded.
+BATCH, ROPE = "batch", "rope"
 
 
 class GRAD:
@@ -40,13 +45,21 @@ class GRAD:
         self.param, self.flag = param, flag
 
 
+class BATCH_GRAD(GRAD):
+    """Gradient of a BATCH argument: per-sample sums over the other leading dims. Sharded on
+    dim 0 when the rows are sharded on the batch and the argument has B rows;
+    Partial("sum") when rows are sharded otherwise."""
+    __slots__ = ()
+
+
 # Roles of tensor arguments, by schema name (the same name means the same role in every op).
 ARG_ROLES = {
     "input": ROW, "residual": ROW, "grad_out": ROW, "grad_residual": ROW, "gate": ROW,
     "q": ROW, "k": ROW, "grad_q": ROW, "grad_k": ROW, "q_rstd": STAT, "k_rstd": STAT,
     "rstd": STAT, "mean": STAT,
-    "weight": PARAM, "bias": PARAM,
-    "scale": REPLICATE, "scale_ub": REPLICATE,
+    "weight": PARAM, "bias": PARAM, "q_weight": PARAM, "k_weight": PARAM,
+    "scale": REPLICATE, "scale_ub": REPLICATE, "shift": BATCH,
+    "cos": ROPE, "sin": ROPE,
 }
 
 
@@ -70,7 +83,13 @@ class OpEntry:
     # Normalizes over dim 1 of [B, C, *spatial] (the 2d ops): ROW tensors have the input's
     # shape, STAT tensors are [B, *spatial]; batch and spatial dims are the "row" dims.
     channels_first: bool = False
+    # Roles of this op's arguments where they differ from ARG_ROLES (a name another op
+    # uses differently: adaLN's per-sample `scale` vs the quantizers' one-element `scale`).
+    arg_roles: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+
+    def role(self, arg):
+        return self.arg_roles.get(arg, ARG_ROLES.get(arg))
 
 
 # ---------------------------------------------------------------------------------------
@@ -351,25 +370,28 @@ _ENTRIES = [
     OpEntry("qk_norm_rope_fwd", (ROW, ROW, STAT, STAT),
             diff_args=("q", "k", "q_weight", "k_weight"), n_diff_outputs=2,
             saved=("q", "k", "q_weight", "k_weight", "cos", "sin", "out2", "out3"),
-            composite=qk_norm_rope_composite, backward=_qk_backward, sharded_by_rule=False),
+            composite=qk_norm_rope_composite, backward=_qk_backward),
     OpEntry("qk_norm_rope_bwd", (ROW, ROW, GRAD("q_weight", "compute_weight_grad"),
                                  GRAD("k_weight", "compute_weight_grad")),
-            grads_of="qk_norm_rope_fwd", param_grad_outputs=(2, 3), sharded_by_rule=False),
-    # adaLN modulation: scale / shift are per sample (DTensor rules: not yet).
+            grads_of="qk_norm_rope_fwd", param_grad_outputs=(2, 3)),
+    # adaLN modulation: scale / shift are per sample.
     OpEntry("rms_norm_modulate_fwd", (ROW, STAT),
             diff_args=("input", "scale", "shift", "weight"), n_diff_outputs=1,
             saved=("input", "scale", "shift", "weight", "out1"),
             composite=rms_modulate_composite, backward=_modulate_backward,
-            sharded_by_rule=False),
+            arg_roles={"scale": BATCH}),
     OpEntry("layer_norm_modulate_fwd", (ROW, STAT, STAT),
             diff_args=("input", "scale", "shift", "weight", "bias"), n_diff_outputs=1,
             saved=("input", "scale", "shift", "weight", "bias", "out1", "out2"),
             composite=ln_modulate_composite, backward=_modulate_backward,
-            sharded_by_rule=False),
-    OpEntry("norm_modulate_bwd", (ROW, ROW, ROW, GRAD("weight", "compute_weight_grad"),
+            arg_roles={"scale": BATCH}),
+    # dshift has scale's layout (the kernel's); its BATCH_GRAD role follows scale's rows.
+    OpEntry("norm_modulate_bwd", (ROW, BATCH_GRAD("scale", "compute_scale_grad"),
+                                  BATCH_GRAD("scale", "compute_shift_grad"),
+                                  GRAD("weight", "compute_weight_grad"),
                                   GRAD("bias", "compute_bias_grad")),
             grads_of="layer_norm_modulate_fwd", param_grad_outputs=(1, 2, 3, 4),
-            sharded_by_rule=False),
+            arg_roles={"scale": BATCH}),
     # Channels-first norms (csrc/host/norm_2d.cpp): over dim 1 of [B, C, *spatial].
     OpEntry("rms_norm_2d_fwd", (ROW, STAT), diff_args=("input", "weight"), n_diff_outputs=1,
             saved=("input", "weight", "out1"), composite=rms_2d_composite,

@@ -1,19 +1,27 @@
 """DTensor support: sharding rules for the rmsnorm_ext ops (tensor / sequence parallel).
 
-With these rules a DTensor can flow through ``rmsnorm_ext.rms_norm``, ``layer_norm``,
-``fused_add_rms_norm``, ``gated_rms_norm``, ``rms_norm_2d`` / ``layer_norm_2d`` (forward and
-backward) and ``fused_add_rms_norm_`` exactly like
-through torch's native norms, so torchtitan-style plans (``SequenceParallel`` on the norms,
-FSDP2 x TP) work with our modules.
+With these rules a DTensor can flow through every rmsnorm_ext op but the quantizing ones
+(``rms_norm``, ``layer_norm``, ``fused_add_rms_norm``, ``gated_rms_norm``,
+``rms_norm_2d`` / ``layer_norm_2d``, ``rms_norm_modulate`` / ``layer_norm_modulate``,
+``qk_norm_rope``, forward and backward, and ``fused_add_rms_norm_``) exactly like through
+torch's native norms, so torchtitan-style plans (``SequenceParallel`` on the norms, FSDP2 x
+TP, heads sharded in attention) work with our modules.
 
 The rules, per mesh dimension (DTensor expands them over every mesh dimension):
 
-* a shard on a leading (non-normalized) dim ``d`` passes through: every row-shaped tensor
-  (input, residual, grad_out, outputs) is ``Shard(d)``, the per-row statistics (rstd,
-  mean) are ``Shard(d)`` too, no communication;
+* a shard on a row (non-normalized) dim ``d`` passes through: every row-shaped tensor
+  (input, residual, gate, grad_out, outputs) is ``Shard(d)``, the per-row statistics (rstd,
+  mean) shard on the matching dim, no communication. Row dims: the leading dims before
+  ``normalized_shape``; for ``qk_norm_rope`` batch, sequence and heads of ``[..., S, H, D]``;
+  for the 2d ops batch and spatial dims of ``[B, C, *spatial]``;
+* per-sample adaLN ``scale`` / ``shift`` (``[B, D]``, ``[B, 1, D]``) are ``Shard(0)`` with a
+  batch shard and ``Replicate`` otherwise; their gradients likewise, or ``Partial("sum")``
+  (sums over a sharded sequence, or a broadcast ``[1, D]`` scale);
+* rotary tables ``cos`` / ``sin`` shard with the sequence (``[S, D]`` on dim 0, ``[B, S, D]``
+  on dim 1), with the batch for ``[B, S, D]``, and are replicated when heads are sharded;
 * everything ``Replicate``;
-* weight and bias are always ``Replicate``; their gradients computed from ``Shard(d)``
-  rows are ``Partial("sum")`` (DTensor reduces them when needed);
+* weights and biases are always ``Replicate``; their gradients computed from sharded rows
+  are ``Partial("sum")`` (DTensor reduces them when needed);
 * any other input placement -- a shard on a normalized dim, ``Partial`` -- is
   redistributed by DTensor to one of the above (an all-gather or all-to-all), so the
   answer is never wrong, only slower.
@@ -56,11 +64,12 @@ __all__ = ["register_sharding_rules", "sharding_rule"]
 
 _NS = "rmsnorm_ext"
 
-from ._table import ARG_ROLES as _ARG_ROLES, GRAD, PARAM, REPLICATE, ROW, STAT, TABLE  # noqa: E402,F401
+from ._table import (ARG_ROLES as _ARG_ROLES, BATCH, BATCH_GRAD, GRAD, PARAM,  # noqa: E402,F401
+                     REPLICATE, ROPE, ROW, STAT, TABLE)
 
 # Outputs of each op served by register_sharding, in schema order (from the op table).
-_OUTPUT_ROLES = {e.name: e.outputs for e in TABLE.values() if e.sharded_by_rule}
-_CHANNELS_FIRST = {e.name for e in TABLE.values() if e.channels_first}
+_SHARDED = {e.name: e for e in TABLE.values() if e.sharded_by_rule}
+_OUTPUT_ROLES = {name: e.outputs for name, e in _SHARDED.items()}
 
 # Ops that write their arguments and return nothing: served by a DTensor dispatch rule that
 # runs them on the local shards (see module docstring). Value: the mutated arguments.
@@ -76,62 +85,87 @@ def _op(name):
     return getattr(getattr(torch.ops, _NS), name).default
 
 
-def _tensor_args(op):
+def _tensor_args(op, arg_roles=None):
     """(name, role) of each Tensor/Tensor? argument in the schema, in order."""
+    roles = dict(_ARG_ROLES, **(arg_roles or {}))
     out = []
     for a in op._schema.arguments:
         t = a.type
         if isinstance(t, torch.OptionalType):
             t = t.getElementType()
         if isinstance(t, torch.TensorType):
-            if a.name not in _ARG_ROLES:
+            if a.name not in roles:
                 raise RuntimeError(f"rmsnorm_ext.distributed: no sharding role for argument "
                                    f"'{a.name}' of {op}; add it to _ARG_ROLES")
-            out.append((a.name, _ARG_ROLES[a.name]))
+            out.append((a.name, roles[a.name]))
     return out
 
 
-def sharding_rule(op, output_roles, channels_first=False):
+def sharding_rule(op, output_roles, channels_first=False, arg_roles=None):
     """Build the ``register_sharding`` function for ``op`` from its output roles.
 
-    ``channels_first``: the op normalizes dim 1 of [B, C, *spatial] (the 2d ops): a shard on
-    the batch or a spatial dim passes through (the statistics, [B, *spatial], shard on the
-    matching dim), a shard on the channels is redistributed."""
+    The "row" dims, whose shards pass through, are those of the first tensor argument (the
+    input, or q) that are not normalized: the leading dims before ``normalized_shape``; all
+    but the last for an op without one (qk_norm_rope: batch, sequence and heads). With
+    ``channels_first`` the op normalizes dim 1 of [B, C, *spatial] (the 2d ops): batch and
+    spatial dims pass through (the statistics, [B, *spatial], shard on the matching dim), a
+    shard on the channels is redistributed. ``arg_roles`` overrides ARG_ROLES by name."""
     from torch.distributed.tensor import Partial, Replicate, Shard
 
     arg_names = [a.name for a in op._schema.arguments]
-    tensor_args = _tensor_args(op)
+    tensor_args = _tensor_args(op, arg_roles)
     if len(output_roles) != len(op._schema.returns):
         raise RuntimeError(f"rmsnorm_ext.distributed: {op} returns {len(op._schema.returns)} "
                            f"tensors but {len(output_roles)} output roles are given")
+    infeasible = object()
 
     def rule(*args, **kwargs):
         bound = dict(zip(arg_names, args))
         bound.update(kwargs)
-        x = bound["input"]
+        x = bound[tensor_args[0][0]]
         if channels_first:
             row_dims = [0, *range(2, x.ndim)]
             stat_dim = {d: (0 if d == 0 else d - 1) for d in row_dims}
         else:
-            row_dims = list(range(x.ndim - len(bound["normalized_shape"])))
+            ns = bound.get("normalized_shape")
+            row_dims = list(range(x.ndim - (1 if ns is None else len(ns))))
             stat_dim = {d: d for d in row_dims}
 
-        def place(role, d):
+        def batch_sized(t):  # a per-sample tensor with one row per sample
+            return t is not None and t.ndim >= 2 and t.shape[0] == x.shape[0]
+
+        def place(role, d, t=None):
+            if d is None:
+                return Replicate()
+            if isinstance(role, BATCH_GRAD):
+                if not bound[role.flag] or bound[role.param] is None:
+                    return Replicate()  # not computed: an empty tensor
+                return Shard(0) if d == 0 and batch_sized(bound[role.param]) else Partial("sum")
             if isinstance(role, GRAD):
                 computed = bool(bound[role.flag]) and (role.param is None or
                                                       bound[role.param] is not None)
-                return Partial("sum") if (computed and d is not None) else Replicate()
-            if role == ROW and d is not None:
+                return Partial("sum") if computed else Replicate()
+            if role == ROW:
                 return Shard(d)
-            if role == STAT and d is not None:
+            if role == STAT:
                 return Shard(stat_dim[d])
+            if role == BATCH:
+                return Shard(0) if d == 0 and batch_sized(t) else Replicate()
+            if role == ROPE:  # x: [..., S, H, D]; t: [S, D] or [B, S, D]
+                seq = x.ndim - 3
+                if d == seq:
+                    return Shard(t.ndim - 2)
+                if d > seq or t.ndim == 2:
+                    return Replicate()  # heads sharded, or a table shared by the batch
+                return Shard(0) if (d == 0 and x.ndim == 4) else infeasible
             return Replicate()
 
         strategies = []
         for d in [None, *row_dims]:  # None: all replicated
             outs = [place(r, d) for r in output_roles]
-            ins = [None if bound[n] is None else place(r, d) for n, r in tensor_args]
-            strategies.append((outs, ins))
+            ins = [None if bound[n] is None else place(r, d, bound[n]) for n, r in tensor_args]
+            if infeasible not in ins:
+                strategies.append((outs, ins))
         return strategies
 
     rule.__name__ = f"{op._schema.name.split('::')[-1]}_sharding"
@@ -169,7 +203,8 @@ def register_sharding_rules():
                 "the op on local tensors (dtensor.full_tensor() / to_local()).") from e
         for name, roles in _OUTPUT_ROLES.items():
             op = _op(name)
-            register_sharding(op)(sharding_rule(op, roles, name in _CHANNELS_FIRST))
+            e = _SHARDED[name]
+            register_sharding(op)(sharding_rule(op, roles, e.channels_first, e.arg_roles))
             # register_sharding keys DTensor's sharding cache only on arguments from the first
             # `int` argument on; ours are int[]/float/bool, and the bool flags change the
             # outputs' shapes (an empty gradient vs a weight-shaped one), so every argument
