@@ -1,15 +1,20 @@
 """The fused ops against what a user writes without them, at the shapes that motivate them.
 
-    python benchmarks/fused_ops.py [--rounds 7] [--out FILE.json] [--allow-busy]
+    python benchmarks/fused_ops.py [--set fused|vision|all] [--rounds 7] [--out FILE.json]
+                                   [--allow-busy]
 
-Cases (CPU, bfloat16): gated_rms_norm [4096, 4096] (Mamba2 / Qwen3-Next), layer_norm_modulate
-on a DiT-like [4, 1024, 4096] with [4, 4096] scale/shift, qk_norm_rope on a Qwen3-like
-q [1, 1024, 32, 128] / k [1, 1024, 8, 128]. Per case, forward and forward+backward
-(torch.autograd.grad, as bench.py), in the same interleaved rounds: ours, the composite in
-eager (the op's math in ATen, fp32 compute as the Hugging Face / diffusers modules do), the
-composite under torch.compile, and the floor: a fresh-memory pass over the same bytes (the
-inputs read once, the outputs written once into fresh huge-page-advised memory, see
-cpu_floor.py). Ratios are per-round time / floor, medians over rounds.
+--set fused (CPU, bfloat16): gated_rms_norm [4096, 4096] (Mamba2 / Qwen3-Next),
+layer_norm_modulate on a DiT-like [4, 1024, 4096] with [4, 4096] scale/shift, qk_norm_rope on
+a Qwen3-like q [1, 1024, 32, 128] / k [1, 1024, 8, 128]; "eager" is the op's composite (its
+math in ATen, fp32 compute as the Hugging Face / diffusers modules do).
+--set vision (CPU, float32 and bfloat16): layer_norm_2d at ConvNeXt shapes [32, 96, 56, 56],
+[32, 192, 28, 28], [32, 768, 7, 7], contiguous and channels_last; "eager" is timm's
+LayerNorm2d (permute to NHWC, F.layer_norm on the view, permute back).
+Per case, forward and forward+backward (torch.autograd.grad, as bench.py), in the same
+interleaved rounds: ours, eager, eager under torch.compile, and the floor: a fresh-memory
+pass over the same bytes (the inputs read once, the outputs written once into fresh
+huge-page-advised memory in the input's layout, see cpu_floor.py). Ratios are per-round
+time / floor, medians over rounds.
 """
 import argparse
 import json
@@ -63,6 +68,26 @@ def _case_qk():
     return "qk_norm_rope q[1,1024,32,128] k[1,1024,8,128]", (q, k, qw, kw), ours, comp, floor
 
 
+def _timm_ln2d(x, w, b):  # timm.layers.LayerNorm2d.forward
+    return torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), w, b,
+                                          1e-6).permute(0, 3, 1, 2)
+
+
+def _vision_cases():
+    for shape in ((32, 96, 56, 56), (32, 192, 28, 28), (32, 768, 7, 7)):
+        for dtype in (torch.float32, BF16):
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                def make(shape=shape, dtype=dtype, fmt=fmt):
+                    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+                    w, b = torch.randn(shape[1], dtype=dtype), torch.randn(shape[1], dtype=dtype)
+                    ours = lambda x, w, b: R.layer_norm_2d(x, w, b, 1e-6)  # noqa: E731
+                    floor = lambda: fresh_huge(x).copy_(x)  # noqa: E731
+                    name = (f"layer_norm_2d {list(shape)} {str(dtype)[6:]} "
+                            f"{'channels_last' if fmt is torch.channels_last else 'contiguous'}")
+                    return name, (x, w, b), ours, _timm_ln2d, floor
+                yield make
+
+
 def _fwdbwd(f, args):
     leaves = [a.detach().clone().requires_grad_() for a in args]
 
@@ -75,6 +100,7 @@ def _fwdbwd(f, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--set", choices=("fused", "vision", "all"), default="all")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", type=Path)
     p.add_argument("--allow-busy", action="store_true")
@@ -82,7 +108,12 @@ def main(argv=None):
     guard = _machine.Guard("cpu", a.allow_busy)
     report = {"machine": _common.machine_info(torch.device("cpu")), "cases": {},
               "machine_check": guard.check}
-    for make in (_case_gated, _case_modulate, _case_qk):
+    makers = []
+    if a.set in ("fused", "all"):
+        makers += [_case_gated, _case_modulate, _case_qk]
+    if a.set in ("vision", "all"):
+        makers += list(_vision_cases())
+    for make in makers:
         name, args, ours, comp, floor = make()
         compiled = torch.compile(comp, dynamic=False)
         fns = {"floor": floor,
@@ -98,7 +129,7 @@ def main(argv=None):
         report["cases"][name] = {"ms": {k: v.median * 1e3 for k, v in st.items()},
                                  "spread": {k: v.spread for k, v in st.items()},
                                  "x_floor": ratio, "busy": busy}
-        print(("" if not busy else f"{_machine.BANNER}: {busy}\n") + f"{name} (bf16):")
+        print(("" if not busy else f"{_machine.BANNER}: {busy}\n") + f"{name}:")
         for k, r in ratio.items():
             print(f"  {k:16s} {st[k].median * 1e3:8.2f} ms  {r:5.2f}x floor  "
                   f"±{100 * st[k].spread:.0f}%")
