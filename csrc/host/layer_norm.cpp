@@ -4,6 +4,48 @@
 
 namespace rmsnorm_ext::host {
 
+void launch_ln_fwd(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y, Tensor& mean,
+                   Tensor& rstd, int64_t M, int64_t N, int64_t inner, double eps) {
+  LnFwdParams p{};
+  p.t = to_dtype(x.scalar_type());
+  p.w = to_dtype(param_dtype(x, w, b));
+  p.x = x.const_data_ptr();
+  p.weight = ptr_or_null(w);
+  p.bias = ptr_or_null(b);
+  p.y = y.data_ptr();
+  p.mean = mean.data_ptr();
+  p.rstd = rstd.data_ptr();
+  p.M = M;
+  p.N = N;
+  p.inner = inner;
+  p.eps = eps;
+  WorkspaceHolder ws(x);
+  kernels_for(x).ln_fwd(p, ws.launch(x));
+}
+
+// dw / db (may be null: not wanted) have the dtype the kernel writes them in: the weight's,
+// or without a weight the statistics dtype (see layer_norm_bwd).
+void launch_ln_bwd(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+                   const Tensor& w, Tensor& dx, Tensor* dw, Tensor* db, int64_t M, int64_t N,
+                   int64_t inner) {
+  LnBwdParams p{};
+  p.t = to_dtype(x.scalar_type());
+  p.w = to_dtype(w.defined() ? w.scalar_type() : stats_dtype(x.scalar_type()));
+  p.x = x.const_data_ptr();
+  p.dy = dy.const_data_ptr();
+  p.mean = mean.const_data_ptr();
+  p.rstd = rstd.const_data_ptr();
+  p.weight = ptr_or_null(w);
+  p.dx = dx.data_ptr();
+  p.dw = dw ? dw->data_ptr() : nullptr;
+  p.db = db ? db->data_ptr() : nullptr;
+  p.M = M;
+  p.N = N;
+  p.inner = inner;
+  WorkspaceHolder ws(x);
+  kernels_for(x).ln_bwd(p, ws.launch(x));
+}
+
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
                                                   at::IntArrayRef normalized_shape,
                                                   const std::optional<Tensor>& weight,
@@ -20,24 +62,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
     fill_nan(rstd);
     return {y, mean, rstd};
   }
-  const Tensor x = input.contiguous();
-  const Tensor w = contiguous_or_empty(weight);
-  const Tensor b = contiguous_or_empty(bias);
-
-  LnFwdParams p{};
-  p.t = to_dtype(x.scalar_type());
-  p.w = to_dtype(param_dtype(x, w, b));
-  p.x = x.const_data_ptr();
-  p.weight = ptr_or_null(w);
-  p.bias = ptr_or_null(b);
-  p.y = y.data_ptr();
-  p.mean = mean.data_ptr();
-  p.rstd = rstd.data_ptr();
-  p.M = rs.rows();
-  p.N = rs.N;
-  p.eps = eps;
-  WorkspaceHolder ws(x);
-  kernels_for(x).ln_fwd(p, ws.launch(x));
+  launch_ln_fwd(input.contiguous(), contiguous_or_empty(weight), contiguous_or_empty(bias), y,
+                mean, rstd, rs.rows(), rs.N, 1, eps);
   return {y, mean, rstd};
 }
 
@@ -70,26 +96,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
     if (want_db) db.zero_();
     return {dx, dw, db};
   }
-  const Tensor x = input.contiguous();
-  const Tensor dy = grad_out.contiguous();
-  const Tensor mean_c = mean.contiguous();
-  const Tensor rstd_c = rstd.contiguous();
-
-  LnBwdParams p{};
-  p.t = to_dtype(x.scalar_type());
-  p.w = to_dtype(popts.dtype().toScalarType());
-  p.x = x.const_data_ptr();
-  p.dy = dy.const_data_ptr();
-  p.mean = mean_c.const_data_ptr();
-  p.rstd = rstd_c.const_data_ptr();
-  p.weight = ptr_or_null(w);
-  p.dx = dx.data_ptr();
-  p.dw = want_dw ? dw.data_ptr() : nullptr;
-  p.db = want_db ? db.data_ptr() : nullptr;
-  p.M = rs.rows();
-  p.N = rs.N;
-  WorkspaceHolder ws(x);
-  kernels_for(x).ln_bwd(p, ws.launch(x));
+  launch_ln_bwd(grad_out.contiguous(), input.contiguous(), mean.contiguous(), rstd.contiguous(),
+                w, dx, want_dw ? &dw : nullptr, want_db ? &db : nullptr, rs.rows(), rs.N, 1);
   return {dx, dw, db};
 }
 

@@ -17,6 +17,7 @@
 #include <numeric>
 
 #include "host.h"
+#include "ops.h"
 
 namespace rmsnorm_ext::host {
 namespace {
@@ -122,23 +123,8 @@ std::tuple<Tensor, Tensor> rms_norm_2d_fwd(const Tensor& input,
     fill_nan(rstd);
     return {y, rstd};
   }
-  const Tensor x = as_read(input, l);
-  const Tensor w = contiguous_or_empty(weight);
-
-  RmsFwdParams p{};
-  p.t = to_dtype(x.scalar_type());
-  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.t;
-  p.r = p.t;
-  p.x = x.const_data_ptr();
-  p.weight = ptr_or_null(w);
-  p.y = y.data_ptr();
-  p.rstd = rstd.data_ptr();
-  p.M = l.M().expect_int();
-  p.N = l.C.expect_int();
-  p.inner = l.inner();
-  p.eps = eps;
-  WorkspaceHolder ws(x);
-  kernels_for(x).rms_fwd(p, ws.launch(x));
+  launch_rms_fwd(as_read(input, l), contiguous_or_empty(weight), y, rstd, l.M().expect_int(),
+                 l.C.expect_int(), l.inner(), eps, 0.0);
   return {y, rstd};
 }
 
@@ -160,25 +146,8 @@ std::tuple<Tensor, Tensor> rms_norm_2d_bwd(const Tensor& grad_out, const Tensor&
     if (want_dw) dw.zero_();
     return {dx, dw};
   }
-  const Tensor x = as_read(input, l);
-  const Tensor dy = as_read(grad_out, l);
-  const Tensor rs_c = rstd.contiguous();
-
-  RmsBwdParams p{};
-  p.x = to_dtype(x.scalar_type());
-  p.g = p.x;
-  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.g;
-  p.x_in = x.const_data_ptr();
-  p.dy = dy.const_data_ptr();
-  p.rstd = rs_c.const_data_ptr();
-  p.weight = ptr_or_null(w);
-  p.dx = dx.data_ptr();
-  p.dw = want_dw ? dw.data_ptr() : nullptr;
-  p.M = l.M().expect_int();
-  p.N = l.C.expect_int();
-  p.inner = l.inner();
-  WorkspaceHolder ws(x);
-  kernels_for(x).rms_bwd(p, ws.launch(x));
+  launch_rms_bwd(as_read(grad_out, l), as_read(input, l), rstd.contiguous(), w, Tensor(), dx,
+                 want_dw ? &dw : nullptr, l.M().expect_int(), l.C.expect_int(), l.inner(), 0.0);
   return {dx, dw};
 }
 
@@ -201,25 +170,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_fwd(const Tensor& input,
     fill_nan(rstd);
     return {y, mean, rstd};
   }
-  const Tensor x = as_read(input, l);
-  const Tensor w = contiguous_or_empty(weight);
-  const Tensor b = contiguous_or_empty(bias);
-
-  LnFwdParams p{};
-  p.t = to_dtype(x.scalar_type());
-  p.w = to_dtype(param_dtype(x, w, b));
-  p.x = x.const_data_ptr();
-  p.weight = ptr_or_null(w);
-  p.bias = ptr_or_null(b);
-  p.y = y.data_ptr();
-  p.mean = mean.data_ptr();
-  p.rstd = rstd.data_ptr();
-  p.M = l.M().expect_int();
-  p.N = l.C.expect_int();
-  p.inner = l.inner();
-  p.eps = eps;
-  WorkspaceHolder ws(x);
-  kernels_for(x).ln_fwd(p, ws.launch(x));
+  launch_ln_fwd(as_read(input, l), contiguous_or_empty(weight), contiguous_or_empty(bias), y,
+                mean, rstd, l.M().expect_int(), l.C.expect_int(), l.inner(), eps);
   return {y, mean, rstd};
 }
 
@@ -249,27 +201,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_bwd(const Tensor& grad_out, con
     if (want_db) db.zero_();
     return {dx, dw, db};
   }
-  const Tensor x = as_read(input, l);
-  const Tensor dy = as_read(grad_out, l);
-  const Tensor mean_c = mean.contiguous();
-  const Tensor rstd_c = rstd.contiguous();
-
-  LnBwdParams p{};
-  p.t = to_dtype(x.scalar_type());
-  p.w = to_dtype(popts.dtype().toScalarType());
-  p.x = x.const_data_ptr();
-  p.dy = dy.const_data_ptr();
-  p.mean = mean_c.const_data_ptr();
-  p.rstd = rstd_c.const_data_ptr();
-  p.weight = ptr_or_null(w);
-  p.dx = dx.data_ptr();
-  p.dw = want_dw ? dw.data_ptr() : nullptr;
-  p.db = want_db ? db.data_ptr() : nullptr;
-  p.M = l.M().expect_int();
-  p.N = l.C.expect_int();
-  p.inner = l.inner();
-  WorkspaceHolder ws(x);
-  kernels_for(x).ln_bwd(p, ws.launch(x));
+  launch_ln_bwd(as_read(grad_out, l), as_read(input, l), mean.contiguous(), rstd.contiguous(), w,
+                dx, want_dw ? &dw : nullptr, want_db ? &db : nullptr, l.M().expect_int(),
+                l.C.expect_int(), l.inner());
   return {dx, dw, db};
 }
 

@@ -11,6 +11,21 @@ namespace rmsnorm_ext::host {
 
 using at::Tensor;
 
+// The kernel calls of the plain norms, shared by their host functions and those of the
+// channels-first norms (norm_2d.cpp): the tensors as the kernels read them (contiguous;
+// w / b / gres undefined when absent), outputs allocated by the caller, M rows of N
+// (`inner`: kernel_params.h). rms_norm.cpp and layer_norm.cpp.
+void launch_rms_fwd(const Tensor& x, const Tensor& w, Tensor& y, Tensor& rstd, int64_t M,
+                    int64_t N, int64_t inner, double eps, double weight_offset);
+void launch_rms_bwd(const Tensor& dy, const Tensor& x, const Tensor& rstd, const Tensor& w,
+                    const Tensor& gres, Tensor& dx, Tensor* dw, int64_t M, int64_t N,
+                    int64_t inner, double weight_offset);
+void launch_ln_fwd(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y, Tensor& mean,
+                   Tensor& rstd, int64_t M, int64_t N, int64_t inner, double eps);
+void launch_ln_bwd(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+                   const Tensor& w, Tensor& dx, Tensor* dw, Tensor* db, int64_t M, int64_t N,
+                   int64_t inner);
+
 std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef normalized_shape,
                                         const std::optional<Tensor>& weight, double eps,
                                         double weight_offset);

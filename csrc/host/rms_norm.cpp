@@ -4,6 +4,47 @@
 
 namespace rmsnorm_ext::host {
 
+void launch_rms_fwd(const Tensor& x, const Tensor& w, Tensor& y, Tensor& rstd, int64_t M,
+                    int64_t N, int64_t inner, double eps, double weight_offset) {
+  RmsFwdParams p{};
+  p.t = to_dtype(x.scalar_type());
+  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.t;
+  p.r = p.t;
+  p.x = x.const_data_ptr();
+  p.weight = ptr_or_null(w);
+  p.y = y.data_ptr();
+  p.rstd = rstd.data_ptr();
+  p.M = M;
+  p.N = N;
+  p.inner = inner;
+  p.eps = eps;
+  p.offset = weight_offset;
+  WorkspaceHolder ws(x);
+  kernels_for(x).rms_fwd(p, ws.launch(x));
+}
+
+void launch_rms_bwd(const Tensor& dy, const Tensor& x, const Tensor& rstd, const Tensor& w,
+                    const Tensor& gres, Tensor& dx, Tensor* dw, int64_t M, int64_t N,
+                    int64_t inner, double weight_offset) {
+  RmsBwdParams p{};
+  p.x = to_dtype(x.scalar_type());
+  p.g = to_dtype(dy.scalar_type());
+  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.g;
+  p.x_in = x.const_data_ptr();
+  p.dy = dy.const_data_ptr();
+  p.rstd = rstd.const_data_ptr();
+  p.weight = ptr_or_null(w);
+  p.gres = ptr_or_null(gres);
+  p.dx = dx.data_ptr();
+  p.dw = dw ? dw->data_ptr() : nullptr;
+  p.M = M;
+  p.N = N;
+  p.inner = inner;
+  p.offset = weight_offset;
+  WorkspaceHolder ws(x);
+  kernels_for(x).rms_bwd(p, ws.launch(x));
+}
+
 std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef normalized_shape,
                                         const std::optional<Tensor>& weight, double eps,
                                         double weight_offset) {
@@ -16,23 +57,8 @@ std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef nor
     fill_nan(rstd);
     return {y, rstd};
   }
-  const Tensor x = input.contiguous();
-  const Tensor w = contiguous_or_empty(weight);
-
-  RmsFwdParams p{};
-  p.t = to_dtype(x.scalar_type());
-  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.t;
-  p.r = p.t;
-  p.x = x.const_data_ptr();
-  p.weight = ptr_or_null(w);
-  p.y = y.data_ptr();
-  p.rstd = rstd.data_ptr();
-  p.M = rs.rows();
-  p.N = rs.N;
-  p.eps = eps;
-  p.offset = weight_offset;
-  WorkspaceHolder ws(x);
-  kernels_for(x).rms_fwd(p, ws.launch(x));
+  launch_rms_fwd(input.contiguous(), contiguous_or_empty(weight), y, rstd, rs.rows(), rs.N, 1,
+                 eps, weight_offset);
   return {y, rstd};
 }
 
@@ -61,26 +87,8 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& in
     if (want_dw) dw.zero_();
     return {dx, dw};
   }
-  const Tensor x = input.contiguous();
-  const Tensor dy = grad_out.contiguous();
-  const Tensor rs_c = rstd.contiguous();
-
-  RmsBwdParams p{};
-  p.x = to_dtype(x.scalar_type());
-  p.g = to_dtype(dy.scalar_type());
-  p.w = w.defined() ? to_dtype(w.scalar_type()) : p.g;
-  p.x_in = x.const_data_ptr();
-  p.dy = dy.const_data_ptr();
-  p.rstd = rs_c.const_data_ptr();
-  p.weight = ptr_or_null(w);
-  p.gres = ptr_or_null(gres);
-  p.dx = dx.data_ptr();
-  p.dw = want_dw ? dw.data_ptr() : nullptr;
-  p.M = rs.rows();
-  p.N = rs.N;
-  p.offset = weight_offset;
-  WorkspaceHolder ws(x);
-  kernels_for(x).rms_bwd(p, ws.launch(x));
+  launch_rms_bwd(grad_out.contiguous(), input.contiguous(), rstd.contiguous(), w, gres, dx,
+                 want_dw ? &dw : nullptr, rs.rows(), rs.N, 1, weight_offset);
   return {dx, dw};
 }
 
