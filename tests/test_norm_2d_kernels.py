@@ -282,17 +282,17 @@ def test_param_grads_exact_integer_sums(shape, threads):
 
 def _naive_fp32_sum_error(terms):
     """Relative error of a plain running fp32 sum over the rows (per column; the worst)."""
-    run = np.add.accumulate(terms.float().numpy(), axis=0)[-1]
+    run = np.add.accumulate(terms.float().numpy(), axis=0)[-1].astype(np.float64)
     exact = terms.double().sum(0).numpy()
-    return float((np.abs(run - exact) / np.abs(terms.double()).sum(0).numpy()).max())
+    return float((np.abs(run - exact) / terms.double().abs().sum(0).numpy()).max())
 
 
 @pytest.mark.parametrize("op", ["rms", "ln"])
 def test_param_grads_accurate_over_many_rows(op):
     """ConvNeXt's first stage has B * S = 32 * 3136 rows per channel. dweight = sum of
     dy * xhat over them: with dy correlated with x the terms share a sign, so a plain running
-    fp32 sum drifts (relative error ~1e-5 here, checked below against the bar) while a
-    cascade / tree stays near 1e-7. Bitwise reproducible: two calls agree exactly."""
+    fp32 sum drifts (relative error ~7e-6 here, checked below against the bar) while a
+    cascade / tree stays near 1e-7 (as torch's fp32 sum). Bitwise reproducible: two calls agree exactly."""
     shape = (32, 8, 56, 56)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(shape, generator=g) + (1.0 if op == "ln" else 0.0)
@@ -307,7 +307,7 @@ def test_param_grads_accurate_over_many_rows(op):
     terms = [_last(dy.double() * y_ref).reshape(-1, 8)]
     if op == "ln":
         terms.append(_last(dy.double()).reshape(-1, 8))
-    bar = 1e-6
+    bar = 5e-7
     for got, t in zip(res[1:], terms):
         rel = ((got.double() - t.sum(0)).abs() / t.abs().sum(0)).max().item()
         assert rel <= bar, f"{op}: relative error {rel:.2e} > {bar:.0e}"
