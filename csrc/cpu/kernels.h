@@ -20,4 +20,11 @@ void qk_norm_rope_bwd(const QkNormRopeBwdParams& p, const Launch& l);  // qk_nor
 void norm_modulate_fwd(const NormModulateParams& p, const Launch& l);     // norm_modulate_cpu.cpp
 void norm_modulate_bwd(const NormModulateBwdParams& p, const Launch& l);  // norm_modulate_cpu.cpp
 
+// Channels-first variants (kernel_params.h: [B, C, S] with C strided by inner = S), called by
+// the entries above when inner > 1: channels_first_cpu.cpp.
+void rms_fwd_channels_first(const RmsFwdParams& p, const Launch& l);
+void rms_bwd_channels_first(const RmsBwdParams& p, const Launch& l);
+void ln_fwd_channels_first(const LnFwdParams& p, const Launch& l);
+void ln_bwd_channels_first(const LnBwdParams& p, const Launch& l);
+
 }  // namespace rmsnorm_ext::cpu

@@ -143,7 +143,8 @@ void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* 
 // ---------------------------------------------------------------------------------------
 // Entries of the host layer's kernel table (kernels.h)
 
-void ln_fwd(const LnFwdParams& p, const Launch&) {
+void ln_fwd(const LnFwdParams& p, const Launch& l) {
+  if (p.inner > 1) return ln_fwd_channels_first(p, l);
   dispatch_pair(p.t, p.w, [&](auto t_tag, auto w_tag) {
     using T = typename decltype(t_tag)::type;
     using W = typename decltype(w_tag)::type;
@@ -156,6 +157,7 @@ void ln_fwd(const LnFwdParams& p, const Launch&) {
 }
 
 void ln_bwd(const LnBwdParams& p, const Launch& l) {
+  if (p.inner > 1) return ln_bwd_channels_first(p, l);
   dispatch_pair(p.t, p.w, [&](auto t_tag, auto w_tag) {
     using T = typename decltype(t_tag)::type;
     using W = typename decltype(w_tag)::type;

@@ -178,7 +178,8 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
 // ---------------------------------------------------------------------------------------
 // Entries of the host layer's kernel table (kernels.h)
 
-void rms_fwd(const RmsFwdParams& p, const Launch&) {
+void rms_fwd(const RmsFwdParams& p, const Launch& l) {
+  if (p.inner > 1) return rms_fwd_channels_first(p, l);
   dispatch_pair(p.t, p.w, [&](auto t_tag, auto w_tag) {
     using T = typename decltype(t_tag)::type;
     using W = typename decltype(w_tag)::type;
@@ -206,6 +207,7 @@ void fused_add_rms_fwd(const RmsFwdParams& p, const Launch&) {
 }
 
 void rms_bwd(const RmsBwdParams& p, const Launch& l) {
+  if (p.inner > 1) return rms_bwd_channels_first(p, l);
   // The weight goes with grad_out's dtype G; x is G, or float32 next to a half G.
   dispatch_pair(p.g, p.w, [&](auto g_tag, auto w_tag) {
     using G = typename decltype(g_tag)::type;
