@@ -23,6 +23,15 @@ What is replaced
   and ``forward(x, gate)`` computing a gated RMSNorm (norm before or after the gate, silu or
   sigmoid, over ``module.group_size`` groups when it has that attribute) on random probes.
 
+* Vision norms (rmsnorm_ext/_vision.py): timm's ``LayerNorm``, ``LayerNorm2d``, ``RmsNorm``,
+  ``RmsNorm2d`` and their ``Fp32`` variants by class, and any other subclass of
+  ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` whose forward computes torch's norm over the
+  trailing dims or over the channels (dim 1) of ``[N, C, *spatial]``, in the input dtype or
+  in fp32, recognized by probing it (torchvision's and Hugging Face's ConvNeXt/SAM
+  channels-first norms) -> a fused subclass *of the module's own class* (``isinstance`` and
+  attributes kept) whose forward is one rmsnorm_ext op: ``layer_norm``, ``rms_norm``,
+  ``layer_norm_2d`` or ``rms_norm_2d``.
+
 Anything else is left alone.
 
 The replacement reuses the very same ``Parameter`` objects (``new.weight is old.weight``): no
@@ -39,10 +48,10 @@ probed on the CPU with CPU probe tensors (the probe weight replaces the missing 
 the CPU as the default device while the probe runs.
 
 Call it on the plain model: before ``torch.compile``, DDP, ``fully_shard`` or accelerate
-hooks. Subclasses of ``torch.nn.RMSNorm``/``LayerNorm`` (e.g. FSDP's wrapped classes),
+hooks. Subclasses of ``torch.nn.RMSNorm``/``LayerNorm`` are only replaced if they pass the
+vision probe or the HF-style probe above; FSDP's wrapped classes (DTensor parameters),
 parametrized modules and modules with an instance-level ``forward`` (accelerate's hooks)
-are not the exact classes and are only replaced if they pass the HF-style probe above
-(which FSDP-sharded / parametrized ones do not, so they are left alone). The root module
+fail the structural checks before any probe and are left alone. The root module
 itself is never replaced (there is no parent to re-point); only its descendants are.
 
 Numeric and dtype semantics (documented differences)
@@ -76,11 +85,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import _diffusers
+from . import _diffusers, _vision
 from ._table import gated_rms_composite
-from .modules import GatedRMSNorm, HFGatedRMSNorm, HFRMSNorm, LayerNorm, RMSNorm
+from .modules import (GatedRMSNorm, HFGatedRMSNorm, HFRMSNorm, LayerNorm, LayerNorm2d, RMSNorm,
+                      RMSNorm2d)
 
 __all__ = ["replace_norms", "HFRMSNorm"]
+
+# Our own modules: never replaced (a second replace_norms call returns 0).
+_OURS = (RMSNorm, LayerNorm, GatedRMSNorm, LayerNorm2d, RMSNorm2d)
 
 _HOOK_DICTS = (
     "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
@@ -280,7 +293,7 @@ def _predict(policy: str, x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.d
 
 def _hf_candidate(module: nn.Module) -> Optional[float]:
     """Structural check for an HF-style RMSNorm; returns its eps or None."""
-    if isinstance(module, (RMSNorm, LayerNorm, GatedRMSNorm)) or "forward" in module.__dict__:
+    if isinstance(module, _OURS) or "forward" in module.__dict__:
         return None
     if module._modules or any(b is not None for b in module._buffers.values()):
         return None
@@ -317,6 +330,8 @@ def _carry_state(old: nn.Module, new: nn.Module) -> None:
 
 
 def _replacement(module: nn.Module) -> Optional[nn.Module]:
+    if _vision.is_fused(module):
+        return None
     fused = _diffusers.replacement(module)
     if fused is not None:
         return fused
@@ -342,6 +357,12 @@ def _replacement(module: nn.Module) -> Optional[nn.Module]:
             else:
                 new.register_parameter(name, None)
     else:
+        # timm's norms and other subclasses of torch's norms first: a subclass of nn.RMSNorm
+        # that keeps torch's semantics keeps its class too (the HF probe below would make it
+        # an HFRMSNorm).
+        fused = _vision.replacement(module, _OURS)
+        if fused is not None:
+            return fused  # hooks, flags and training mode came with its __dict__
         eps = _hf_candidate(module)
         if eps is None:
             return None
