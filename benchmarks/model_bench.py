@@ -1,14 +1,23 @@
 #!/usr/bin/env python
-"""End to end: a Llama-style decoder stack with native torch norms vs rmsnorm_ext.
+"""End to end: a Llama-style decoder stack (or a timm ConvNeXt / ViT) with native torch
+norms vs rmsnorm_ext.
 
     python benchmarks/model_bench.py                  # CPU: fp32 + bf16, a few minutes on 2 cores
     python benchmarks/model_bench.py --quick          # tiny model, for smoke tests
     python benchmarks/model_bench.py --device cuda    # GPU: bf16, hidden 4096, 8K tokens
+    python benchmarks/model_bench.py --model convnext [--channels-last]   # timm convnext_atto
+    python benchmarks/model_bench.py --model vit      # timm vit_tiny_patch16_224
 
-The model (random weights, nothing downloaded): optional token embedding, N layers of
+The decoder (random weights, nothing downloaded): optional token embedding, N layers of
 [RMSNorm -> causal SDPA attention -> residual add, RMSNorm -> SwiGLU MLP -> residual add],
-a final RMSNorm (and an LM head when there is an embedding). The native side uses
-torch.nn.RMSNorm; the other side is a copy of the same model (same weights) after
+a final RMSNorm (and an LM head when there is an embedding). ``--model convnext`` / ``vit``
+build a timm model from its config with random weights (``pretrained=False``; timm must be
+installed; ``--timm-model`` picks another one, ``--image-size`` / ``--batch`` the input):
+convnext_atto on CPU, convnext_tiny on CUDA (channels-first ``LayerNorm2d`` after every
+depthwise conv: our ``layer_norm_2d`` reads the NCHW or channels_last map in place, timm
+permutes to NHWC and back); vit_tiny_patch16_224 on CPU, vit_base_patch16_224 on CUDA
+(token ``LayerNorm``). The native side uses the model's own norms (torch.nn.RMSNorm, timm's
+LayerNorm2d / LayerNorm); the other side is a copy of the same model (same weights) after
 rmsnorm_ext.replace_norms. For each dtype, mode (eager, torch.compile) and step (train =
 forward + backward, infer = forward under no_grad):
 
@@ -25,7 +34,8 @@ forward + backward, infer = forward under no_grad):
 * a Chrome trace per side (chrome://tracing or https://ui.perfetto.dev) in the output folder.
 
 Output (default a fresh, git-ignored benchmarks/out/model-<machine>-<date>-<time>/;
---save-results: the committed benchmarks/results/cpu/): model_bench.md, .csv, .json, traces/.
+--save-results: the committed benchmarks/results/cpu/): model_bench.md, .csv, .json, traces/
+(model_bench_convnext.* / model_bench_vit.* for the vision models).
 """
 from __future__ import annotations
 
@@ -63,6 +73,16 @@ NATIVE_NORM_OPS = ("aten::rms_norm", "aten::layer_norm", "aten::_fused_rms_norm"
 OURS_PREFIX = "rmsnorm_ext::"
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 
+MODELS = ("decoder", "convnext", "vit")
+# timm models per device kind (random weights from their configs).
+TIMM_MODELS = {
+    "convnext": {"cpu": "convnext_atto", "cuda": "convnext_tiny", "quick": "convnext_atto"},
+    "vit": {"cpu": "vit_tiny_patch16_224", "cuda": "vit_base_patch16_224",
+            "quick": "vit_tiny_patch16_224"},
+}
+# Vision input sizes; they take precedence over DEFAULTS' batch.
+VISION_DEFAULTS = {"cpu": dict(image_size=224, batch=8), "cuda": dict(image_size=224, batch=64),
+                   "quick": dict(image_size=64, batch=2)}
 # Sizes per device: CPU finishes in minutes on 2 cores; GPU is the issue's bf16 4096 / 8K.
 DEFAULTS = {
     "cpu": dict(dtype=("float32", "bfloat16"), hidden=1024, layers=2, seq=512, batch=1,
@@ -136,13 +156,31 @@ class Decoder(nn.Module):
         return self.head(h) if self.head is not None else h
 
 
+def _timm_model(cfg) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise SystemExit(f"--model {cfg.model} needs timm: pip install timm") from None
+    # ViTs take the image size at construction (position embeddings); ConvNeXts any size.
+    kwargs = {"img_size": cfg.image_size} if cfg.model == "vit" else {}
+    return timm.create_model(cfg.timm_model, pretrained=False, **kwargs)
+
+
 def build_models(cfg, dtype: torch.dtype, device: torch.device) -> Dict[str, nn.Module]:
     """The native model and a copy with the same weights whose norms are rmsnorm_ext's."""
     torch.manual_seed(0)
-    native = Decoder(cfg.hidden, cfg.layers, cfg.heads, cfg.ffn, cfg.vocab).to(device, dtype)
+    if cfg.model == "decoder":
+        native = Decoder(cfg.hidden, cfg.layers, cfg.heads, cfg.ffn, cfg.vocab)
+        expected = 2 * cfg.layers + 1
+    else:
+        native = _timm_model(cfg)
+        # Every norm of these models is a (timm) subclass of nn.LayerNorm, and all are swapped.
+        expected = sum(isinstance(m, nn.LayerNorm) for m in native.modules())
+    native = native.to(device, dtype)
+    if cfg.channels_last:
+        native = native.to(memory_format=torch.channels_last)
     ours = copy.deepcopy(native)
     replaced = rmsnorm_ext.replace_norms(ours)
-    expected = 2 * cfg.layers + 1
     if replaced != expected:
         raise RuntimeError(f"replace_norms replaced {replaced} norms, expected {expected}")
     return {"native": native, "ours": ours}
@@ -153,12 +191,18 @@ def make_step(model: nn.Module, step: str, mode: str, cfg, dtype, device):
     parameters' .grad, reset to None first, as an optimizer loop with zero_grad does) or one
     inference forward (no_grad)."""
     gen = torch.Generator(device="cpu").manual_seed(1)
-    if cfg.vocab:
+    if cfg.model != "decoder":
+        x = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, generator=gen)
+        x = x.to(device, dtype)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out_shape = (cfg.batch, model.num_classes)
+    elif cfg.vocab:
         x = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=gen).to(device)
-        out_dim = cfg.vocab
+        out_shape = (cfg.batch, cfg.seq, cfg.vocab)
     else:
         x = torch.randn(cfg.batch, cfg.seq, cfg.hidden, generator=gen).to(device, dtype)
-        out_dim = cfg.hidden
+        out_shape = (cfg.batch, cfg.seq, cfg.hidden)
     fwd = torch.compile(model, dynamic=False) if mode == "compile" else model
     if step == "infer":
         model.eval()
@@ -168,7 +212,7 @@ def make_step(model: nn.Module, step: str, mode: str, cfg, dtype, device):
                 return fwd(x)
         return infer
     model.train()
-    dy = torch.randn(cfg.batch, cfg.seq, out_dim, generator=gen).to(device, dtype)
+    dy = torch.randn(out_shape, generator=gen).to(device, dtype)
 
     def train():
         for p in model.parameters():
@@ -459,19 +503,24 @@ LEGEND = ("Step times: median of interleaved rounds (native and ours alternating
           "op called from a compiled backward; the autograd engine's summing of gradients "
           "into the residual stream is left out on both sides); share = norm ms / profiled "
           "step time, measured the same way (CUDA: all kernel time of the step). "
-          "`fused`: Inductor fused torch's RMSNorm into neighbouring kernels, so its time "
+          "`fused`: Inductor fused torch's norm into neighbouring kernels, so its time "
           "cannot be attributed.")
 
 
 def describe(cfg) -> str:
+    if cfg.model != "decoder":
+        layout = ", channels_last" if cfg.channels_last else ""
+        return (f"timm {cfg.timm_model} (random weights), batch {cfg.batch} x "
+                f"{cfg.image_size}x{cfg.image_size} images{layout}")
     emb = f", vocab {cfg.vocab}" if cfg.vocab else ", no embedding"
     return (f"{cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, ffn {cfg.ffn}, "
             f"batch {cfg.batch} x {cfg.seq} tokens{emb}")
 
 
-def write_outputs(rows: List[Row], meta: dict, details: dict, out: Path) -> List[Path]:
+def write_outputs(rows: List[Row], meta: dict, details: dict, out: Path,
+                  stem: str = "model_bench") -> List[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "model_bench.md", out / "model_bench.csv", out / "model_bench.json"]
+    paths = [out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.json"]
     paths[0].write_text(
         _common.header_line(meta["machine"]) + "\n\n" + meta["model"] + "\n\n" + LEGEND
         + "\n\n" + table(rows, markdown=True) + "\n")
@@ -492,6 +541,15 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="a tiny model, fp32 (smoke test)")
+    p.add_argument("--model", choices=MODELS, default="decoder",
+                   help="decoder (default), or a timm convnext / vit with random weights")
+    p.add_argument("--timm-model", help="the timm model name for --model convnext/vit "
+                   "(default: convnext_atto / vit_tiny_patch16_224 on cpu, convnext_tiny / "
+                   "vit_base_patch16_224 on cuda)")
+    p.add_argument("--image-size", type=int, help="vision input height = width (default 224; "
+                   "--quick 64)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="vision: model and input in channels_last memory format")
     p.add_argument("--dtype", type=_common.csv_list(tuple(DTYPES)),
                    help="comma list (default: float32,bfloat16 on cpu, bfloat16 on cuda)")
     p.add_argument("--mode", type=_common.csv_list(MODES), default=MODES, help="eager,compile")
@@ -499,7 +557,7 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, help="model dim (default 1024 cpu, 4096 cuda)")
     p.add_argument("--layers", type=int, help="decoder layers (default 2 cpu, 4 cuda)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default 512 cpu, 8192 cuda)")
-    p.add_argument("--batch", type=int)
+    p.add_argument("--batch", type=int, help="default 1 (decoder); vision 8 cpu, 64 cuda")
     p.add_argument("--heads", type=int, help="attention heads (default hidden // 128)")
     p.add_argument("--ffn", type=int, help="MLP inner size (default 8/3 hidden, rounded up "
                    "to a multiple of 256)")
@@ -512,7 +570,16 @@ def parse_args(argv=None):
     _common.add_out_args(p, "model")
     args = p.parse_args(argv)
     device = _common.pick_device(args.device)
-    d = DEFAULTS["quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")]
+    kind = "quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")
+    if args.model == "decoder":
+        if args.timm_model or args.image_size or args.channels_last:
+            p.error("--timm-model, --image-size and --channels-last need --model convnext/vit")
+    else:
+        args.timm_model = args.timm_model or TIMM_MODELS[args.model][kind]
+        for k, v in VISION_DEFAULTS[kind].items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    d = DEFAULTS[kind]
     for k, v in d.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -555,7 +622,10 @@ def main(argv=None) -> int:
         print(f"\n=== norm ops, {key}: profiler self time per step inside the norms "
               "(forward + backward), both sides ===")
         print(op_table(details, key))
-    paths = write_outputs(rows, meta, details, args.out)
+    # A vision run gets its own files (model_bench_convnext.*), so --save-results does not
+    # replace the decoder's committed results.
+    stem = "model_bench" if args.model == "decoder" else f"model_bench_{args.model}"
+    paths = write_outputs(rows, meta, details, args.out, stem)
     print(f"\n{len(rows)} configurations in {time.perf_counter() - t0:.0f} s; wrote:")
     for path in paths:
         print(f"  {path}")

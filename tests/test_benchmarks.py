@@ -683,6 +683,42 @@ def test_model_bench(tmp_path):
     assert "aten::rms_norm" in proc.stdout  # the side-by-side profiler table
 
 
+VISION_ARGS = ("--device", "cpu", "--image-size", "32", "--batch", "1", "--dtype", "float32",
+               "--rounds", "2", "--max-rounds", "2")
+
+
+def test_model_bench_timm_convnext(tmp_path):
+    """--model convnext: timm's LayerNorm2d (permute + aten::layer_norm) against our
+    layer_norm_2d, in files of their own (the decoder's results are not replaced)."""
+    pytest.importorskip("timm")
+    _run("model_bench.py", *VISION_ARGS, "--model", "convnext", "--mode", "eager",
+         "--no-traces", "--out", str(tmp_path))
+    assert not (tmp_path / "model_bench.json").exists()
+    data = json.loads((tmp_path / "model_bench_convnext.json").read_text())
+    assert "convnext_atto" in data["model"]
+    assert [r["step"] for r in data["results"]] == ["train", "infer"]
+    for r in data["results"]:
+        assert r["native_norm_fwd_ms"] > 0 and r["ours_norm_fwd_ms"] > 0
+    ops = data["norm_ops"]["fp32 eager train"]
+    assert any("aten::layer_norm" in k for k in ops["native"]["norm_ops_us_per_step"])
+    assert "bwd: rmsnorm_ext::layer_norm_2d_bwd" in ops["ours"]["norm_ops_us_per_step"]
+    assert ops["native"]["norm_calls_per_step"]["fwd"] == 17
+    assert ops["ours"]["norm_calls_per_step"]["fwd"] == 17
+
+
+def test_model_bench_timm_vit_norms_attributed():
+    """--model vit: all 25 norms swapped, each forward call found by the profiler."""
+    pytest.importorskip("timm")
+    mb = _load("model_bench")
+    args, device = mb.parse_args([*VISION_ARGS, "--model", "vit", "--out", "/dev/null/unused"])
+    assert args.timm_model == "vit_tiny_patch16_224"
+    models = mb.build_models(args, torch.float32, device)  # raises unless 25 are swapped
+    for side in mb.SIDES:
+        fn = mb.make_step(models[side], "infer", "eager", args, torch.float32, device)
+        fn()
+        assert mb.profile_side(fn, 1, device, None).calls_fwd == 25, side
+
+
 def test_model_bench_compile(tmp_path):
     """Under torch.compile our norms stay attributable; torch's are fused ("fused")."""
     _run("model_bench.py", *MODEL_ARGS, "--mode", "compile", "--step", "train", "--no-traces",
