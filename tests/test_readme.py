@@ -1,10 +1,13 @@
 """The README's front door works as written.
 
 Every ```python block of README.md runs verbatim, each in a fresh interpreter on the CPU (no
-GPU, no optional packages). Blocks that need a GPU, several processes or optional packages
-must use another fence (e.g. ```python-gpu) and say so in the text around them. The README's
-test command must be the one CI runs (.ci/run keeps a copy).
+GPU, no optional packages except those in OPTIONAL: the README's test command installs them,
+and the text around a block that imports one says so; without it installed the block is
+skipped). Blocks that need a GPU, several processes or other packages must use another fence
+(e.g. ```python-gpu) and say so in the text around them. The README's test command must be
+the one CI runs (.ci/run keeps a copy).
 """
+import importlib.util
 import os
 import re
 import subprocess
@@ -24,6 +27,13 @@ def _blocks(lang):
 
 
 PYTHON_BLOCKS = _blocks("python")
+OPTIONAL = ("timm",)  # the vision models section
+
+
+def _test_command():
+    commands = [code.strip() for _, code in _blocks("bash") if "pytest" in code]
+    assert len(commands) == 1, commands
+    return commands[0]
 
 
 def test_readme_has_python_blocks():
@@ -33,6 +43,9 @@ def test_readme_has_python_blocks():
 @pytest.mark.parametrize("line,code", PYTHON_BLOCKS,
                          ids=[f"README.md:{line}" for line, _ in PYTHON_BLOCKS])
 def test_readme_python_block_runs(line, code, tmp_path):
+    for pkg in OPTIONAL:
+        if re.search(rf"^(import|from) {pkg}\b", code, re.M) and not importlib.util.find_spec(pkg):
+            pytest.skip(f"{pkg} is not installed (the README's test command installs it)")
     # A fresh interpreter: the block must not lean on anything this test process imported.
     # CUDA_VISIBLE_DEVICES="" makes it the CPU-only run a GPU-less user gets, on any machine.
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
@@ -45,10 +58,15 @@ def test_readme_python_block_runs(line, code, tmp_path):
 
 
 def test_readme_test_command_is_what_ci_runs():
-    commands = [code.strip() for _, code in _blocks("bash") if "pytest" in code]
-    assert len(commands) == 1, commands
+    command = _test_command()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert commands[0] in ci, f"README's test command is not in .ci/run:\n{commands[0]}"
+    assert command in ci, f"README's test command is not in .ci/run:\n{command}"
+
+
+def test_readme_test_command_installs_the_optional_packages():
+    command = _test_command()
+    for pkg in OPTIONAL:
+        assert re.search(rf"\b{pkg}\b", command.split("&&")[0]), (pkg, command)
 
 
 def test_readme_main_command_installs_what_the_main_job_needs():
