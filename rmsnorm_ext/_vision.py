@@ -41,8 +41,9 @@ kernel of ours computes it), ``GroupNorm``/``GroupNorm1`` and the ``*Act`` norm+
 layers (other ops), ``LayerNormExp2d`` (experimental, in no timm model: on a non-contiguous
 input its manual path returns ``promote_types(x, w)``, e.g. fp32 for bf16 activations with
 fp32 parameters, where the contiguous path returns the input dtype; the probe's
-channels_last input shows it), modules that are not subclasses of torch's norms and not timm's (their
-structure says nothing about the math; HF-style RMSNorms are probed by replace.py).
+channels_last input shows it), modules that are not subclasses of torch's norms and not
+timm's (their structure says nothing about the math, e.g. HF's ``VitDetLayerNorm``;
+HF-style RMSNorms are probed by replace.py).
 Channels-first swaps accept any ``[N, C, *spatial]`` input; timm's and HF's accept 4-D only.
 The fused classes pickle and deepcopy (rebuilt from the original class), but are not
 TorchScript-able (the originals are).

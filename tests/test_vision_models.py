@@ -184,12 +184,10 @@ def test_probed_subclasses_swapped(kind, dt):
         from torchvision.models.convnext import LayerNorm2d
         ref, x = LayerNorm2d(C, eps=1e-6), torch.randn(2, C, 5, 6)
     elif kind.startswith("hf_"):
-        tf = pytest.importorskip("transformers")
-        from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
+        hf = pytest.importorskip("transformers.models.convnext.modeling_convnext")
         first = kind == "hf_first"
-        ref = ConvNextLayerNorm(C, data_format="channels_first" if first else "channels_last")
+        ref = hf.ConvNextLayerNorm(C, data_format="channels_first" if first else "channels_last")
         x = torch.randn(2, C, 5, 6) if first else torch.randn(2, 5, 6, C)
-        del tf
     elif kind == "fp32_ln":
         ref, x = Fp32LayerNorm(C), torch.randn(2, 5, C)
     else:
