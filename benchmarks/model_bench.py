@@ -7,6 +7,7 @@ norms vs rmsnorm_ext.
     python benchmarks/model_bench.py --device cuda    # GPU: bf16, hidden 4096, 8K tokens
     python benchmarks/model_bench.py --model convnext [--channels-last]   # timm convnext_atto
     python benchmarks/model_bench.py --model vit      # timm vit_tiny_patch16_224
+    python benchmarks/model_bench.py --model dit      # DiT blocks: adaLN + QK-norm/RoPE fused
 
 The decoder (random weights, nothing downloaded): optional token embedding, N layers of
 [RMSNorm -> causal SDPA attention -> residual add, RMSNorm -> SwiGLU MLP -> residual add],
@@ -73,7 +74,7 @@ NATIVE_NORM_OPS = ("aten::rms_norm", "aten::layer_norm", "aten::_fused_rms_norm"
 OURS_PREFIX = "rmsnorm_ext::"
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 
-MODELS = ("decoder", "convnext", "vit")
+MODELS = ("decoder", "convnext", "vit", "dit")
 # timm models per device kind (random weights from their configs).
 TIMM_MODELS = {
     "convnext": {"cpu": "convnext_atto", "cuda": "convnext_tiny", "quick": "convnext_atto"},
@@ -156,6 +157,79 @@ class Decoder(nn.Module):
         return self.head(h) if self.head is not None else h
 
 
+class DiTBlock(nn.Module):
+    """A DiT / Flux-style transformer block: adaLN-Zero modulation from a per-sample
+    conditioning vector, attention with per-head RMSNorm on q and k and rotary embedding,
+    GELU MLP. ``fused`` False computes it as diffusers does (LayerNorm without affine, then
+    ``* (1 + scale) + shift``; ``nn.RMSNorm`` q/k norms, then rotate-half RoPE); True with
+    rmsnorm_ext.layer_norm_modulate and qk_norm_rope, on the same Parameters."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, eps: float = 1e-6):
+        super().__init__()
+        self.heads, self.eps, self.fused = heads, eps, False
+        self.ada = nn.Linear(dim, 6 * dim)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=eps)
+        self.k_norm = nn.RMSNorm(dim // heads, eps=eps)
+        self.o = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(approximate="tanh"),
+                                 nn.Linear(ffn, dim))
+
+    def _modulated(self, norm, x, shift, scale):
+        if self.fused:
+            return rmsnorm_ext.layer_norm_modulate(x, (x.shape[-1],), scale, shift, eps=self.eps)
+        return norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+    def _qk(self, q, k, cos, sin):  # q, k: [B, S, H, Dh]
+        if self.fused:
+            return rmsnorm_ext.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos,
+                                            sin, eps=self.eps)
+
+        def rope(t):
+            h = t.shape[-1] // 2
+            rot = torch.cat((-t[..., h:], t[..., :h]), -1)
+            return t * cos[:, None] + rot * sin[:, None]
+        return rope(self.q_norm(q)), rope(self.k_norm(k))
+
+    def forward(self, x, c, cos, sin):
+        b, s, d = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, dim=-1)
+        q, k, v = self.qkv(self._modulated(self.norm1, x, sh1, sc1)).view(
+            b, s, 3, self.heads, d // self.heads).unbind(2)
+        q, k = self._qk(q, k, cos, sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2))
+        x = x + g1[:, None] * self.o(y.transpose(1, 2).reshape(b, s, d))
+        return x + g2[:, None] * self.mlp(self._modulated(self.norm2, x, sh2, sc2))
+
+
+class DiT(nn.Module):
+    """``layers`` DiT blocks on [B, S, D] tokens with a [B, D] conditioning vector (its own
+    Parameter: the benchmark's input is the tokens) and fixed rotary tables."""
+
+    def __init__(self, dim: int, layers: int, heads: int, ffn: int, seq: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, ffn) for _ in range(layers))
+        self.cond = nn.Parameter(torch.randn(1, dim))
+        dh = dim // heads
+        ang = torch.outer(torch.arange(seq, dtype=torch.float32),
+                          1.0 / 10000 ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh))
+        self.register_buffer("cos", torch.cat((ang, ang), -1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat((ang, ang), -1).sin(), persistent=False)
+
+    def fuse(self) -> None:
+        for blk in self.blocks:
+            blk.fused = True
+
+    def forward(self, x):
+        c = self.cond.expand(x.shape[0], -1)
+        for blk in self.blocks:
+            x = blk(x, c, self.cos.to(x.dtype), self.sin.to(x.dtype))
+        return x
+
+
 def _timm_model(cfg) -> nn.Module:
     try:
         import timm
@@ -172,6 +246,12 @@ def build_models(cfg, dtype: torch.dtype, device: torch.device) -> Dict[str, nn.
     if cfg.model == "decoder":
         native = Decoder(cfg.hidden, cfg.layers, cfg.heads, cfg.ffn, cfg.vocab)
         expected = 2 * cfg.layers + 1
+    elif cfg.model == "dit":
+        # Not a replace_norms swap: the block's fused forward calls the fused ops itself.
+        native = DiT(cfg.hidden, cfg.layers, cfg.heads, cfg.ffn, cfg.seq).to(device, dtype)
+        ours = copy.deepcopy(native)
+        ours.fuse()
+        return {"native": native, "ours": ours}
     else:
         native = _timm_model(cfg)
         # Every norm of these models is a (timm) subclass of nn.LayerNorm, and all are swapped.
@@ -191,13 +271,13 @@ def make_step(model: nn.Module, step: str, mode: str, cfg, dtype, device):
     parameters' .grad, reset to None first, as an optimizer loop with zero_grad does) or one
     inference forward (no_grad)."""
     gen = torch.Generator(device="cpu").manual_seed(1)
-    if cfg.model != "decoder":
+    if cfg.model in ("convnext", "vit"):
         x = torch.randn(cfg.batch, 3, cfg.image_size, cfg.image_size, generator=gen)
         x = x.to(device, dtype)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out_shape = (cfg.batch, model.num_classes)
-    elif cfg.vocab:
+    elif cfg.vocab and cfg.model == "decoder":
         x = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=gen).to(device)
         out_shape = (cfg.batch, cfg.seq, cfg.vocab)
     else:
@@ -508,7 +588,12 @@ LEGEND = ("Step times: median of interleaved rounds (native and ours alternating
 
 
 def describe(cfg) -> str:
-    if cfg.model != "decoder":
+    if cfg.model == "dit":
+        return (f"DiT-style stack: {cfg.layers} blocks (adaLN-Zero modulation, attention with "
+                f"QK RMSNorm + RoPE, GELU MLP), hidden {cfg.hidden}, {cfg.heads} heads, ffn "
+                f"{cfg.ffn}, batch {cfg.batch} x {cfg.seq} tokens; ours: layer_norm_modulate "
+                f"+ qk_norm_rope in the same blocks")
+    if cfg.model in ("convnext", "vit"):
         layout = ", channels_last" if cfg.channels_last else ""
         return (f"timm {cfg.timm_model} (random weights), batch {cfg.batch} x "
                 f"{cfg.image_size}x{cfg.image_size} images{layout}")
@@ -571,7 +656,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     device = _common.pick_device(args.device)
     kind = "quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")
-    if args.model == "decoder":
+    if args.model in ("decoder", "dit"):
         if args.timm_model or args.image_size or args.channels_last:
             p.error("--timm-model, --image-size and --channels-last need --model convnext/vit")
     else:

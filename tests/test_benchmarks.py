@@ -4,6 +4,7 @@ and cpu_floor.py on tiny CPU configurations that check every output is produced 
 formed -- never timings (the smoke runs pass --allow-busy: CI machines are shared). The
 busy-machine check (benchmarks/_machine.py) is tested beside busy-looping processes.
 """
+import copy
 import csv
 import importlib.util
 import json
@@ -728,3 +729,20 @@ def test_model_bench_compile(tmp_path):
     assert row["native_norm_ms"] is None
     assert "fused" in (tmp_path / "model_bench.md").read_text()
     assert not (tmp_path / "traces").exists()
+
+
+def test_model_bench_dit_fused_block_matches_native():
+    """model_bench --model dit compares a diffusers-style DiT block with the same block on
+    layer_norm_modulate + qk_norm_rope: the two must compute the same thing (float64)."""
+    mb = _load("model_bench")
+    torch.manual_seed(0)
+    native = mb.DiT(64, 2, 4, 128, 16).double()
+    ours = copy.deepcopy(native)
+    ours.fuse()
+    x = torch.randn(2, 16, 64, dtype=torch.float64)
+    a, b = native(x), ours(x)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    ga = torch.autograd.grad(a.square().sum(), list(native.parameters()))
+    gb = torch.autograd.grad(b.square().sum(), list(ours.parameters()))
+    for p, q in zip(gb, ga):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
