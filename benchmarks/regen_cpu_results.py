@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate every committed CPU result, and the README section that quotes them.
+"""Regenerate every committed CPU result, and the benchmarks/README.md section that quotes them.
 
     python benchmarks/regen_cpu_results.py            # on a quiet machine; ~15-25 min on 2 cores
     python benchmarks/regen_cpu_results.py --quick    # trial run into a git-ignored folder
@@ -13,7 +13,7 @@ Runs, each in its own process (a fresh torch.compile state; a failure stops the 
   5. overhead.py                       small-shape call cost ([1|16, 4096]) vs native
 into benchmarks/results/cpu/ (emptied first, so nothing stale survives), writes
 benchmarks/results/cpu/README.md (machine, date, commit, the commands, summary tables) and
-replaces the README.md block between the `<!-- cpu-results:begin -->` and
+replaces the benchmarks/README.md block between the `<!-- cpu-results:begin -->` and
 `<!-- cpu-results:end -->` markers with the same summary. Every number in that block comes
 from the files of this run. With --quick (or --out) nothing committed is touched.
 
@@ -36,7 +36,7 @@ import torch
 import _common
 
 HERE = Path(__file__).resolve().parent
-README = _common.REPO_ROOT / "README.md"
+README = _common.REPO_ROOT / "benchmarks" / "README.md"  # the results page (top README links it)
 BEGIN, END = "<!-- cpu-results:begin -->", "<!-- cpu-results:end -->"
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # The README's headline rows: (op, dtype, tokens, hidden, pass).
