@@ -39,10 +39,13 @@ namespace {
 constexpr int64_t kTileBytes = int64_t{64} << 10;
 // At most this many positions per tile (small C): a long channel run gains nothing more.
 constexpr int64_t kMaxTile = 1024;
+// Windows per group (see the top): the forward's and the backward's.
+constexpr int kFwdGroup = 4;
+constexpr int kBwdGroup = 2;
 
 // The tiles of a [B, C, S] tensor. Unit u = (item o, tile k) covers positions [s0, s0 + n) of
-// item o. The width is a whole number of window pairs (two steps; at least one pair, even
-// past kTileBytes: a lone window would cost a pair's arithmetic). An item has
+// item o. The width is a whole number of window groups (at least one, even past
+// kTileBytes: a partial group costs a whole group's arithmetic). An item has
 // max(1, S / width) tiles and the last one takes the remainder too (n in [width, 2 * width)),
 // so with S >= kStep every tile holds at least one whole step (Windows).
 struct Tiles {
@@ -51,11 +54,10 @@ struct Tiles {
   };
   int64_t C, S, width, per_item, count;
 
-  // step: positions per vector window; elem_bytes: input bytes per element (summed over the
-  // tensors a tile reads).
-  Tiles(int64_t M, int64_t C_, int64_t S_, int64_t step, int64_t elem_bytes) : C(C_), S(S_) {
-    const int64_t pair = 2 * step;
-    width = std::clamp(kTileBytes / (C * elem_bytes) / pair * pair, pair, kMaxTile);
+  // group: positions per group of windows; elem_bytes: input bytes per element (summed over
+  // the tensors a tile reads).
+  Tiles(int64_t M, int64_t C_, int64_t S_, int64_t group, int64_t elem_bytes) : C(C_), S(S_) {
+    width = std::clamp(kTileBytes / (C * elem_bytes) / group * group, group, kMaxTile);
     per_item = std::max<int64_t>(1, S / width);
     count = M / S * per_item;
   }
@@ -67,60 +69,72 @@ struct Tiles {
   int64_t stats(const Unit& t) const { return t.o * S + t.s0; }     // row (o, s0)
 };
 
-// The vector windows of a tile of n positions, taken two at a time. Window k covers kStep
+// The vector windows of a tile of n positions, taken G at a time. Window k covers kStep
 // positions from min(k * kStep, n - kStep): where n is not a whole number of steps the last
 // window is shifted back to end at n, so it is a full-width load and store that stays inside
 // the tile (no padding cost on every channel, e.g. 7 x 7 = 49 positions); its first dup
 // lanes repeat positions of the window before: recomputed to the same bits, stored again,
-// and masked out of the parameter-gradient sums. A tile shorter than one step (S < kStep) is
-// a single zero-padded window (RowIO::load_n / store_n).
+// and masked out of the parameter-gradient sums. A last group with fewer than G windows
+// repeats its last one (dup = kStep: all lanes masked, not stored again). A tile shorter
+// than one step (S < kStep) is a single zero-padded window (RowIO::load_n / store_n).
 template <int64_t kStep>
 struct Windows {
-  struct Pair {
-    int64_t off[2];  // the two windows' first positions
-    int64_t dup[2];  // their repeated lanes (kStep: the second window of an odd count)
+  template <int G>
+  struct Group {
+    int64_t off[G];  // the windows' first positions
+    int64_t dup[G];  // their repeated lanes
   };
   int64_t n, count, len;
   explicit Windows(int64_t n_) : n(n_), count((n_ + kStep - 1) / kStep), len(std::min(n_, kStep)) {}
-  int64_t pairs() const { return (count + 1) / 2; }
-  Pair pair(int64_t p) const {
-    const int64_t k0 = 2 * p, k1 = std::min(k0 + 1, count - 1);
-    return {{off(k0), off(k1)}, {k0 * kStep - off(k0), k1 == k0 ? kStep : k1 * kStep - off(k1)}};
+  template <int G>
+  int64_t groups() const {
+    return (count + G - 1) / G;
+  }
+  template <int G>
+  Group<G> group(int64_t p) const {
+    Group<G> g;
+    for (int i = 0; i < G; ++i) {
+      const int64_t k = G * p + i;
+      g.off[i] = off(std::min(k, count - 1));
+      g.dup[i] = k < count ? k * kStep - g.off[i] : kStep;
+    }
+    return g;
   }
   int64_t off(int64_t k) const { return std::min(k * kStep, n - len); }
 };
 
-// Four vectors: a pair of windows, each two accumulator-width halves.
-template <typename A>
-using Quad = std::array<Vectorized<A>, 4>;
+// The 2 * G accumulator-width vectors of a group of G windows.
+template <typename A, int G>
+using Vecs = std::array<Vectorized<A>, 2 * G>;
 
-template <typename T, int64_t kStep>
-inline Quad<acc_t<T>> load_pair(const T* p, const Windows<kStep>& w,
-                                const typename Windows<kStep>::Pair& pr) {
-  Quad<acc_t<T>> v;
-  RowIO<T>::load_n(p + pr.off[0], w.len, v[0], v[1]);
-  RowIO<T>::load_n(p + pr.off[1], w.len, v[2], v[3]);
+template <int G, typename T, int64_t kStep>
+inline Vecs<acc_t<T>, G> load_group(const T* p, const Windows<kStep>& w,
+                                    const typename Windows<kStep>::template Group<G>& gr) {
+  Vecs<acc_t<T>, G> v;
+  for (int i = 0; i < G; ++i) RowIO<T>::load_n(p + gr.off[i], w.len, v[2 * i], v[2 * i + 1]);
   return v;
 }
 
-template <typename T, int64_t kStep>
-inline void store_pair(T* p, const Windows<kStep>& w, const typename Windows<kStep>::Pair& pr,
-                       const Quad<acc_t<T>>& v) {
-  RowIO<T>::store_n(p + pr.off[0], w.len, v[0], v[1]);
-  if (pr.off[1] != pr.off[0]) RowIO<T>::store_n(p + pr.off[1], w.len, v[2], v[3]);
+template <int G, typename T, int64_t kStep>
+inline void store_group(T* p, const Windows<kStep>& w,
+                        const typename Windows<kStep>::template Group<G>& gr,
+                        const Vecs<acc_t<T>, G>& v) {
+  for (int i = 0; i < G; ++i) {
+    if (gr.dup[i] < kStep) RowIO<T>::store_n(p + gr.off[i], w.len, v[2 * i], v[2 * i + 1]);
+  }
 }
 
-// Zero the lanes of v that repeat other positions (Windows::Pair::dup), for the parameter
+// Zero the lanes of v that repeat other positions (Group::dup), for the parameter
 // gradients' sums.
-template <typename A, typename Pair>
-inline void zero_dup(Quad<A>& v, const Pair& pr) {
+template <typename A, int G, typename Group>
+inline void zero_dup(Vecs<A, G>& v, const Group& gr) {
   constexpr int64_t L = Vectorized<A>::size();
   const Vectorized<A> z(A(0));
-  for (int w = 0; w < 2; ++w) {
-    const int64_t k = pr.dup[w];
+  for (int i = 0; i < G; ++i) {
+    const int64_t k = gr.dup[i];
     if (k == 0) continue;
-    Vectorized<A>& a = v[2 * w];
-    Vectorized<A>& b = v[2 * w + 1];
+    Vectorized<A>& a = v[2 * i];
+    Vectorized<A>& b = v[2 * i + 1];
     if (k >= L) {
       a = z;
       b = Vectorized<A>::set(b, z, k - L);
@@ -212,86 +226,90 @@ struct FwdArgs {
   double eps;
 };
 
-// The statistics of a pair of windows: rstd, and for LayerNorm the mean (as ln_row_stats,
-// row_stats.h, lane-wise: the mean, then the corrected two-pass variance
+// The statistics of a group of G windows: rstd, and for LayerNorm the mean (as
+// ln_row_stats, row_stats.h, lane-wise: the mean, then the corrected two-pass variance
 // sum(d^2) - sum(d)^2 / C with d = x - mean0). Stored, and returned for the output pass.
-template <typename T, bool kLayer, int64_t kStep>
-void fwd_pair_stats(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t, const T* x,
-                    const Windows<kStep>& win, const typename Windows<kStep>::Pair& pr,
-                    Quad<acc_t<T>>& mu, Quad<acc_t<T>>& rs) {
+template <typename T, bool kLayer, int G, int64_t kStep>
+void fwd_group_stats(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t, const T* x,
+                     const Windows<kStep>& win,
+                     const typename Windows<kStep>::template Group<G>& gr,
+                     Vecs<acc_t<T>, G>& mu, Vecs<acc_t<T>, G>& rs) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
+  constexpr int K = 2 * G;
   const V vn(static_cast<A>(tl.C)), ve(static_cast<A>(a.eps)), one(A(1)), zero(A(0));
+  auto load = [&](int64_t j) { return load_group<G>(x + j * tl.S, win, gr); };
   if constexpr (!kLayer) {
-    const auto s = blocked_row_sum<4, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
-      const Quad<A> v = load_pair(x + j * tl.S, win, pr);
-      for (int i = 0; i < 4; ++i) p[i] = at::vec::fmadd(v[i], v[i], p[i]);
+    const auto s = blocked_row_sum<K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
+      const auto v = load(j);
+      for (int i = 0; i < K; ++i) p[i] = at::vec::fmadd(v[i], v[i], p[i]);
     });
-    for (int i = 0; i < 4; ++i) rs[i] = one / (s[i] / vn + ve).sqrt();  // rstd_from
+    for (int i = 0; i < K; ++i) rs[i] = one / (s[i] / vn + ve).sqrt();  // rstd_from
   } else {
-    const auto s = blocked_row_sum<4, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
-      const Quad<A> v = load_pair(x + j * tl.S, win, pr);
-      for (int i = 0; i < 4; ++i) p[i] = p[i] + v[i];
+    const auto s = blocked_row_sum<K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
+      const auto v = load(j);
+      for (int i = 0; i < K; ++i) p[i] = p[i] + v[i];
     });
-    Quad<A> m0;
-    for (int i = 0; i < 4; ++i) m0[i] = s[i] / vn;
-    const auto tv = blocked_row_sum<8, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
-      const Quad<A> v = load_pair(x + j * tl.S, win, pr);
-      for (int i = 0; i < 4; ++i) {
+    Vecs<A, G> m0;
+    for (int i = 0; i < K; ++i) m0[i] = s[i] / vn;
+    const auto tv = blocked_row_sum<2 * K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
+      const auto v = load(j);
+      for (int i = 0; i < K; ++i) {
         const V d = v[i] - m0[i];
         p[i] = at::vec::fmadd(d, d, p[i]);
-        p[4 + i] = p[4 + i] + d;
+        p[K + i] = p[K + i] + d;
       }
     });
     const V vinv(A(1) / static_cast<A>(tl.C));
-    for (int i = 0; i < 4; ++i) {
-      const V sd = tv[4 + i];
+    for (int i = 0; i < K; ++i) {
+      const V sd = tv[K + i];
       mu[i] = m0[i] + sd * vinv;
       const V var = (tv[i] - sd * sd * vinv) * vinv;
       rs[i] = one / (V::blendv(var, zero, var < zero) + ve).sqrt();  // var < 0 ? 0 : var
     }
-    store_pair(a.mean + tl.stats(t), win, pr, mu);
+    store_group<G>(a.mean + tl.stats(t), win, gr, mu);
   }
-  store_pair(a.rstd + tl.stats(t), win, pr, rs);
+  store_group<G>(a.rstd + tl.stats(t), win, gr, rs);
 }
 
-// y = (x - mean) * rstd * w + bias (RMSNorm: x * rstd * w), tile by pairs of windows.
-template <typename T, bool kLayer>
+// y = (x - mean) * rstd * w + bias (RMSNorm: x * rstd * w), a tile by groups of G windows.
+template <typename T, bool kLayer, int G>
 void fwd_tile(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
               const Tiles::Unit* next) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
-  const Windows<RowIO<T>::kStep> win(t.n);
+  constexpr int64_t kStep = RowIO<T>::kStep;
+  const Windows<kStep> win(t.n);
   const T* x = a.x + tl.data(t);
   T* y = a.y + tl.data(t);
-  const int64_t np = win.pairs();
-  for (int64_t p = 0; p < np; ++p) {
-    const auto pr = win.pair(p);
-    Quad<A> mu, rs;
-    fwd_pair_stats<T, kLayer>(a, tl, t, x, win, pr, mu, rs);
-    NextTilePrefetch<T> pf(a.x, nullptr, tl, next, p, np);
+  const int64_t ng = win.template groups<G>();
+  for (int64_t p = 0; p < ng; ++p) {
+    const auto gr = win.template group<G>(p);
+    Vecs<A, G> mu, rs;
+    fwd_group_stats<T, kLayer, G>(a, tl, t, x, win, gr, mu, rs);
+    NextTilePrefetch<T> pf(a.x, nullptr, tl, next, p, ng);
     for (int64_t j = 0; j < tl.C; ++j) {
       pf.step();
-      Quad<A> v = load_pair(x + j * tl.S, win, pr);
+      auto v = load_group<G>(x + j * tl.S, win, gr);
       const V wj(a.w ? a.w[j] : A(1)), bj(a.bias ? a.bias[j] : A(0));
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < 2 * G; ++i) {
         if constexpr (kLayer) v[i] = v[i] - mu[i];
         v[i] = v[i] * rs[i];
         if (a.w) v[i] = v[i] * wj;
         if (kLayer && a.bias) v[i] = v[i] + bj;
       }
-      store_pair(y + j * tl.S, win, pr, v);
+      store_group<G>(y + j * tl.S, win, gr, v);
     }
   }
 }
 
 template <typename T, bool kLayer>
 void fwd_units(const FwdArgs<T>& a, int64_t M, int64_t C, int64_t S) {
-  const Tiles tl(M, C, S, RowIO<T>::kStep, sizeof(T));
+  const Tiles tl(M, C, S, kFwdGroup * RowIO<T>::kStep, sizeof(T));
   const OutputPrefault pf(a.y, M / S, C * S * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, tl.count, row_grain(C * tl.width), [&](int64_t b, int64_t e) {
     for_each_unit(tl, pf, b, e, b, e, [&](const Tiles::Unit& t, const Tiles::Unit* next) {
-      fwd_tile<T, kLayer>(a, tl, t, next);
+      fwd_tile<T, kLayer, kFwdGroup>(a, tl, t, next);
     });
   });
 }
@@ -309,83 +327,91 @@ struct BwdArgs {
   T* dx;
 };
 
-// A tile by pairs of windows, as ln_bwd_rows / rms_bwd_rows lane-wise. With xhat = (x - mean)
-// * rstd (RMSNorm: x * rstd) and g = dy * w:
+// A tile by groups of G windows, as ln_bwd_rows / rms_bwd_rows lane-wise. With
+// xhat = (x - mean) * rstd (RMSNorm: x * rstd) and g = dy * w:
 //   LayerNorm: dx = rstd * (g - c1 - xhat * c2), c1 = mean(g), c2 = mean(g * xhat);
 //   RMSNorm:   dx = rstd * (g - xhat * c),       c = rstd * mean(g * x)
 // (rms_norm_cpu.cpp's grouping: no intermediate outgrows |dx|). dwp / dbp (may be null):
 // the partial rows sum(dy * xhat) and sum(dy) of the block, one entry per channel.
-template <typename T, bool kLayer>
+template <typename T, bool kLayer, int G>
 void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
               const Tiles::Unit* next, acc_t<T>* dwp, acc_t<T>* dbp) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
-  const Windows<RowIO<T>::kStep> win(t.n);
+  constexpr int64_t kStep = RowIO<T>::kStep;
+  constexpr int K = 2 * G;
+  const Windows<kStep> win(t.n);
   const int64_t base = tl.data(t);
   const T* dy = a.dy + base;
   const T* x = a.x + base;
   T* dx = a.dx + base;
-  const int64_t np = win.pairs();
-  for (int64_t p = 0; p < np; ++p) {
-    const auto pr = win.pair(p);
+  const int64_t ng = win.template groups<G>();
+  for (int64_t p = 0; p < ng; ++p) {
+    const auto gr = win.template group<G>(p);
+    auto load = [&](const auto* ptr) { return load_group<G>(ptr, win, gr); };
     // Padded lanes (S < kStep) load mean = rstd = 0 and dy = 0: every sum stays 0 there.
-    Quad<A> mu{}, rs = load_pair(a.rstd + tl.stats(t), win, pr), c1{}, c2;
+    Vecs<A, G> mu{}, rs = load(a.rstd + tl.stats(t)), c1{}, c2;
     if constexpr (kLayer) {
-      mu = load_pair(a.mean + tl.stats(t), win, pr);
-      const auto s = blocked_row_sum<8, V>(tl.C, 1, [&](int64_t j, int64_t, auto& acc) {
-        Quad<A> g = load_pair(dy + j * tl.S, win, pr);
-        const Quad<A> v = load_pair(x + j * tl.S, win, pr);
+      mu = load(a.mean + tl.stats(t));
+      const auto s = blocked_row_sum<2 * K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& acc) {
+        auto g = load(dy + j * tl.S);
+        const auto v = load(x + j * tl.S);
         const V wj(a.w ? a.w[j] : A(1));
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < K; ++i) {
           if (a.w) g[i] = mul_rn(g[i], wj);
           acc[i] = acc[i] + g[i];
-          acc[4 + i] = at::vec::fmadd(g[i], (v[i] - mu[i]) * rs[i], acc[4 + i]);
+          acc[K + i] = at::vec::fmadd(g[i], (v[i] - mu[i]) * rs[i], acc[K + i]);
         }
       });
       const V vinv(A(1) / static_cast<A>(tl.C));
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < K; ++i) {
         c1[i] = s[i] * vinv;
-        c2[i] = s[4 + i] * vinv;
+        c2[i] = s[K + i] * vinv;
       }
     } else {
-      const auto s = blocked_row_sum<4, V>(tl.C, 1, [&](int64_t j, int64_t, auto& acc) {
-        const Quad<A> g = load_pair(dy + j * tl.S, win, pr);
-        const Quad<A> v = load_pair(x + j * tl.S, win, pr);
+      const auto s = blocked_row_sum<K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& acc) {
+        const auto g = load(dy + j * tl.S);
+        const auto v = load(x + j * tl.S);
         const V wj(a.w ? a.w[j] : A(1));
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < K; ++i) {
           acc[i] = at::vec::fmadd(a.w ? mul_rn(g[i], wj) : g[i], v[i], acc[i]);
         }
       });
       const V vn(static_cast<A>(tl.C));
-      for (int i = 0; i < 4; ++i) c2[i] = rs[i] * (s[i] / vn);
+      for (int i = 0; i < K; ++i) c2[i] = rs[i] * (s[i] / vn);
     }
-    const bool masked = pr.dup[0] != 0 || pr.dup[1] != 0;
-    NextTilePrefetch<T> pf(a.x, a.dy, tl, next, p, np);
+    bool masked = false;
+    for (int i = 0; i < G; ++i) masked = masked || gr.dup[i] != 0;
+    NextTilePrefetch<T> pf(a.x, a.dy, tl, next, p, ng);
     for (int64_t j = 0; j < tl.C; ++j) {
       pf.step();
-      Quad<A> g = load_pair(dy + j * tl.S, win, pr);
-      Quad<A> v = load_pair(x + j * tl.S, win, pr);
-      for (int i = 0; i < 4; ++i) {
+      auto g = load(dy + j * tl.S);
+      auto v = load(x + j * tl.S);
+      for (int i = 0; i < K; ++i) {
         if constexpr (kLayer) v[i] = v[i] - mu[i];
         v[i] = v[i] * rs[i];  // xhat
       }
       if (dwp || dbp) {  // before dy is scaled by w
-        Quad<A> gm = g;
-        if (masked) zero_dup(gm, pr);
+        auto gm = g;
+        if (masked) zero_dup<A, G>(gm, gr);
         if (dwp) {
           V s = gm[0] * v[0];
-          for (int i = 1; i < 4; ++i) s = at::vec::fmadd(gm[i], v[i], s);
+          for (int i = 1; i < K; ++i) s = at::vec::fmadd(gm[i], v[i], s);
           dwp[j] += reduce_add(s);
         }
-        if (dbp) dbp[j] += reduce_add((gm[0] + gm[1]) + (gm[2] + gm[3]));
+        if (dbp) {
+          V s = gm[0];
+          for (int i = 1; i < K; ++i) s = s + gm[i];
+          dbp[j] += reduce_add(s);
+        }
       }
       const V wj(a.w ? a.w[j] : A(1));
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < K; ++i) {
         if (a.w) g[i] = mul_rn(g[i], wj);
         if constexpr (kLayer) g[i] = g[i] - c1[i];
         g[i] = (g[i] - v[i] * c2[i]) * rs[i];
       }
-      store_pair(dx + j * tl.S, win, pr, g);
+      store_group<G>(dx + j * tl.S, win, gr, g);
     }
   }
 }
@@ -398,12 +424,12 @@ template <typename T, bool kLayer, typename W>
 void bwd_units(const BwdArgs<T>& a, const Launch& l, int64_t M, int64_t C, int64_t S, W* dw,
                W* db) {
   using A = acc_t<T>;
-  const Tiles tl(M, C, S, RowIO<T>::kStep, 2 * sizeof(T));
+  const Tiles tl(M, C, S, kBwdGroup * RowIO<T>::kStep, 2 * sizeof(T));
   const OutputPrefault pf(a.dx, M / S, C * S * static_cast<int64_t>(sizeof(T)));
   if (dw == nullptr && db == nullptr) {
     at::parallel_for(0, tl.count, row_grain(C * tl.width), [&](int64_t b, int64_t e) {
       for_each_unit(tl, pf, b, e, b, e, [&](const Tiles::Unit& t, const Tiles::Unit* next) {
-        bwd_tile<T, kLayer>(a, tl, t, next, nullptr, nullptr);
+        bwd_tile<T, kLayer, kBwdGroup>(a, tl, t, next, nullptr, nullptr);
       });
     });
     return;
@@ -419,7 +445,7 @@ void bwd_units(const BwdArgs<T>& a, const Launch& l, int64_t M, int64_t C, int64
     for_each_block(tree, cb, ce, [&](int64_t b, int64_t e, A* part) {
       // The chunk, not the block, is the thread's range (prefetching crosses blocks).
       for_each_unit(tl, pf, cb, ce, b, e, [&](const Tiles::Unit& t, const Tiles::Unit* next) {
-        bwd_tile<T, kLayer>(a, tl, t, next, dw ? part : nullptr, db ? part + db_off : nullptr);
+        bwd_tile<T, kLayer, kBwdGroup>(a, tl, t, next, dw ? part : nullptr, db ? part + db_off : nullptr);
       });
     });
     sums[c] = tree.finish();
