@@ -5,17 +5,17 @@
 // and channel j of a window of kStep consecutive positions is one contiguous vector load.
 //
 // Work is split into tiles (`width` consecutive positions of one batch item, all C channels)
-// for the threads, and each tile is walked two windows at a time: for a pair of windows the
+// for the threads, and each tile is walked G windows at a time: for a group of windows the
 // statistics passes run over the C channels (the first from memory or L2, the others from
-// L1/L2), then the output pass over the C channels with the pair's statistics in registers.
-// Meanwhile the next tile is prefetched, a whole channel run at a time, so its trip from
-// memory overlaps this tile's arithmetic. Each lane sums over C with blocked_row_sum (blocks
-// of channels added into a running total: the row kernels' cascade) and forms rstd / mean /
-// dx with the row kernels' formulas and grouping, so a row here rounds like a row there; one
-// rounding of each output.
+// L1/L2), then the output pass over the C channels with the group's statistics in registers
+// (a channel's G windows are one contiguous run, so these passes stream). Meanwhile the next
+// tile is prefetched, a whole channel run at a time, so its trip from memory overlaps this
+// tile's arithmetic. Each lane sums over C with blocked_row_sum (blocks of channels added into
+// a running total: the row kernels' cascade) and forms rstd / mean / dx with the row kernels'
+// formulas and grouping, so a row here rounds like a row there; one rounding of each output.
 //
-// Parameter gradients: each channel's dy * xhat (and dy) over a pair of windows is summed
-// lane-wise then across lanes into the block's partial row of C; tiles are the "rows" of the
+// Parameter gradients: each channel's dy * xhat (and dy) over a group of windows is summed
+// lane-wise then across lanes into the tile's row of C sums; tiles are the "rows" of the
 // param_rows.h tree (blocks of kBlockRows tiles, pairwise above), so dweight / dbias are
 // deterministic for a given thread count and accurate over any number of positions.
 #include "dispatch.h"
@@ -30,6 +30,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace rmsnorm_ext::cpu {
 namespace {
@@ -39,7 +40,8 @@ namespace {
 constexpr int64_t kTileBytes = int64_t{64} << 10;
 // At most this many positions per tile (small C): a long channel run gains nothing more.
 constexpr int64_t kMaxTile = 1024;
-// Windows per group (see the top): the forward's and the backward's.
+// Windows per group (see the top): as many as keep the passes' accumulators and statistics
+// mostly in registers (the backward holds more per window); measured best on AVX2.
 constexpr int kFwdGroup = 4;
 constexpr int kBwdGroup = 2;
 
@@ -85,7 +87,8 @@ struct Windows {
     int64_t dup[G];  // their repeated lanes
   };
   int64_t n, count, len;
-  explicit Windows(int64_t n_) : n(n_), count((n_ + kStep - 1) / kStep), len(std::min(n_, kStep)) {}
+  explicit Windows(int64_t n_)
+      : n(n_), count((n_ + kStep - 1) / kStep), len(std::min(n_, kStep)) {}
   template <int G>
   int64_t groups() const {
     return (count + G - 1) / G;
@@ -156,10 +159,10 @@ inline Vectorized<A> mul_rn(const Vectorized<A>& a, const Vectorized<A>& b) {
 }
 
 // Prefetches the next tile (into L2: it waits there while this tile's traffic passes through
-// L1), spread over the output passes of this tile's np pairs: pair p fetches the next tile's
-// channels [p * ceil(C / np), (p + 1) * ceil(C / np)), one channel's whole run every np-th
-// channel it computes, so each request is a contiguous run and the runs come evenly through
-// the tile. One or two tensors (x, and dy in the backward).
+// L1), spread over the output passes of this tile's np window groups: group p fetches the next
+// tile's channels [p * ceil(C / np), (p + 1) * ceil(C / np)), one channel's whole run every
+// np-th channel it computes, so each request is a contiguous run and the runs come evenly
+// through the tile. One or two tensors (x, and dy in the backward).
 template <typename T>
 class NextTilePrefetch {
  public:
@@ -332,7 +335,7 @@ struct BwdArgs {
 //   LayerNorm: dx = rstd * (g - c1 - xhat * c2), c1 = mean(g), c2 = mean(g * xhat);
 //   RMSNorm:   dx = rstd * (g - xhat * c),       c = rstd * mean(g * x)
 // (rms_norm_cpu.cpp's grouping: no intermediate outgrows |dx|). dwp / dbp (may be null):
-// the partial rows sum(dy * xhat) and sum(dy) of the block, one entry per channel.
+// the tile's sums of dy * xhat and of dy, one entry per channel, added to.
 template <typename T, bool kLayer, int G>
 void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
               const Tiles::Unit* next, acc_t<T>* dwp, acc_t<T>* dbp) {
@@ -417,9 +420,10 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
 }
 
 // Runs every unit: without parameter gradients in plain parallel ranges, otherwise in
-// RowChunks of units with a PartialTree each (param_rows.h), the partial row [dweight |
-// dbias] (each padded to a whole step) shared by a block of kBlockRows tiles; then dw / db
-// (dtype W) = the chunks' sums added pairwise.
+// RowChunks of units with a PartialTree each (param_rows.h): each tile sums its own
+// [dweight | dbias] row (each part padded to a whole step; a running sum over the tile's
+// window groups), which is added into the partial row of its block of kBlockRows tiles; then
+// dw / db (dtype W) = the chunks' sums added pairwise.
 template <typename T, bool kLayer, typename W>
 void bwd_units(const BwdArgs<T>& a, const Launch& l, int64_t M, int64_t C, int64_t S, W* dw,
                W* db) {
@@ -437,15 +441,20 @@ void bwd_units(const BwdArgs<T>& a, const Launch& l, int64_t M, int64_t C, int64
   const RowChunks chunks(tl.count, C * tl.width);
   const int64_t stride = padded<A>(C);
   const int64_t db_off = dw ? stride : 0;
-  const TreeWorkspace<A> ws(l.ws, chunks, ((dw != nullptr) + (db != nullptr)) * stride);
+  const int64_t width = ((dw != nullptr) + (db != nullptr)) * stride;
+  const TreeWorkspace<A> ws(l.ws, chunks, width);
   std::vector<A*> sums(static_cast<size_t>(chunks.count));
   for_each_chunk(chunks, [&](int64_t c) {
     PartialTree<A> tree = ws.tree(c);
+    std::vector<A> tile_row(static_cast<size_t>(width));
     const int64_t cb = chunks.begin(c), ce = chunks.end(c);
     for_each_block(tree, cb, ce, [&](int64_t b, int64_t e, A* part) {
       // The chunk, not the block, is the thread's range (prefetching crosses blocks).
       for_each_unit(tl, pf, cb, ce, b, e, [&](const Tiles::Unit& t, const Tiles::Unit* next) {
-        bwd_tile<T, kLayer, kBwdGroup>(a, tl, t, next, dw ? part : nullptr, db ? part + db_off : nullptr);
+        std::fill(tile_row.begin(), tile_row.end(), A(0));
+        bwd_tile<T, kLayer, kBwdGroup>(a, tl, t, next, dw ? tile_row.data() : nullptr,
+                                       db ? tile_row.data() + db_off : nullptr);
+        add_row(part, tile_row.data(), width);
       });
     });
     sums[c] = tree.finish();
@@ -496,7 +505,8 @@ void rms_bwd_channels_first(const RmsBwdParams& p, const Launch& l) {
     EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, p.offset);
     const BwdArgs<T> a{static_cast<const T*>(p.dy), static_cast<const T*>(p.x_in), nullptr,
                        static_cast<const A*>(p.rstd), wp.get(), static_cast<T*>(p.dx)};
-    bwd_units<T, false>(a, l, p.M, p.N, p.inner, static_cast<W*>(p.dw), static_cast<W*>(nullptr));
+    bwd_units<T, false>(a, l, p.M, p.N, p.inner, static_cast<W*>(p.dw),
+                        static_cast<W*>(nullptr));
   });
 }
 
