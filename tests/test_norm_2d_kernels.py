@@ -30,10 +30,10 @@ SHAPES = [
     (1, 3, 50),         # 1-D spatial
     (3, 768, 3),        # S = 3: under one step, a zero-padded window
     (1, 1, 49),         # C = 1 (LayerNorm: xhat = 0)
-    (3, 2048, 4, 5),    # long rows, S = 20
+    (1, 2048, 4, 5),    # long rows, S = 20
     (2, 3, 7, 7, 3),    # 3-D spatial, S = 147
     (1, 16, 1031),      # two tiles per item, the last with a remainder
-    (2, 96, 56, 56),    # S = 3136: many tiles per item
+    (1, 24, 56, 56),    # S = 3136: many tiles per item
     (2, 5, 1, 1),       # S = 1: contiguous rows (the row kernels)
 ]
 
@@ -274,7 +274,8 @@ def test_param_grads_exact_integer_sums(shape, threads):
         _, dw = OPS.rms_norm_2d_bwd(dy, x, rstd, w, True)
         assert torch.equal(dw.double(), dw_ref), "rms dweight"
         _, mean, rstd = OPS.layer_norm_2d_fwd(x, w, None, 0.0)
-        assert torch.equal(mean, torch.zeros_like(mean)) and torch.equal(rstd, torch.ones_like(rstd))
+        assert torch.equal(mean, torch.zeros_like(mean))
+        assert torch.equal(rstd, torch.ones_like(rstd))
         _, dw, db = OPS.layer_norm_2d_bwd(dy, x, mean, rstd, w, True, True)
         assert torch.equal(dw.double(), dw_ref), "ln dweight"
         assert torch.equal(db.double(), db_ref), "ln dbias"
@@ -292,19 +293,20 @@ def test_param_grads_accurate_over_many_rows(op):
     """ConvNeXt's first stage has B * S = 32 * 3136 rows per channel. dweight = sum of
     dy * xhat over them: with dy correlated with x the terms share a sign, so a plain running
     fp32 sum drifts (relative error ~7e-6 here, checked below against the bar) while a
-    cascade / tree stays near 1e-7 (as torch's fp32 sum). Bitwise reproducible: two calls agree exactly."""
+    cascade / tree stays near 1e-7 (as torch's fp32 sum). Bitwise reproducible: two calls
+    agree exactly."""
     shape = (32, 8, 56, 56)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(shape, generator=g) + (1.0 if op == "ln" else 0.0)
     dy = x + torch.rand(shape, generator=g)  # dy * xhat > 0 mostly, dy > 0 mostly
     w = torch.randn(8)
-    y_ref, stats_ref = _ref_fwd(op, x, None, None)
+    xhat = _ref_fwd(op, x, None, None)[0]
     out = _fwd(op, x, w, None)
     res = _bwd(op, dy, x, out[1:], w, True, True)
     again = _bwd(op, dy, x, out[1:], w, True, True)
     for a, b in zip(res[1:], again[1:]):
         assert torch.equal(a, b), "parameter gradients not bitwise reproducible"
-    terms = [_last(dy.double() * y_ref).reshape(-1, 8)]
+    terms = [_last(dy.double() * xhat).reshape(-1, 8)]
     if op == "ln":
         terms.append(_last(dy.double()).reshape(-1, 8))
     bar = 5e-7

@@ -4,17 +4,18 @@
 // gather every element; instead the vectors run ACROSS positions: a SIMD lane is one row,
 // and channel j of a window of kStep consecutive positions is one contiguous vector load.
 //
-// Work unit: a tile, `width` consecutive positions of one batch item over all C channels,
-// sized so the [C, width] block stays in L2 (kTileBytes). The statistics are computed two
-// windows at a time (their passes over C re-read the windows from L1); the output pass walks
-// the tile channel by channel (contiguous stores) from L2 while prefetching the next tile's
-// rows, so its trip from memory overlaps this tile's arithmetic. Each lane sums over C with
-// blocked_row_sum (blocks of channels added into a running total: the row kernels' cascade)
-// and forms rstd / mean / dx with the row kernels' formulas and grouping, so a row here
-// rounds like a row there; one rounding of each output.
+// Work is split into tiles (`width` consecutive positions of one batch item, all C channels)
+// for the threads, and each tile is walked G windows at a time: for a group of windows the
+// statistics passes run over the C channels (the first from memory or L2, the others from
+// L1/L2), then the output pass over the C channels with the group's statistics in registers
+// (a channel's G windows are one contiguous run, so these passes stream). Meanwhile the next
+// tile is prefetched, a whole channel run at a time, so its trip from memory overlaps this
+// tile's arithmetic. Each lane sums over C with blocked_row_sum (blocks of channels added into
+// a running total: the row kernels' cascade) and forms rstd / mean / dx with the row kernels'
+// formulas and grouping, so a row here rounds like a row there; one rounding of each output.
 //
-// Parameter gradients: per tile, each channel's dy * xhat (and dy) is summed lane-wise over
-// the tile, then across lanes, into a partial row of C; tiles are the "rows" of the
+// Parameter gradients: each channel's dy * xhat (and dy) over a group of windows is summed
+// lane-wise then across lanes into the tile's row of C sums; tiles are the "rows" of the
 // param_rows.h tree (blocks of kBlockRows tiles, pairwise above), so dweight / dbias are
 // deterministic for a given thread count and accurate over any number of positions.
 #include "dispatch.h"
@@ -26,33 +27,39 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace rmsnorm_ext::cpu {
 namespace {
 
-// Bytes of input a tile may span (x, plus dy in the backward): its windows are re-read from
-// L2 by the output pass, next to the prefetched next tile and the output lines being written.
+// Bytes of input in a tile (x, plus dy in the backward): the tile being prefetched waits in
+// L2 next to the one being computed.
 constexpr int64_t kTileBytes = int64_t{64} << 10;
-// At most this many positions per tile (small C), so the per-window scratch of the backward
-// stays a few KiB on the stack.
-constexpr int64_t kMaxTile = 512;
+// At most this many positions per tile (small C): a long channel run gains nothing more.
+constexpr int64_t kMaxTile = 1024;
+// Windows per group (see the top): as many as keep the passes' accumulators and statistics
+// mostly in registers (the backward holds more per window); measured best on AVX2.
+constexpr int kFwdGroup = 4;
+constexpr int kBwdGroup = 2;
 
 // The tiles of a [B, C, S] tensor. Unit u = (item o, tile k) covers positions [s0, s0 + n) of
-// item o. An item has max(1, S / width) tiles and the last one takes the remainder too (n in
-// [width, 2 * width)), so with S >= kStep every tile holds at least one whole step (Windows).
+// item o. The width is a whole number of window groups (at least one, even past
+// kTileBytes: a partial group costs a whole group's arithmetic). An item has
+// max(1, S / width) tiles and the last one takes the remainder too (n in [width, 2 * width)),
+// so with S >= kStep every tile holds at least one whole step (Windows).
 struct Tiles {
   struct Unit {
     int64_t o, s0, n;
   };
   int64_t C, S, width, per_item, count;
 
-  // step: positions per vector window; elem_bytes: input bytes per element (summed over the
-  // tensors a tile reads).
-  Tiles(int64_t M, int64_t C_, int64_t S_, int64_t step, int64_t elem_bytes) : C(C_), S(S_) {
-    const int64_t fit = kTileBytes / (C * elem_bytes) / step * step;
-    width = std::clamp(fit, step, kMaxTile);
+  // group: positions per group of windows; elem_bytes: input bytes per element (summed over
+  // the tensors a tile reads).
+  Tiles(int64_t M, int64_t C_, int64_t S_, int64_t group, int64_t elem_bytes) : C(C_), S(S_) {
+    width = std::clamp(kTileBytes / (C * elem_bytes) / group * group, group, kMaxTile);
     per_item = std::max<int64_t>(1, S / width);
     count = M / S * per_item;
   }
@@ -64,55 +71,132 @@ struct Tiles {
   int64_t stats(const Unit& t) const { return t.o * S + t.s0; }     // row (o, s0)
 };
 
-// The vector windows of a tile of n positions: window k covers kStep positions from
-// min(k * kStep, n - kStep). Where n is not a whole number of steps the last window is
-// shifted back to end at n, so it is a full-width load and store that stays inside the tile
-// (no padding cost on every channel, e.g. 7 x 7 = 49 positions); its first dup(k) lanes
-// repeat positions of the window before, recomputed to the same bits and stored again, and
-// masked out of the parameter-gradient sums. A tile shorter than one step (S < kStep) is a
-// single zero-padded window (RowIO::load_n / store_n).
+// The vector windows of a tile of n positions, taken G at a time. Window k covers kStep
+// positions from min(k * kStep, n - kStep): where n is not a whole number of steps the last
+// window is shifted back to end at n, so it is a full-width load and store that stays inside
+// the tile (no padding cost on every channel, e.g. 7 x 7 = 49 positions); its first dup
+// lanes repeat positions of the window before: recomputed to the same bits, stored again,
+// and masked out of the parameter-gradient sums. A last group with fewer than G windows
+// repeats its last one (dup = kStep: all lanes masked, not stored again). A tile shorter
+// than one step (S < kStep) is a single zero-padded window (RowIO::load_n / store_n).
 template <int64_t kStep>
 struct Windows {
+  template <int G>
+  struct Group {
+    int64_t off[G];  // the windows' first positions
+    int64_t dup[G];  // their repeated lanes
+  };
   int64_t n, count, len;
-  explicit Windows(int64_t n_) : n(n_), count((n_ + kStep - 1) / kStep), len(std::min(n_, kStep)) {}
+  explicit Windows(int64_t n_)
+      : n(n_), count((n_ + kStep - 1) / kStep), len(std::min(n_, kStep)) {}
+  template <int G>
+  int64_t groups() const {
+    return (count + G - 1) / G;
+  }
+  template <int G>
+  Group<G> group(int64_t p) const {
+    Group<G> g;
+    for (int i = 0; i < G; ++i) {
+      const int64_t k = G * p + i;
+      g.off[i] = off(std::min(k, count - 1));
+      g.dup[i] = k < count ? k * kStep - g.off[i] : kStep;
+    }
+    return g;
+  }
   int64_t off(int64_t k) const { return std::min(k * kStep, n - len); }
-  int64_t dup(int64_t k) const { return k * kStep - off(k); }
 };
 
-// Runs done(k0, k1, sums) for the windows of a tile two at a time (two windows' accumulator
-// chains hide the FMA latency; k1 == k0 for an odd last window, computed and stored twice to
-// the same values), sums[K] being what acc(j, k0, k1, part) adds over the channels in
-// blocks of 32 (blocked_row_sum with a step of one channel).
-template <int K, typename V, int64_t kStep, typename Acc, typename Done>
-void window_pairs(const Windows<kStep>& win, int64_t C, Acc&& acc, Done&& done) {
-  for (int64_t k0 = 0; k0 < win.count; k0 += 2) {
-    const int64_t k1 = std::min(k0 + 1, win.count - 1);
-    done(k0, k1, blocked_row_sum<K, V>(C, 1, [&](int64_t j, int64_t, auto& p) { acc(j, k0, k1, p); }));
+// The 2 * G accumulator-width vectors of a group of G windows.
+template <typename A, int G>
+using Vecs = std::array<Vectorized<A>, 2 * G>;
+
+template <int G, typename T, int64_t kStep>
+inline Vecs<acc_t<T>, G> load_group(const T* p, const Windows<kStep>& w,
+                                    const typename Windows<kStep>::template Group<G>& gr) {
+  Vecs<acc_t<T>, G> v;
+  for (int i = 0; i < G; ++i) RowIO<T>::load_n(p + gr.off[i], w.len, v[2 * i], v[2 * i + 1]);
+  return v;
+}
+
+template <int G, typename T, int64_t kStep>
+inline void store_group(T* p, const Windows<kStep>& w,
+                        const typename Windows<kStep>::template Group<G>& gr,
+                        const Vecs<acc_t<T>, G>& v) {
+  for (int i = 0; i < G; ++i) {
+    if (gr.dup[i] < kStep) RowIO<T>::store_n(p + gr.off[i], w.len, v[2 * i], v[2 * i + 1]);
   }
 }
 
-// Prefetches n elements from p into L2 (the current tile's traffic would evict them from L1
-// before the next tile's statistics read them).
-template <typename T>
-inline void prefetch_run(const T* p, int64_t n) {
-  const uintptr_t end = reinterpret_cast<uintptr_t>(p + n);
-  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63}; a < end; a += 64) {
-    __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 2);
-  }
-}
-
-// Zero the first k lanes of a step (a, b): the repeated lanes of a shifted window.
-template <typename A>
-inline void zero_head(Vectorized<A>& a, Vectorized<A>& b, int64_t k) {
+// Zero the lanes of v that repeat other positions (Group::dup), for the parameter
+// gradients' sums.
+template <typename A, int G, typename Group>
+inline void zero_dup(Vecs<A, G>& v, const Group& gr) {
   constexpr int64_t L = Vectorized<A>::size();
   const Vectorized<A> z(A(0));
-  if (k >= L) {
-    a = z;
-    b = Vectorized<A>::set(b, z, k - L);
-  } else {
-    a = Vectorized<A>::set(a, z, k);
+  for (int i = 0; i < G; ++i) {
+    const int64_t k = gr.dup[i];
+    if (k == 0) continue;
+    Vectorized<A>& a = v[2 * i];
+    Vectorized<A>& b = v[2 * i + 1];
+    if (k >= L) {
+      a = z;
+      b = Vectorized<A>::set(b, z, k - L);
+    } else {
+      a = Vectorized<A>::set(a, z, k);
+    }
   }
 }
+
+// a * b rounded on its own (the CPU twin of cuda_utils.cuh's mul_rn). GCC contracts a
+// product into a following add or subtract (an FMA) even across statements, so where the
+// same product is formed in two passes and must cancel exactly (g = dy * w, whose mean
+// LayerNorm's backward subtracts: exactly 0 for C = 1), both passes form it with this: an
+// explicit FMA with a -0 addend is the rounded product (signed zeros included) and is never
+// fused further.
+template <typename A>
+inline Vectorized<A> mul_rn(const Vectorized<A>& a, const Vectorized<A>& b) {
+  return at::vec::fmadd(a, b, Vectorized<A>(A(-0.0)));
+}
+
+// Prefetches the next tile (into L2: it waits there while this tile's traffic passes through
+// L1), spread over the output passes of this tile's np window groups: group p fetches the next
+// tile's channels [p * ceil(C / np), (p + 1) * ceil(C / np)), one channel's whole run every
+// np-th channel it computes, so each request is a contiguous run and the runs come evenly
+// through the tile. One or two tensors (x, and dy in the backward).
+template <typename T>
+class NextTilePrefetch {
+ public:
+  NextTilePrefetch(const T* a, const T* b, const Tiles& tl, const Tiles::Unit* next, int64_t p,
+                   int64_t np)
+      : base_{a, b}, S_(tl.S), np_(np), wait_(0) {
+    if (next == nullptr) return;
+    const int64_t per = (tl.C + np - 1) / np;
+    bytes_ = next->n * static_cast<int64_t>(sizeof(T));
+    row_ = std::min(tl.C, p * per);
+    end_ = std::min(tl.C, row_ + per);
+    for (const T*& t : base_) t = t ? t + tl.data(*next) : nullptr;
+  }
+
+  // Called once per channel of the output pass.
+  void step() {
+    if (row_ == end_ || --wait_ > 0) return;
+    wait_ = np_;
+    for (const T* t : base_) {
+      if (t == nullptr) continue;
+      const char* r = reinterpret_cast<const char*>(t + row_ * S_);
+      const uintptr_t end = reinterpret_cast<uintptr_t>(r + bytes_);
+      for (uintptr_t a = reinterpret_cast<uintptr_t>(r) & ~uintptr_t{63}; a < end; a += 64) {
+        __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 2);
+      }
+    }
+    ++row_;
+  }
+
+ private:
+  const T* base_[2];
+  int64_t S_, np_, wait_;
+  int64_t bytes_ = 0, row_ = 0, end_ = 0;
+};
 
 // Runs f(t, next) for the units [from, to) of a thread's contiguous range [b, e) (next: the
 // unit after t if it is in the range, for prefetching, else null), backing the output's
@@ -145,143 +229,90 @@ struct FwdArgs {
   double eps;
 };
 
-// y = (x - mean) * rstd * w + bias over a tile (mean, bias null: RMSNorm), the statistics
-// read back from the windows the statistics pass just stored (L1). Prefetches the next tile.
-template <typename T>
-void fwd_output(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
-                const Tiles::Unit* next) {
-  using IO = RowIO<T>;
+// The statistics of a group of G windows: rstd, and for LayerNorm the mean (as
+// ln_row_stats, row_stats.h, lane-wise: the mean, then the corrected two-pass variance
+// sum(d^2) - sum(d)^2 / C with d = x - mean0). Stored, and returned for the output pass.
+template <typename T, bool kLayer, int G, int64_t kStep>
+void fwd_group_stats(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t, const T* x,
+                     const Windows<kStep>& win,
+                     const typename Windows<kStep>::template Group<G>& gr,
+                     Vecs<acc_t<T>, G>& mu, Vecs<acc_t<T>, G>& rs) {
   using A = acc_t<T>;
-  using SIO = RowIO<A>;
-  using V = typename IO::V;
-  const Windows<IO::kStep> win(t.n);
+  using V = Vectorized<A>;
+  constexpr int K = 2 * G;
+  const V vn(static_cast<A>(tl.C)), ve(static_cast<A>(a.eps)), one(A(1)), zero(A(0));
+  auto load = [&](int64_t j) { return load_group<G>(x + j * tl.S, win, gr); };
+  if constexpr (!kLayer) {
+    const auto s = blocked_row_sum<K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
+      const auto v = load(j);
+      for (int i = 0; i < K; ++i) p[i] = at::vec::fmadd(v[i], v[i], p[i]);
+    });
+    for (int i = 0; i < K; ++i) rs[i] = one / (s[i] / vn + ve).sqrt();  // rstd_from
+  } else {
+    const auto s = blocked_row_sum<K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
+      const auto v = load(j);
+      for (int i = 0; i < K; ++i) p[i] = p[i] + v[i];
+    });
+    Vecs<A, G> m0;
+    for (int i = 0; i < K; ++i) m0[i] = s[i] / vn;
+    const auto tv = blocked_row_sum<2 * K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
+      const auto v = load(j);
+      for (int i = 0; i < K; ++i) {
+        const V d = v[i] - m0[i];
+        p[i] = at::vec::fmadd(d, d, p[i]);
+        p[K + i] = p[K + i] + d;
+      }
+    });
+    const V vinv(A(1) / static_cast<A>(tl.C));
+    for (int i = 0; i < K; ++i) {
+      const V sd = tv[K + i];
+      mu[i] = m0[i] + sd * vinv;
+      const V var = (tv[i] - sd * sd * vinv) * vinv;
+      rs[i] = one / (V::blendv(var, zero, var < zero) + ve).sqrt();  // var < 0 ? 0 : var
+    }
+    store_group<G>(a.mean + tl.stats(t), win, gr, mu);
+  }
+  store_group<G>(a.rstd + tl.stats(t), win, gr, rs);
+}
+
+// y = (x - mean) * rstd * w + bias (RMSNorm: x * rstd * w), a tile by groups of G windows.
+template <typename T, bool kLayer, int G>
+void fwd_tile(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
+              const Tiles::Unit* next) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t kStep = RowIO<T>::kStep;
+  const Windows<kStep> win(t.n);
   const T* x = a.x + tl.data(t);
   T* y = a.y + tl.data(t);
-  const A* mean = a.mean ? a.mean + tl.stats(t) : nullptr;
-  const A* rstd = a.rstd + tl.stats(t);
-  for (int64_t j = 0; j < tl.C; ++j) {
-    if (next) prefetch_run(a.x + tl.data(*next) + j * tl.S, next->n);
-    const T* xj = x + j * tl.S;
-    T* yj = y + j * tl.S;
-    const V wj(a.w ? a.w[j] : A(1)), bj(a.bias ? a.bias[j] : A(0));
-    for (int64_t k = 0; k < win.count; ++k) {
-      const int64_t o = win.off(k);
-      V xa, xb, ra, rb;
-      IO::load_n(xj + o, win.len, xa, xb);
-      if (mean) {
-        SIO::load_n(mean + o, win.len, ra, rb);
-        xa = xa - ra;
-        xb = xb - rb;
+  const int64_t ng = win.template groups<G>();
+  for (int64_t p = 0; p < ng; ++p) {
+    const auto gr = win.template group<G>(p);
+    Vecs<A, G> mu, rs;
+    fwd_group_stats<T, kLayer, G>(a, tl, t, x, win, gr, mu, rs);
+    NextTilePrefetch<T> pf(a.x, nullptr, tl, next, p, ng);
+    for (int64_t j = 0; j < tl.C; ++j) {
+      pf.step();
+      auto v = load_group<G>(x + j * tl.S, win, gr);
+      const V wj(a.w ? a.w[j] : A(1)), bj(a.bias ? a.bias[j] : A(0));
+      for (int i = 0; i < 2 * G; ++i) {
+        if constexpr (kLayer) v[i] = v[i] - mu[i];
+        v[i] = v[i] * rs[i];
+        if (a.w) v[i] = v[i] * wj;
+        if (kLayer && a.bias) v[i] = v[i] + bj;
       }
-      SIO::load_n(rstd + o, win.len, ra, rb);
-      xa = xa * ra;
-      xb = xb * rb;
-      if (a.w) {
-        xa = xa * wj;
-        xb = xb * wj;
-      }
-      if (a.bias) {
-        xa = xa + bj;
-        xb = xb + bj;
-      }
-      IO::store_n(yj + o, win.len, xa, xb);
+      store_group<G>(y + j * tl.S, win, gr, v);
     }
   }
 }
 
-template <typename T>
-void rms_fwd_tile(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
-                  const Tiles::Unit* next) {
-  using IO = RowIO<T>;
-  using A = acc_t<T>;
-  using SIO = RowIO<A>;
-  using V = typename IO::V;
-  const Windows<IO::kStep> win(t.n);
-  const T* x = a.x + tl.data(t);
-  A* rstd = a.rstd + tl.stats(t);
-  const V vn(static_cast<A>(tl.C)), ve(static_cast<A>(a.eps)), one(A(1));
-  window_pairs<4, V>(
-      win, tl.C,
-      [&](int64_t j, int64_t k0, int64_t k1, auto& p) {
-        V a0, b0, a1, b1;
-        IO::load_n(x + j * tl.S + win.off(k0), win.len, a0, b0);
-        IO::load_n(x + j * tl.S + win.off(k1), win.len, a1, b1);
-        p[0] = at::vec::fmadd(a0, a0, p[0]);
-        p[1] = at::vec::fmadd(b0, b0, p[1]);
-        p[2] = at::vec::fmadd(a1, a1, p[2]);
-        p[3] = at::vec::fmadd(b1, b1, p[3]);
-      },
-      [&](int64_t k0, int64_t k1, const auto& s) {  // rstd_from, lane-wise
-        SIO::store_n(rstd + win.off(k0), win.len, one / (s[0] / vn + ve).sqrt(),
-                     one / (s[1] / vn + ve).sqrt());
-        SIO::store_n(rstd + win.off(k1), win.len, one / (s[2] / vn + ve).sqrt(),
-                     one / (s[3] / vn + ve).sqrt());
-      });
-  fwd_output(a, tl, t, next);
-}
-
-// LayerNorm's statistics as ln_row_stats (row_stats.h), lane-wise: the mean, then the
-// corrected two-pass variance (sum(d^2) - sum(d)^2 / C with d = x - mean0).
-template <typename T>
-void ln_fwd_tile(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
-                 const Tiles::Unit* next) {
-  using IO = RowIO<T>;
-  using A = acc_t<T>;
-  using SIO = RowIO<A>;
-  using V = typename IO::V;
-  const Windows<IO::kStep> win(t.n);
-  const T* x = a.x + tl.data(t);
-  A* mean = a.mean + tl.stats(t);
-  A* rstd = a.rstd + tl.stats(t);
-  const A inv_n = A(1) / static_cast<A>(tl.C);
-  const V vn(static_cast<A>(tl.C)), vinv(inv_n), ve(static_cast<A>(a.eps)), one(A(1)), zero(A(0));
-  auto load2 = [&](int64_t j, int64_t k0, int64_t k1, V (&v)[4]) {
-    IO::load_n(x + j * tl.S + win.off(k0), win.len, v[0], v[1]);
-    IO::load_n(x + j * tl.S + win.off(k1), win.len, v[2], v[3]);
-  };
-  window_pairs<4, V>(
-      win, tl.C,
-      [&](int64_t j, int64_t k0, int64_t k1, auto& p) {
-        V v[4];
-        load2(j, k0, k1, v);
-        for (int i = 0; i < 4; ++i) p[i] = p[i] + v[i];
-      },
-      [&](int64_t k0, int64_t k1, const auto& s) {
-        V m0[4];
-        for (int i = 0; i < 4; ++i) m0[i] = s[i] / vn;
-        // The second pass over the same two windows, from L1.
-        const auto tv = blocked_row_sum<8, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
-          V v[4];
-          load2(j, k0, k1, v);
-          for (int i = 0; i < 4; ++i) {
-            const V d = v[i] - m0[i];
-            p[i] = at::vec::fmadd(d, d, p[i]);
-            p[4 + i] = p[4 + i] + d;
-          }
-        });
-        V mu[4], rs[4];
-        for (int i = 0; i < 4; ++i) {
-          const V sd = tv[4 + i];
-          mu[i] = m0[i] + sd * vinv;
-          const V var = (tv[i] - sd * sd * vinv) * vinv;
-          // var < 0 ? 0 : var, as ln_row_stats (keeps NaN)
-          rs[i] = one / (V::blendv(var, zero, var < zero) + ve).sqrt();
-        }
-        SIO::store_n(mean + win.off(k0), win.len, mu[0], mu[1]);
-        SIO::store_n(mean + win.off(k1), win.len, mu[2], mu[3]);
-        SIO::store_n(rstd + win.off(k0), win.len, rs[0], rs[1]);
-        SIO::store_n(rstd + win.off(k1), win.len, rs[2], rs[3]);
-      });
-  fwd_output(a, tl, t, next);
-}
-
-template <typename T, typename Tile>
-void fwd_units(const FwdArgs<T>& a, int64_t M, int64_t C, int64_t S, Tile&& tile) {
-  const Tiles tl(M, C, S, RowIO<T>::kStep, sizeof(T));
+template <typename T, bool kLayer>
+void fwd_units(const FwdArgs<T>& a, int64_t M, int64_t C, int64_t S) {
+  const Tiles tl(M, C, S, kFwdGroup * RowIO<T>::kStep, sizeof(T));
   const OutputPrefault pf(a.y, M / S, C * S * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, tl.count, row_grain(C * tl.width), [&](int64_t b, int64_t e) {
     for_each_unit(tl, pf, b, e, b, e, [&](const Tiles::Unit& t, const Tiles::Unit* next) {
-      tile(a, tl, t, next);
+      fwd_tile<T, kLayer, kFwdGroup>(a, tl, t, next);
     });
   });
 }
@@ -299,176 +330,110 @@ struct BwdArgs {
   T* dx;
 };
 
-// Per-window scratch of a tile: C1 and C2 of dx = rstd * (g - C1 - xhat * C2) (C1 = 0 for
-// RMSNorm), indexed by window (k * kStep), not by position.
-template <typename A>
-struct BwdScratch {
-  alignas(64) A c1[2 * kMaxTile];
-  alignas(64) A c2[2 * kMaxTile];
-};
-
-// The output pass of a tile: dx from the scratch, and each channel's dy * xhat and dy summed
-// over the tile into dwp[j] / dbp[j] (may be null). Prefetches the next tile's x and dy.
-template <typename T>
-void bwd_output(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
-                const Tiles::Unit* next, const BwdScratch<acc_t<T>>& sc, acc_t<T>* dwp,
-                acc_t<T>* dbp) {
-  using IO = RowIO<T>;
+// A tile by groups of G windows, as ln_bwd_rows / rms_bwd_rows lane-wise. With
+// xhat = (x - mean) * rstd (RMSNorm: x * rstd) and g = dy * w:
+//   LayerNorm: dx = rstd * (g - c1 - xhat * c2), c1 = mean(g), c2 = mean(g * xhat);
+//   RMSNorm:   dx = rstd * (g - xhat * c),       c = rstd * mean(g * x)
+// (rms_norm_cpu.cpp's grouping: no intermediate outgrows |dx|). dwp / dbp (may be null):
+// the tile's sums of dy * xhat and of dy, one entry per channel, added to.
+template <typename T, bool kLayer, int G>
+void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
+              const Tiles::Unit* next, acc_t<T>* dwp, acc_t<T>* dbp) {
   using A = acc_t<T>;
-  using SIO = RowIO<A>;
-  using V = typename IO::V;
-  constexpr int64_t kStep = IO::kStep;
+  using V = Vectorized<A>;
+  constexpr int64_t kStep = RowIO<T>::kStep;
+  constexpr int K = 2 * G;
   const Windows<kStep> win(t.n);
   const int64_t base = tl.data(t);
-  const A* mean = a.mean ? a.mean + tl.stats(t) : nullptr;
-  const A* rstd = a.rstd + tl.stats(t);
-  for (int64_t j = 0; j < tl.C; ++j) {
-    if (next) {
-      prefetch_run(a.x + tl.data(*next) + j * tl.S, next->n);
-      prefetch_run(a.dy + tl.data(*next) + j * tl.S, next->n);
-    }
-    const T* dyj = a.dy + base + j * tl.S;
-    const T* xj = a.x + base + j * tl.S;
-    T* dxj = a.dx + base + j * tl.S;
-    const V wj(a.w ? a.w[j] : A(1));
-    V dwa(A(0)), dwb(A(0)), dba(A(0)), dbb(A(0));
-    for (int64_t k = 0; k < win.count; ++k) {
-      const int64_t o = win.off(k);
-      V ga, gb, xa, xb, ra, rb, ca, cb;
-      IO::load_n(dyj + o, win.len, ga, gb);
-      IO::load_n(xj + o, win.len, xa, xb);
-      if (mean) {
-        SIO::load_n(mean + o, win.len, ra, rb);
-        xa = xa - ra;
-        xb = xb - rb;
-      }
-      SIO::load_n(rstd + o, win.len, ra, rb);
-      xa = xa * ra;  // xhat
-      xb = xb * rb;
-      if (dwp || dbp) {  // before dy is scaled by w
-        V pa = ga, pb = gb;
-        if (const int64_t d = win.dup(k)) zero_head(pa, pb, d);
-        dwa = at::vec::fmadd(pa, xa, dwa);
-        dwb = at::vec::fmadd(pb, xb, dwb);
-        dba = dba + pa;
-        dbb = dbb + pb;
-      }
-      if (a.w) {
-        ga = ga * wj;
-        gb = gb * wj;
-      }
-      if (mean) {  // g - C1 first, as ln_bwd_rows: (g - c1 - xhat * c2) * rstd
-        SIO::load(sc.c1 + k * kStep, ca, cb);
-        ga = ga - ca;
-        gb = gb - cb;
-      }
-      SIO::load(sc.c2 + k * kStep, ca, cb);
-      IO::store_n(dxj + o, win.len, (ga - xa * ca) * ra, (gb - xb * cb) * rb);
-    }
-    if (dwp) dwp[j] += reduce_add(dwa + dwb);
-    if (dbp) dbp[j] += reduce_add(dba + dbb);
-  }
-}
-
-// dx = rstd * (g - xhat * c), g = dy * w, xhat = x * rstd, c = rstd * mean(g * x): the row
-// kernel's grouping (rms_norm_cpu.cpp: no intermediate outgrows |dx|).
-template <typename T>
-void rms_bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
-                  const Tiles::Unit* next, acc_t<T>* dwp) {
-  using IO = RowIO<T>;
-  using A = acc_t<T>;
-  using SIO = RowIO<A>;
-  using V = typename IO::V;
-  constexpr int64_t kStep = IO::kStep;
-  const Windows<kStep> win(t.n);
-  const T* dy = a.dy + tl.data(t);
-  const T* x = a.x + tl.data(t);
-  const A* rstd = a.rstd + tl.stats(t);
-  const V vn(static_cast<A>(tl.C));
-  BwdScratch<A> sc;
-  window_pairs<4, V>(
-      win, tl.C,
-      [&](int64_t j, int64_t k0, int64_t k1, auto& p) {
+  const T* dy = a.dy + base;
+  const T* x = a.x + base;
+  T* dx = a.dx + base;
+  const int64_t ng = win.template groups<G>();
+  for (int64_t p = 0; p < ng; ++p) {
+    const auto gr = win.template group<G>(p);
+    auto load = [&](const auto* ptr) { return load_group<G>(ptr, win, gr); };
+    // Padded lanes (S < kStep) load mean = rstd = 0 and dy = 0: every sum stays 0 there.
+    Vecs<A, G> mu{}, rs = load(a.rstd + tl.stats(t)), c1{}, c2;
+    if constexpr (kLayer) {
+      mu = load(a.mean + tl.stats(t));
+      const auto s = blocked_row_sum<2 * K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& acc) {
+        auto g = load(dy + j * tl.S);
+        const auto v = load(x + j * tl.S);
         const V wj(a.w ? a.w[j] : A(1));
-        const int64_t r = j * tl.S;
-        V g[4], v[4];
-        IO::load_n(dy + r + win.off(k0), win.len, g[0], g[1]);
-        IO::load_n(dy + r + win.off(k1), win.len, g[2], g[3]);
-        IO::load_n(x + r + win.off(k0), win.len, v[0], v[1]);
-        IO::load_n(x + r + win.off(k1), win.len, v[2], v[3]);
-        for (int i = 0; i < 4; ++i) p[i] = at::vec::fmadd(a.w ? g[i] * wj : g[i], v[i], p[i]);
-      },
-      [&](int64_t k0, int64_t k1, const auto& s) {
-        V ra, rb;
-        SIO::load_n(rstd + win.off(k0), win.len, ra, rb);
-        SIO::store(sc.c2 + k0 * kStep, ra * (s[0] / vn), rb * (s[1] / vn));
-        SIO::load_n(rstd + win.off(k1), win.len, ra, rb);
-        SIO::store(sc.c2 + k1 * kStep, ra * (s[2] / vn), rb * (s[3] / vn));
+        for (int i = 0; i < K; ++i) {
+          if (a.w) g[i] = mul_rn(g[i], wj);
+          acc[i] = acc[i] + g[i];
+          acc[K + i] = at::vec::fmadd(g[i], (v[i] - mu[i]) * rs[i], acc[K + i]);
+        }
       });
-  bwd_output(a, tl, t, next, sc, dwp, nullptr);
-}
-
-// xhat = (x - mean) * rstd, g = dy * w: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
-// as ln_bwd_rows.
-template <typename T>
-void ln_bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
-                 const Tiles::Unit* next, acc_t<T>* dwp, acc_t<T>* dbp) {
-  using IO = RowIO<T>;
-  using A = acc_t<T>;
-  using SIO = RowIO<A>;
-  using V = typename IO::V;
-  constexpr int64_t kStep = IO::kStep;
-  const Windows<kStep> win(t.n);
-  const T* dy = a.dy + tl.data(t);
-  const T* x = a.x + tl.data(t);
-  const A* mean = a.mean + tl.stats(t);
-  const A* rstd = a.rstd + tl.stats(t);
-  const V vinv(A(1) / static_cast<A>(tl.C));
-  BwdScratch<A> sc;
-  for (int64_t k0 = 0; k0 < win.count; k0 += 2) {
-    const int64_t k1 = std::min(k0 + 1, win.count - 1);
-    V m[4], r[4];
-    SIO::load_n(mean + win.off(k0), win.len, m[0], m[1]);
-    SIO::load_n(mean + win.off(k1), win.len, m[2], m[3]);
-    SIO::load_n(rstd + win.off(k0), win.len, r[0], r[1]);
-    SIO::load_n(rstd + win.off(k1), win.len, r[2], r[3]);
-    // Padded lanes (S < kStep): dy = 0, so g = 0 and both sums stay 0 there.
-    const auto s = blocked_row_sum<8, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
-      const V wj(a.w ? a.w[j] : A(1));
-      const int64_t rj = j * tl.S;
-      V g[4], v[4];
-      IO::load_n(dy + rj + win.off(k0), win.len, g[0], g[1]);
-      IO::load_n(dy + rj + win.off(k1), win.len, g[2], g[3]);
-      IO::load_n(x + rj + win.off(k0), win.len, v[0], v[1]);
-      IO::load_n(x + rj + win.off(k1), win.len, v[2], v[3]);
-      for (int i = 0; i < 4; ++i) {
-        if (a.w) g[i] = g[i] * wj;
-        p[i] = p[i] + g[i];
-        p[4 + i] = at::vec::fmadd(g[i], (v[i] - m[i]) * r[i], p[4 + i]);
+      const V vinv(A(1) / static_cast<A>(tl.C));
+      for (int i = 0; i < K; ++i) {
+        c1[i] = s[i] * vinv;
+        c2[i] = s[K + i] * vinv;
       }
-    });
-    SIO::store(sc.c1 + k0 * kStep, s[0] * vinv, s[1] * vinv);
-    SIO::store(sc.c1 + k1 * kStep, s[2] * vinv, s[3] * vinv);
-    SIO::store(sc.c2 + k0 * kStep, s[4] * vinv, s[5] * vinv);
-    SIO::store(sc.c2 + k1 * kStep, s[6] * vinv, s[7] * vinv);
+    } else {
+      const auto s = blocked_row_sum<K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& acc) {
+        const auto g = load(dy + j * tl.S);
+        const auto v = load(x + j * tl.S);
+        const V wj(a.w ? a.w[j] : A(1));
+        for (int i = 0; i < K; ++i) {
+          acc[i] = at::vec::fmadd(a.w ? mul_rn(g[i], wj) : g[i], v[i], acc[i]);
+        }
+      });
+      const V vn(static_cast<A>(tl.C));
+      for (int i = 0; i < K; ++i) c2[i] = rs[i] * (s[i] / vn);
+    }
+    bool masked = false;
+    for (int i = 0; i < G; ++i) masked = masked || gr.dup[i] != 0;
+    NextTilePrefetch<T> pf(a.x, a.dy, tl, next, p, ng);
+    for (int64_t j = 0; j < tl.C; ++j) {
+      pf.step();
+      auto g = load(dy + j * tl.S);
+      auto v = load(x + j * tl.S);
+      for (int i = 0; i < K; ++i) {
+        if constexpr (kLayer) v[i] = v[i] - mu[i];
+        v[i] = v[i] * rs[i];  // xhat
+      }
+      if (dwp || dbp) {  // before dy is scaled by w
+        auto gm = g;
+        if (masked) zero_dup<A, G>(gm, gr);
+        if (dwp) {
+          V s = gm[0] * v[0];
+          for (int i = 1; i < K; ++i) s = at::vec::fmadd(gm[i], v[i], s);
+          dwp[j] += reduce_add(s);
+        }
+        if (dbp) {
+          V s = gm[0];
+          for (int i = 1; i < K; ++i) s = s + gm[i];
+          dbp[j] += reduce_add(s);
+        }
+      }
+      const V wj(a.w ? a.w[j] : A(1));
+      for (int i = 0; i < K; ++i) {
+        if (a.w) g[i] = mul_rn(g[i], wj);
+        if constexpr (kLayer) g[i] = g[i] - c1[i];
+        g[i] = (g[i] - v[i] * c2[i]) * rs[i];
+      }
+      store_group<G>(dx + j * tl.S, win, gr, g);
+    }
   }
-  bwd_output(a, tl, t, next, sc, dwp, dbp);
 }
 
-// Runs tile(tl, t, next, dwp, dbp) over every unit: without parameter gradients in plain
-// parallel ranges, otherwise in RowChunks of units with a PartialTree each (param_rows.h),
-// the partial row [dweight | dbias] (each padded to a whole step) shared by a block of
-// kBlockRows tiles; then dw / db (dtype W) = the chunks' sums added pairwise.
-template <typename T, typename W, typename Tile>
+// Runs every unit: without parameter gradients in plain parallel ranges, otherwise in
+// RowChunks of units with a PartialTree each (param_rows.h): each tile sums its own
+// [dweight | dbias] row (each part padded to a whole step; a running sum over the tile's
+// window groups), which is added into the partial row of its block of kBlockRows tiles; then
+// dw / db (dtype W) = the chunks' sums added pairwise.
+template <typename T, bool kLayer, typename W>
 void bwd_units(const BwdArgs<T>& a, const Launch& l, int64_t M, int64_t C, int64_t S, W* dw,
-               W* db, Tile&& tile) {
+               W* db) {
   using A = acc_t<T>;
-  const Tiles tl(M, C, S, RowIO<T>::kStep, 2 * sizeof(T));
+  const Tiles tl(M, C, S, kBwdGroup * RowIO<T>::kStep, 2 * sizeof(T));
   const OutputPrefault pf(a.dx, M / S, C * S * static_cast<int64_t>(sizeof(T)));
   if (dw == nullptr && db == nullptr) {
     at::parallel_for(0, tl.count, row_grain(C * tl.width), [&](int64_t b, int64_t e) {
       for_each_unit(tl, pf, b, e, b, e, [&](const Tiles::Unit& t, const Tiles::Unit* next) {
-        tile(tl, t, next, nullptr, nullptr);
+        bwd_tile<T, kLayer, kBwdGroup>(a, tl, t, next, nullptr, nullptr);
       });
     });
     return;
@@ -476,15 +441,20 @@ void bwd_units(const BwdArgs<T>& a, const Launch& l, int64_t M, int64_t C, int64
   const RowChunks chunks(tl.count, C * tl.width);
   const int64_t stride = padded<A>(C);
   const int64_t db_off = dw ? stride : 0;
-  const TreeWorkspace<A> ws(l.ws, chunks, ((dw != nullptr) + (db != nullptr)) * stride);
+  const int64_t width = ((dw != nullptr) + (db != nullptr)) * stride;
+  const TreeWorkspace<A> ws(l.ws, chunks, width);
   std::vector<A*> sums(static_cast<size_t>(chunks.count));
   for_each_chunk(chunks, [&](int64_t c) {
     PartialTree<A> tree = ws.tree(c);
+    std::vector<A> tile_row(static_cast<size_t>(width));
     const int64_t cb = chunks.begin(c), ce = chunks.end(c);
     for_each_block(tree, cb, ce, [&](int64_t b, int64_t e, A* part) {
       // The chunk, not the block, is the thread's range (prefetching crosses blocks).
       for_each_unit(tl, pf, cb, ce, b, e, [&](const Tiles::Unit& t, const Tiles::Unit* next) {
-        tile(tl, t, next, dw ? part : nullptr, db ? part + db_off : nullptr);
+        std::fill(tile_row.begin(), tile_row.end(), A(0));
+        bwd_tile<T, kLayer, kBwdGroup>(a, tl, t, next, dw ? tile_row.data() : nullptr,
+                                       db ? tile_row.data() + db_off : nullptr);
+        add_row(part, tile_row.data(), width);
       });
     });
     sums[c] = tree.finish();
@@ -507,7 +477,7 @@ void rms_fwd_channels_first(const RmsFwdParams& p, const Launch&) {
     EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, p.offset);
     const FwdArgs<T> a{static_cast<const T*>(p.x), static_cast<T*>(p.y), nullptr,
                        static_cast<A*>(p.rstd), wp.get(), nullptr, p.eps};
-    fwd_units(a, p.M, p.N, p.inner, rms_fwd_tile<T>);
+    fwd_units<T, false>(a, p.M, p.N, p.inner);
   });
 }
 
@@ -520,7 +490,7 @@ void ln_fwd_channels_first(const LnFwdParams& p, const Launch&) {
     EffectiveParam<A> bp(static_cast<const W*>(p.bias), p.N, 0.0);
     const FwdArgs<T> a{static_cast<const T*>(p.x), static_cast<T*>(p.y), static_cast<A*>(p.mean),
                        static_cast<A*>(p.rstd), wp.get(), bp.get(), p.eps};
-    fwd_units(a, p.M, p.N, p.inner, ln_fwd_tile<T>);
+    fwd_units<T, true>(a, p.M, p.N, p.inner);
   });
 }
 
@@ -535,10 +505,8 @@ void rms_bwd_channels_first(const RmsBwdParams& p, const Launch& l) {
     EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, p.offset);
     const BwdArgs<T> a{static_cast<const T*>(p.dy), static_cast<const T*>(p.x_in), nullptr,
                        static_cast<const A*>(p.rstd), wp.get(), static_cast<T*>(p.dx)};
-    bwd_units(a, l, p.M, p.N, p.inner, static_cast<W*>(p.dw), static_cast<W*>(nullptr),
-              [&](const Tiles& tl, const Tiles::Unit& t, const Tiles::Unit* next, A* dwp, A*) {
-                rms_bwd_tile(a, tl, t, next, dwp);
-              });
+    bwd_units<T, false>(a, l, p.M, p.N, p.inner, static_cast<W*>(p.dw),
+                        static_cast<W*>(nullptr));
   });
 }
 
@@ -552,9 +520,7 @@ void ln_bwd_channels_first(const LnBwdParams& p, const Launch& l) {
                        static_cast<const A*>(p.mean), static_cast<const A*>(p.rstd), wp.get(),
                        static_cast<T*>(p.dx)};
     // dw and db have dtype W (the weight's, or the statistics' without a weight).
-    bwd_units(a, l, p.M, p.N, p.inner, static_cast<W*>(p.dw), static_cast<W*>(p.db),
-              [&](const Tiles& tl, const Tiles::Unit& t, const Tiles::Unit* next, A* dwp,
-                  A* dbp) { ln_bwd_tile(a, tl, t, next, dwp, dbp); });
+    bwd_units<T, true>(a, l, p.M, p.N, p.inner, static_cast<W*>(p.dw), static_cast<W*>(p.db));
   });
 }
 
