@@ -10,10 +10,11 @@
 //    one vector load per channel. Thread (tx, ty) owns channels ty, ty + by, ...: a warp
 //    reads whole 32-byte sectors of consecutive s (bx * VEC * sizeof >= 32, see pick_shape).
 //  - The per-row sums of the by slices meet in shared memory (block_col_sum, a tree).
-//  - A thread keeps its first ITEMS channels in registers between the passes (about 32
-//    registers of cached data), and the host makes by >= C / ITEMS where a block of at most
-//    kMaxThreads allows it, so C up to 1-2K is read once; further channels (larger C) are
-//    streamed again in each pass, mostly from L2.
+//  - A thread keeps its first ITEMS channels in registers between the passes (32 registers
+//    of cached x forward, 24 of x and dy backward), and the host makes by >= C / ITEMS
+//    where a block of at most kMaxThreads allows it: C up to 2048 forward and 768 backward
+//    (half that with scalar 16-bit loads) is read once. Further channels are streamed
+//    again in each pass, mostly from L2.
 //  - Where rows are few, C is split over more slices (more threads in all) and blocks get
 //    narrower (more blocks), so that the GPU fills.
 //
@@ -627,10 +628,14 @@ inline Shape pick_shape(int64_t P, int64_t C, int pack_bytes, int items, size_t 
   const int64_t by_fill = ceil_div(static_cast<int64_t>(sm_count) * 1024, P);
   int64_t by = std::min(std::min(std::max(by_regs, by_fill), C), by_max);
   by = ceil_div(C, ceil_div(C, by));  // the same steps per slice, with the slices balanced
-  // Row threads: a warp's worth, fewer while the block would be too large or there would
-  // be under two blocks per SM.
+  // Row threads: a warp's worth, fewer while the block would be too large -- at most 256
+  // threads where the channels allow, so that several blocks share an SM and one's
+  // reductions overlap another's loads -- or while there would be under two blocks per SM
+  // (not below whole warps of busy slices, though: tiny C keeps bx).
+  const int64_t cap = by * seg <= 256 ? 256 : kMaxThreads;
   int bx = 32;
-  while (bx > seg && (bx * by > kMaxThreads || ceil_div(P, bx) < 2 * static_cast<int64_t>(sm_count)))
+  while (bx > seg && (bx * by > cap || (ceil_div(P, bx) < 2 * static_cast<int64_t>(sm_count) &&
+                                        (bx / 2) * by >= 32)))
     bx >>= 1;
   // Whole warps: group_sum shuffles across them.
   const int64_t per_warp = 32 / bx;
