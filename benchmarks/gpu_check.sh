@@ -120,9 +120,9 @@ if want sanitize; then
     echo $? > "$WORK/sanitize_$tool.rc"
   }
   stage "compute-sanitizer (background): memcheck all; racecheck/initcheck/synccheck subsets"
-  run_san memcheck rms,fused,ln,quant & bg+=($!)
-  run_san racecheck rms,ln & bg+=($!)
-  run_san initcheck rms,fused,quant & bg+=($!)
+  run_san memcheck rms,fused,ln,quant,norm2d & bg+=($!)
+  run_san racecheck rms,ln,norm2d & bg+=($!)
+  run_san initcheck rms,fused,quant,norm2d & bg+=($!)
   run_san synccheck ln,quant & bg+=($!)
 fi
 

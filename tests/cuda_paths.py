@@ -15,6 +15,7 @@ threads), or ceil(P / 8) (ITEMS=8, forward only); P <= 32 packs -> several rows 
 <= 128 -> warp per row, more -> block per row; longer rows -> re-reading kernel.
 """
 import argparse
+import math
 import sys
 
 import torch
@@ -238,6 +239,66 @@ def check_quant(M, N, dt, kind, qdt, mode, aligned=True):
         failures.append(f"{name}: outputs {err:.3g} quantization steps apart")
 
 
+# ------------------------------------------------- channels-first norms (rms/layer_norm_2d)
+
+def check_norm2d(kind, shape, dt, wdt, aligned=True, channels_last=False, has_w=True,
+                 has_b=True):
+    """rms_norm_2d / layer_norm_2d fwd + bwd on [B, C, *S] against the row references of
+    the same data moved to [B, *S, C]. Contiguous inputs take the channels-first kernels
+    (csrc/cuda/channels_first_kernels.cu: S % VEC and alignment pick the packed or scalar
+    loads, C the cached or streamed channels), channels_last ones the row kernels."""
+    name = (f"{kind}2d {list(shape)} {tag(dt)} w={tag(wdt) if has_w else None} "
+            f"b={has_b if kind == 'ln' else None} al={aligned} cl={channels_last}")
+    B, C = shape[0], shape[1]
+    x = make(B, math.prod(shape[1:]), dt, aligned).view(shape)
+    dy = make(B, math.prod(shape[1:]), dt, aligned).view(shape)
+    if channels_last:
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+    w = param(C, wdt, 1.0) if has_w else None
+    rows = lambda t: t.movedim(1, -1)  # noqa: E731  [B, *S, C], the row references' layout
+    if kind == "rms":
+        eps = 1e-6
+        y, rstd = ops.rms_norm_2d_fwd(x, w, eps)
+        y_ref, rstd_ref = rms_ref(rows(x), w, eps, 0.0)
+        check(name + " y", rows(y), y_ref, dt)
+        check(name + " rstd", rstd, rstd_ref, stats_dtype(dt))
+        dx, dw = ops.rms_norm_2d_bwd(dy, x, rstd, w, True)
+        dx_ref, dw_ref = rms_bwd_ref(rows(dy), rows(x), rstd, w, 0.0, None)
+        grads, grads_ref = [dw], [dw_ref]
+        again = lambda: ops.rms_norm_2d_bwd(dy, x, rstd, w, True)[1:]  # noqa: E731
+    else:
+        eps = 1e-5
+        b = param(C, wdt) if has_b else None
+        y, mean, rstd = ops.layer_norm_2d_fwd(x, w, b, eps)
+        y_ref, mean_ref, rstd_ref = ln_ref(rows(x), w, b, eps)
+        check(name + " y", rows(y), y_ref, dt, tol_scale=2)
+        check(name + " mean", mean, mean_ref, stats_dtype(dt), tol_scale=0.05,
+              scale=x.double().abs().max().item())
+        check(name + " rstd", rstd, rstd_ref, stats_dtype(dt))
+        dx, dw, db = ops.layer_norm_2d_bwd(dy, x, mean, rstd, w, True, True)
+        dx_ref, dw_ref, db_ref = ln_bwd_ref(rows(dy), rows(x), mean, rstd, w)
+        grads, grads_ref = [dw, db], [dw_ref, db_ref]
+        again = lambda: ops.layer_norm_2d_bwd(dy, x, mean, rstd, w, True, True)[1:]  # noqa: E731
+    if y.stride() != x.stride() or dx.stride() != x.stride():
+        failures.append(name + ": outputs not in the input's layout")
+    check(name + " dx", rows(dx), dx_ref, dt, tol_scale=4)
+    # Parameter gradients in the weight's dtype; without a weight, dbias in the statistics
+    # dtype (dweight empty).
+    pdt = wdt if has_w else stats_dtype(dt)
+    for g, g_ref, what in zip(grads, grads_ref, ("dw", "db")):
+        if what == "dw" and not has_w:
+            if g.numel() != 0:
+                failures.append(name + ": dw should be empty")
+            continue
+        check(f"{name} {what}", g, g_ref, pdt, tol_scale=4)
+        if g.dtype != pdt:
+            failures.append(f"{name}: {what} dtype {g.dtype}")
+    # Deterministic: bitwise identical on a second run.
+    for g, g2, what in zip(grads, again(), ("dw", "db")):
+        check(f"{name} {what} deterministic", g2, g, pdt, exact=True)
+
+
 def check_empty():
     for dt in (torch.float32, torch.bfloat16):
         x = torch.empty(0, 3, 64, device=DEV, dtype=dt)
@@ -257,14 +318,20 @@ def check_empty():
         ops.fused_add_rms_norm_inplace(x, x.clone(), [64], w, 1e-6, 0.0)
 
 
-FAMILIES = ("rms", "fused", "ln", "quant")
+FAMILIES = ("rms", "fused", "ln", "quant", "norm2d")
+# The channels-first kernels of rms_norm_2d / layer_norm_2d exist on CUDA so far; the CPU
+# ones read a contiguous [B, C, *S] input as rows (wrong) until they land.
+CPU_FAMILIES = ("rms", "fused", "ln", "quant")
 
 
-def run_all(device="cuda", quick=False, verbose_=False, families=FAMILIES):
+def run_all(device="cuda", quick=False, verbose_=False, families=None):
     """Runs every check on `device`; returns the list of failures (empty: all passed).
     quick: one shape per path family (the compute-sanitizer runs, ~10x slower).
-    families: which op families to check (racecheck/initcheck take a subset to fit a lease)."""
+    families: which op families to check (racecheck/initcheck take a subset to fit a lease);
+    default: all there are kernels for on `device`."""
     global DEV, verbose, checks
+    if families is None:
+        families = FAMILIES if device == "cuda" else CPU_FAMILIES
     DEV, verbose, checks = device, verbose_, 0
     failures.clear()
     torch.manual_seed(0)
@@ -274,7 +341,7 @@ def run_all(device="cuda", quick=False, verbose_=False, families=FAMILIES):
                                                    (f32, f32), (f64, f64))
     singles = (bf, f32) if quick else (bf, hf, f32, f64)
 
-    rms, fused, ln, quant = (f in families for f in FAMILIES)
+    rms, fused, ln, quant, norm2d = (f in families for f in FAMILIES)
     # RMSNorm fwd + bwd: every dtype (+ fp32 weights for bf16/fp16), every size bucket.
     # bf16 (8 per pack): N=8 (1 pack, 256 rows/block), 64 (sub-warp rows), 1024 (warp per
     # row), 4096 (block per row, ITEMS=4), 24576 (fwd ITEMS=8; bwd re-reading),
@@ -341,6 +408,31 @@ def run_all(device="cuda", quick=False, verbose_=False, families=FAMILIES):
             check_quant(7, 1088, f32, kind, torch.float8_e4m3fn, "group", aligned=False)
             check_quant(5, 4096, hf, kind, torch.int8, "token", aligned=False)
 
+    # Channels-first norms. Kernel paths (csrc/cuda/channels_first_kernels.cu): packed rows
+    # (S % 4 == 0, 2 for fp64, and aligned) or scalar (odd S, misaligned pointer); channels
+    # cached in registers or streamed (fwd: C > 2048, scalar bf16/fp16 C > 1024; bwd:
+    # C > 768, scalar bf16/fp16 and fp32 C > 384 / 768); one tile or several per backward block
+    # (many rows); C = 1. channels_last inputs take the row kernels.
+    if norm2d:
+        for kind in ("rms", "ln"):
+            for dt, wdt in pairs:
+                check_norm2d(kind, (3, 96, 8, 8), dt, wdt)            # packed, cached
+                check_norm2d(kind, (2, 40, 7, 7), dt, wdt)            # scalar (S = 49)
+                check_norm2d(kind, (2, 3000, 2, 2), dt, wdt)          # packed, streamed
+                check_norm2d(kind, (2, 1500, 3), dt, wdt)             # scalar, streamed
+                check_norm2d(kind, (2, 64, 8, 8), dt, wdt, aligned=False)
+            for dt in singles:
+                check_norm2d(kind, (2, 1, 5, 5), dt, dt)              # C = 1
+                check_norm2d(kind, (2, 96, 7, 7, 3), dt, dt)          # 3 spatial dims
+                check_norm2d(kind, (2, 96, 8, 8), dt, dt, channels_last=True)
+                check_norm2d(kind, (2, 96, 8, 8), dt, dt, has_w=False, has_b=False)
+                check_norm2d(kind, (2, 96, 8, 8), dt, dt, has_w=False)
+            # Many rows: several tiles per backward block (streamed too for C = 1024).
+            check_norm2d(kind, (4, 16, 128, 128) if quick else (16, 32, 128, 128), bf, f32)
+            check_norm2d(kind, (4, 1024, 24, 24) if quick else (8, 1024, 32, 32), bf, bf)
+            if not quick:
+                check_norm2d(kind, (32, 96, 56, 56), bf, bf)          # ConvNeXt stage 1
+
     check_empty()
     if DEV == "cuda":
         torch.cuda.synchronize()
@@ -354,12 +446,15 @@ def main(argv=None):
                     help="every path, fewer dtype combinations (for compute-sanitizer)")
     ap.add_argument("--device", default="cuda",
                     help="cuda (default); cpu checks this harness on the CPU kernels")
-    ap.add_argument("--family", default=",".join(FAMILIES),
-                    help="comma list of op families to check, of " + ", ".join(FAMILIES))
+    ap.add_argument("--family", default=None,
+                    help="comma list of op families to check, of " + ", ".join(FAMILIES) +
+                    " (default: all there are kernels for on the device)")
     args = ap.parse_args(argv)
-    families = tuple(f for f in args.family.split(",") if f)
-    if not families or any(f not in FAMILIES for f in families):
-        ap.error(f"--family takes a comma list of {', '.join(FAMILIES)}")
+    families = None
+    if args.family is not None:
+        families = tuple(f for f in args.family.split(",") if f)
+        if not families or any(f not in FAMILIES for f in families):
+            ap.error(f"--family takes a comma list of {', '.join(FAMILIES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to check (use --device cpu to check the harness)")
         return 2

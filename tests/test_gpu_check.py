@@ -46,3 +46,14 @@ def test_entry_point_accepts_its_flags(script, flags):
     assert proc.returncode == 0, proc.stderr
     for f in flags:
         assert f in proc.stdout, f"{script} does not accept {f} (gpu_check.sh passes it)"
+
+
+def test_sanitizer_families_exist():
+    # `run_san <tool> <families>`: a family cuda_paths.py does not know would stop that
+    # sanitizer run on the GPU machine with a usage error.
+    import cuda_paths
+    runs = re.findall(r"^\s*run_san (\w+) (\S+) &", SCRIPT.read_text(), re.M)
+    assert runs
+    for tool, fams in runs:
+        unknown = set(fams.split(",")) - set(cuda_paths.FAMILIES)
+        assert not unknown, f"gpu_check.sh runs {tool} on unknown families {unknown}"

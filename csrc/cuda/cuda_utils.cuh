@@ -148,6 +148,20 @@ __device__ __forceinline__ void group_sum(A (&v)[NV], int tpr, A* smem) {
 }
 
 // ---------------------------------------------------------------------------------------
+// LayerNorm statistics (layer_norm_fwd_kernels.cu, channels_first_kernels.cu): the
+// corrected two-pass formula from mean0 = sum(x) / N and the second pass's sums of
+// d = x - mean0: s[0] = sum(d^2), s[1] = sum(d). Same operation order as the CPU.
+template <typename A>
+__device__ __forceinline__ void corrected_stats(A mean0, const A (&s)[2], int64_t N, A eps,
+                                                A& mean, A& rstd) {
+  const A inv_n = A(1) / static_cast<A>(N);
+  mean = mean0 + s[1] * inv_n;
+  const A var_raw = (s[0] - s[1] * s[1] * inv_n) * inv_n;
+  const A var = var_raw < A(0) ? A(0) : var_raw;  // keeps NaN (fmax would drop it)
+  rstd = A(1) / sqrt(var + eps);
+}
+
+// ---------------------------------------------------------------------------------------
 // Host-side helpers.
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

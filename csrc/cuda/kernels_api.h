@@ -24,6 +24,12 @@ cudaError_t qk_norm_rope_bwd(const QkNormRopeBwdParams& p, Workspace ws, cudaStr
 cudaError_t norm_modulate_fwd(const NormModulateParams& p, cudaStream_t stream);  // norm_modulate_kernels.cu
 cudaError_t norm_modulate_bwd(const NormModulateBwdParams& p, Workspace ws,
                               cudaStream_t stream);  // norm_modulate_kernels.cu
+// The plain norms on the channels-first layout (p.inner > 1, kernel_params.h): the
+// rms_norm_2d / layer_norm_2d ops; launch.cpp routes them. channels_first_kernels.cu
+cudaError_t rms_fwd_channels_first(const RmsFwdParams& p, cudaStream_t stream);
+cudaError_t rms_bwd_channels_first(const RmsBwdParams& p, Workspace ws, cudaStream_t stream);
+cudaError_t ln_fwd_channels_first(const LnFwdParams& p, cudaStream_t stream);
+cudaError_t ln_bwd_channels_first(const LnBwdParams& p, Workspace ws, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace rmsnorm_ext

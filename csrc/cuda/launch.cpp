@@ -37,7 +37,9 @@ void on_device(const Launch& l, F&& f) {
 }  // namespace
 
 void run_rms_fwd(const RmsFwdParams& p, const Launch& l) {
-  on_device(l, [&](cudaStream_t s) { return rms_fwd(p, s); });
+  on_device(l, [&](cudaStream_t s) {
+    return p.inner > 1 ? rms_fwd_channels_first(p, s) : rms_fwd(p, s);
+  });
 }
 
 void run_fused_add_rms_fwd(const RmsFwdParams& p, const Launch& l) {
@@ -47,17 +49,23 @@ void run_fused_add_rms_fwd(const RmsFwdParams& p, const Launch& l) {
 void run_rms_bwd(const RmsBwdParams& p, const Launch& l) {
   RmsBwdParams q = p;
   q.sm_count = sm_count(l.device_index);
-  on_device(l, [&](cudaStream_t s) { return rms_bwd(q, l.ws, s); });
+  on_device(l, [&](cudaStream_t s) {
+    return q.inner > 1 ? rms_bwd_channels_first(q, l.ws, s) : rms_bwd(q, l.ws, s);
+  });
 }
 
 void run_ln_fwd(const LnFwdParams& p, const Launch& l) {
-  on_device(l, [&](cudaStream_t s) { return ln_fwd(p, s); });
+  on_device(l, [&](cudaStream_t s) {
+    return p.inner > 1 ? ln_fwd_channels_first(p, s) : ln_fwd(p, s);
+  });
 }
 
 void run_ln_bwd(const LnBwdParams& p, const Launch& l) {
   LnBwdParams q = p;
   q.sm_count = sm_count(l.device_index);
-  on_device(l, [&](cudaStream_t s) { return ln_bwd(q, l.ws, s); });
+  on_device(l, [&](cudaStream_t s) {
+    return q.inner > 1 ? ln_bwd_channels_first(q, l.ws, s) : ln_bwd(q, l.ws, s);
+  });
 }
 
 void run_norm_quant(const NormQuantParams& p, const Launch& l) {

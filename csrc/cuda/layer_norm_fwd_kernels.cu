@@ -50,18 +50,6 @@ __device__ __forceinline__ Pack<T, VEC> ln_out(const Pack<T, VEC>& xv, const Pac
   return o;
 }
 
-// The corrected statistics from mean0 = sum(x) / N and the second pass's sums of
-// d = x - mean0: s[0] = sum(d^2), s[1] = sum(d). Same operation order as the CPU.
-template <typename A>
-__device__ __forceinline__ void corrected_stats(A mean0, const A (&s)[2], int64_t N, A eps,
-                                                A& mean, A& rstd) {
-  const A inv_n = A(1) / static_cast<A>(N);
-  mean = mean0 + s[1] * inv_n;
-  const A var_raw = (s[0] - s[1] * s[1] * inv_n) * inv_n;
-  const A var = var_raw < A(0) ? A(0) : var_raw;  // keeps NaN (fmax would drop it)
-  rstd = A(1) / sqrt(var + eps);
-}
-
 template <typename T, typename W, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kLnMaxThreads) ln_fwd_reg_kernel(const LnFwdArgs<T, W> a) {
   using A = acc_t<T>;
