@@ -115,6 +115,9 @@ def main(argv=None):
         makers += list(_vision_cases())
     for make in makers:
         name, args, ours, comp, floor = make()
+        # A fresh compile cache per case: cases share `comp`'s code object, and past dynamo's
+        # recompile limit (8) a call would silently run eagerly.
+        torch._dynamo.reset()
         compiled = torch.compile(comp, dynamic=False)
         fns = {"floor": floor,
                "ours fwd": lambda: ours(*args), "eager fwd": lambda: comp(*args),
