@@ -66,14 +66,19 @@ class Spec(NamedTuple):
     precision: str  # "native" (torch's rules) | "fp32" (fp32 math, input dtype out)
     #                 | "promote" (timm RmsNorm2d: output promote_types(x, w))
     fast: bool = False  # timm fast norm: follows the instance's ``_fast_norm`` flag
+    # channels layout: the original returns a channels_last-strided output for a contiguous
+    # NCHW input (it permutes to NHWC and back: timm's / torchvision's LayerNorm2d, HF
+    # ConvNeXt). The fused module returns the same strides: the layers after it (convs)
+    # run at the speed of the layout they get, so a different one can slow a model down.
+    cl_out: bool = False
 
 
 # timm 1.0.x, timm/layers/norm.py
 _TIMM = {
     "LayerNorm": Spec("layer", "last", "native", fast=True),
     "LayerNormFp32": Spec("layer", "last", "fp32"),
-    "LayerNorm2d": Spec("layer", "channels", "native", fast=True),
-    "LayerNorm2dFp32": Spec("layer", "channels", "fp32"),
+    "LayerNorm2d": Spec("layer", "channels", "native", fast=True, cl_out=True),
+    "LayerNorm2dFp32": Spec("layer", "channels", "fp32", cl_out=True),
     "RmsNorm": Spec("rms", "last", "native", fast=True),
     "RmsNormFp32": Spec("rms", "last", "fp32"),
     "RmsNorm2d": Spec("rms", "channels", "promote", fast=True),
@@ -105,7 +110,16 @@ def _norm(spec: Spec, x, shape, w, b, eps):
 
 
 def compute(spec: Spec, x, shape, w, b, eps, fast: bool = False):
-    """What the fused module computes for input x with parameters w, b."""
+    """What the fused module computes for input x with parameters w, b, in the layout the
+    original returns (Spec.cl_out)."""
+    y = _compute_values(spec, x, shape, w, b, eps, fast)
+    if spec.cl_out and x.dim() == 4 and y.dim() == 4 \
+            and not y.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def _compute_values(spec: Spec, x, shape, w, b, eps, fast: bool = False):
     if fast and torch.is_autocast_enabled(x.device.type):
         # timm's fast norm: the norm in the (lower) autocast dtype, autocast off.
         dt = torch.get_autocast_dtype(x.device.type)
@@ -252,6 +266,7 @@ def _probe_spec(module: nn.Module) -> Optional[Spec]:
     # with float64 parameters (model.double(); tells fp32 math from native).
     runs = list(dict.fromkeys([(pdt, pdt), (torch.float32, pdt), (torch.bfloat16, pdt),
                                (torch.float64, torch.float64)]))
+    cl_out = False
     with torch.device(dev), torch.no_grad():
         for xd, pd in runs:
             ps = {k: v.to(device=dev, dtype=pd) for k, v in p64.items()}
@@ -262,6 +277,10 @@ def _probe_spec(module: nn.Module) -> Optional[Spec]:
                     x = x.to(device=dev, dtype=xd)
                     try:
                         want = torch.func.functional_call(probe_mod, ps, (x,))
+                        if lay == "channels" and x.is_contiguous() and \
+                                isinstance(want, torch.Tensor) and want.dim() == 4:
+                            cl_out = cl_out or (not want.is_contiguous() and want.is_contiguous(
+                                memory_format=torch.channels_last))
                     except Exception:
                         if (xd, pd) == runs[0]:
                             cands = [c for c in cands if c.layout != lay]
@@ -275,7 +294,7 @@ def _probe_spec(module: nn.Module) -> Optional[Spec]:
                                  and not (c.precision == "fp32" and fp64_exact))]
             if not cands:
                 return None
-    return cands[0]
+    return cands[0]._replace(cl_out=cl_out and cands[0].layout == "channels")
 
 
 def _matches(spec: Spec, want, x, shape, ps, eps) -> bool:

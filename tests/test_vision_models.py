@@ -438,3 +438,29 @@ def test_hf_convnext_built_on_meta():
     x = _x((2, 3, 32, 32))
     torch.testing.assert_close(model(pixel_values=x).logits, ref(pixel_values=x).logits,
                                rtol=1e-4, atol=1e-5)
+
+
+def _channels_first_modules():
+    import torchvision.models.convnext as tv
+    from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
+    return {"timm LayerNorm2d": lambda: timm_norm.LayerNorm2d(8),
+            "timm LayerNorm2dFp32": lambda: timm_norm.LayerNorm2dFp32(8),
+            "timm RmsNorm2d": lambda: timm_norm.RmsNorm2d(8),
+            "torchvision LayerNorm2d": lambda: tv.LayerNorm2d(8),
+            "hf ConvNextLayerNorm": lambda: ConvNextLayerNorm(8, data_format="channels_first")}
+
+
+@pytest.mark.parametrize("name", sorted(_channels_first_modules()))
+def test_swapped_channels_first_norm_returns_the_originals_strides(name):
+    # timm's / torchvision's LayerNorm2d and HF ConvNeXt permute an NCHW input to NHWC and
+    # back, so their output is channels_last-strided; the convs after them run at the speed
+    # of that layout, so the swapped module must return the same strides (values alone are
+    # not enough for a drop-in: a model got 1.3x slower when they differed).
+    orig = _channels_first_modules()[name]()
+    fused = _swap(copy.deepcopy(orig))
+    assert isinstance(fused, FusedNorm)
+    x = torch.randn(2, 8, 3, 5)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        want, got = orig(inp), fused(inp)
+        assert got.stride() == want.stride(), (got.stride(), want.stride())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
