@@ -176,6 +176,18 @@ inline void check_grad(const Tensor& g, const Tensor& input) {
                    " is not supported with input dtype ", py_dtype(it));
 }
 
+// grad_out of a backward with no mixed activation dtype (layer_norm_bwd, gated_rms_norm_bwd,
+// norm_modulate_bwd, the 2d norms' backwards; `op` names it): the input's exact shape,
+// device and dtype.
+inline void check_exact_grad(const Tensor& grad_out, const Tensor& input, const char* op) {
+  TORCH_CHECK_VALUE(grad_out.sym_sizes().equals(input.sym_sizes()), "rmsnorm_ext: grad_out shape ",
+                    grad_out.sym_sizes(), " does not match the input shape ", input.sym_sizes());
+  check_same_device(grad_out, "grad_out", input, "the input");
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(), "rmsnorm_ext: ", op,
+                   ": grad_out dtype ", py_dtype(grad_out.scalar_type()),
+                   " must match the input dtype ", py_dtype(input.scalar_type()));
+}
+
 // residual: same shape and device as the input; dtype the input's, or float32 with a
 // bfloat16/float16 input (an fp32 residual stream).
 inline void check_residual(const Tensor& input, const Tensor& residual) {
@@ -255,11 +267,7 @@ inline RowShape check_gated_bwd(const Tensor& grad_out, const Tensor& input, con
   check_input(input, "input");
   check_gate(gate, input);
   const RowShape rs = check_normalized_shape(input, ns);
-  check_grad(grad_out, input);
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(),
-                   "rmsnorm_ext: gated_rms_norm_bwd: grad_out dtype ",
-                   py_dtype(grad_out.scalar_type()), " must match the input dtype ",
-                   py_dtype(input.scalar_type()));
+  check_exact_grad(grad_out, input, "gated_rms_norm_bwd");
   check_param(weight, "weight", input, ns);
   check_group_size(group_size, rs.N);
   check_activation(activation);
@@ -270,13 +278,6 @@ inline RowShape check_gated_bwd(const Tensor& grad_out, const Tensor& input, con
   return rs;
 }
 
-// LayerNorm's backward has no mixed activation dtype: grad_out matches the input exactly.
-inline void check_ln_grad(const Tensor& grad_out, const Tensor& input) {
-  check_grad(grad_out, input);
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(),
-                   "rmsnorm_ext: layer_norm_bwd: grad_out dtype ", py_dtype(grad_out.scalar_type()),
-                   " must match the input dtype ", py_dtype(input.scalar_type()));
-}
 
 // grad_residual (the gradient reaching a fused residual sum from its own output): the
 // input's shape, device and dtype.
@@ -611,17 +612,6 @@ inline ModulateShape check_norm_modulate(const Tensor& input, at::IntArrayRef ns
   const bool per_sample = check_scale_shift(scale, shift, input, rs.N);
   check_eps(eps);
   return {rs, per_sample};
-}
-
-// norm_modulate_bwd's grad_out: the input's shape, device and dtype (no mixed dtype).
-inline void check_modulate_grad(const Tensor& grad_out, const Tensor& input) {
-  TORCH_CHECK_VALUE(grad_out.sym_sizes().equals(input.sym_sizes()), "rmsnorm_ext: grad_out shape ",
-                    grad_out.sym_sizes(), " does not match the input shape ", input.sym_sizes());
-  check_same_device(grad_out, "grad_out", input, "the input");
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(),
-                   "rmsnorm_ext: norm_modulate_bwd: grad_out dtype ",
-                   py_dtype(grad_out.scalar_type()), " must match the input dtype ",
-                   py_dtype(input.scalar_type()));
 }
 
 }  // namespace rmsnorm_ext

@@ -75,7 +75,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
                                                   bool compute_bias_grad) {
   check_input(input, "input");
   const RowShape rs = check_normalized_shape(input, normalized_shape);
-  check_ln_grad(grad_out, input);
+  check_exact_grad(grad_out, input, "layer_norm_bwd");
   check_param(weight, "weight", input, normalized_shape);
   check_stats(mean, "mean", input, rs.M);
   check_stats(rstd, "rstd", input, rs.M);

@@ -91,19 +91,6 @@ void check_channel_param(const std::optional<Tensor>& p, const char* name, const
   check_param_device_dtype(*p, name, input);
 }
 
-void check_stats_2d(const Tensor& s, const char* name, const Tensor& input, const Layout2d& l) {
-  check_stats(s, name, input, l.M());
-}
-
-void check_grad_2d(const Tensor& grad_out, const Tensor& input) {
-  TORCH_CHECK_VALUE(grad_out.sym_sizes().equals(input.sym_sizes()), "rmsnorm_ext: grad_out shape ",
-                    grad_out.sym_sizes(), " does not match the input shape ", input.sym_sizes());
-  check_same_device(grad_out, "grad_out", input, "the input");
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(), "rmsnorm_ext: grad_out dtype ",
-                   py_dtype(grad_out.scalar_type()), " must match the input dtype ",
-                   py_dtype(input.scalar_type()));
-}
-
 Tensor new_param_grad(const Tensor& input, at::TensorOptions opts) {
   return at::empty_symint({input.sym_size(1)}, opts);
 }
@@ -132,10 +119,10 @@ std::tuple<Tensor, Tensor> rms_norm_2d_bwd(const Tensor& grad_out, const Tensor&
                                            const Tensor& rstd, const std::optional<Tensor>& weight,
                                            bool compute_weight_grad) {
   check_input_2d(input, "rms_norm_2d_bwd");
-  check_grad_2d(grad_out, input);
+  check_exact_grad(grad_out, input, "rms_norm_2d_bwd");
   check_channel_param(weight, "weight", input);
   const Layout2d l = layout_of(input);
-  check_stats_2d(rstd, "rstd", input, l);
+  check_stats(rstd, "rstd", input, l.M());
 
   const Tensor w = contiguous_or_empty(weight);
   const bool want_dw = compute_weight_grad && w.defined();
@@ -181,11 +168,11 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_2d_bwd(const Tensor& grad_out, con
                                                      bool compute_weight_grad,
                                                      bool compute_bias_grad) {
   check_input_2d(input, "layer_norm_2d_bwd");
-  check_grad_2d(grad_out, input);
+  check_exact_grad(grad_out, input, "layer_norm_2d_bwd");
   check_channel_param(weight, "weight", input);
   const Layout2d l = layout_of(input);
-  check_stats_2d(mean, "mean", input, l);
-  check_stats_2d(rstd, "rstd", input, l);
+  check_stats(mean, "mean", input, l.M());
+  check_stats(rstd, "rstd", input, l.M());
 
   const Tensor w = contiguous_or_empty(weight);
   const bool want_dw = compute_weight_grad && w.defined();

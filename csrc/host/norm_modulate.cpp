@@ -97,7 +97,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> norm_modulate_bwd(
   check_input(input, "input");
   const RowShape rs = check_normalized_shape(input, normalized_shape);
   check_modulate_shape(input, normalized_shape, op);
-  check_modulate_grad(grad_out, input);
+  check_exact_grad(grad_out, input, "norm_modulate_bwd");
   const bool layer = has(mean);
   TORCH_CHECK_VALUE(layer || !has(bias), "rmsnorm_ext: ", op,
                     ": a bias needs the LayerNorm statistics (mean); RMSNorm has no bias");
