@@ -7,9 +7,18 @@
 # directory, built there with RMSNORM_EXT_SANITIZE=1 (CPU only, -fsanitize=address,undefined,
 # UB aborts), and the tests run against that copy, with libasan preloaded into python.
 #
+# The sanitized build is also CI's portable-ISA build: it compiles the CPU kernels at
+# RMSNORM_EXT_CPU_ISA=default (at::vec's generic code, the fp8/int8 conversions without
+# AVX-512), which the native build never compiles on an AVX-512 machine and never runs on any
+# x86 one, and runs the numerics, quant and kernel tests on it. The generic Vectorized<float>
+# has AVX2's 8 lanes, so row tails and chunk boundaries are the ones an AVX2 build takes:
+# one build checks both the portable code and the memory safety of the shared loops
+# (.ci/portable.sh adds the avx2 level on AVX-512 machines).
+#
 # Usage: .ci/sanitize.sh [extra pytest args]
 # Env:   RMSNORM_EXT_SANITIZE_DIR  scratch directory (default: a fresh mktemp -d, removed
 #                                  on success; kept on failure for the logs)
+#        RMSNORM_EXT_SANITIZE_ISA  the CPU ISA level of the sanitized build (default: default)
 #        MAX_JOBS                  parallel compile jobs (default: nproc)
 # Budget: ~1 min build + ~3 min tests on 2 cores.
 set -euo pipefail
@@ -45,6 +54,7 @@ t0=$SECONDS
   cd "$WORK"
   unset RMSNORM_EXT_CUDA
   export RMSNORM_EXT_SANITIZE=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  export RMSNORM_EXT_CPU_ISA=${RMSNORM_EXT_SANITIZE_ISA:-default}
   "$PY" setup.py -q build_ext --inplace >"$WORK/build.log" 2>&1
 ) || { tail -n 60 "$WORK/build.log" >&2; fail "sanitized build failed (log: $WORK/build.log)"; }
 say "built in $((SECONDS - t0)) s"
@@ -87,7 +97,10 @@ import os, sys
 import rmsnorm_ext
 root = os.environ["RMSNORM_EXT_SANITIZE_ROOT"]
 f = os.path.realpath(rmsnorm_ext._C.__file__)
-print("[sanitize] rmsnorm_ext._C:", f)
+print("[sanitize] rmsnorm_ext._C:", f, "cpu_isa:", rmsnorm_ext.build_info()["cpu_isa"])
+want = os.environ.get("RMSNORM_EXT_SANITIZE_ISA") or "default"
+if rmsnorm_ext.build_info()["cpu_isa"] != want:
+    sys.exit(f"[sanitize] built cpu_isa {rmsnorm_ext.build_info()['cpu_isa']}, wanted {want}")
 sys.exit(0 if f.startswith(root + os.sep) else 1)
 EOF
 
@@ -106,7 +119,8 @@ EOF
 
 TESTS=()
 for t in tests/test_ops.py tests/test_bad_inputs.py tests/test_fuzz.py tests/test_numerics.py \
-         tests/test_quant.py tests/test_same_errors.py tests/test_double_backward.py; do
+         tests/test_quant.py tests/test_same_errors.py tests/test_double_backward.py \
+         tests/test_gated_kernels.py tests/test_norm_2d_kernels.py; do
   [[ -f "$t" ]] && TESTS+=("$t")
 done
 [[ ${#TESTS[@]} -gt 0 ]] || fail "no tests to run"
