@@ -208,7 +208,10 @@ def _extension():
     sanitize = os.environ.get("RMSNORM_EXT_SANITIZE", "") == "1"
     if not sanitize:  # a sanitizer build goes elsewhere (see .ci/sanitize.sh); keep this one's
         _write_build_config(isa, use_cuda, sanitize)
-    sources = [f for d in ("csrc", "csrc/host", "csrc/cpu") for f in sorted(glob.glob(f"{d}/*.cpp"))]
+    # Every C++ layer but CUDA's: library/ (the op library, the _C module), host/ (checks and
+    # host functions), cpu/ (kernels), autograd/, python/ (the eager fast path).
+    sources = [f for d in ("library", "host", "cpu", "autograd", "python")
+               for f in sorted(glob.glob(f"csrc/{d}/*.cpp"))]
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", f'-DRMSNORM_EXT_CPU_ISA="{isa}"']
     cxx += isa_flags
     ldflags = ["-fopenmp"]

@@ -22,6 +22,15 @@ namespace rmsnorm_ext {
 
 enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
 
+// A kernel's tag: its name (errors, build_info) and its parameter struct. Each device fills
+// the tag's slot in its own kernel file; host functions call run_kernel<Tag>
+// (kernel_registry.h, host/host.h).
+#define RMSNORM_EXT_KERNEL(Tag, ParamsType)        \
+  struct Tag {                                     \
+    using Params = ParamsType;                     \
+    static constexpr const char* name = #Tag;      \
+  }
+
 // Workspace for the backward partial sums, from the caching allocator (graph-capture
 // safe); the host keeps it alive until the launches are enqueued.
 struct Workspace {
@@ -47,6 +56,8 @@ struct RmsFwdParams {
   double eps;
   double offset;
 };
+RMSNORM_EXT_KERNEL(RmsFwd, RmsFwdParams);
+RMSNORM_EXT_KERNEL(FusedAddRmsFwd, RmsFwdParams);
 
 // rms_norm_bwd. x: the normalized tensor (dtype x, also of dx and grad_residual); dy:
 // grad_out (dtype g: == x, or bf16/f16 with f32 x); weight/dweight dtype w (g, or f32
@@ -68,6 +79,7 @@ struct RmsBwdParams {
   double offset;
   int sm_count;
 };
+RMSNORM_EXT_KERNEL(RmsBwd, RmsBwdParams);
 
 // layer_norm_fwd. weight and bias share dtype w (== t when both absent).
 struct LnFwdParams {
@@ -84,6 +96,7 @@ struct LnFwdParams {
   int64_t inner;  // channels-first (see top); 0 or 1: contiguous rows
   double eps;
 };
+RMSNORM_EXT_KERNEL(LnFwd, LnFwdParams);
 
 // layer_norm_bwd. dy has dtype t. dw and db have dtype w (the weight's, or t without one).
 struct LnBwdParams {
@@ -102,6 +115,7 @@ struct LnBwdParams {
   int64_t inner;  // channels-first (see top); 0 or 1: contiguous rows
   int sm_count;
 };
+RMSNORM_EXT_KERNEL(LnBwd, LnBwdParams);
 
 // ---------------------------------------------------------------------------------------
 // Gated RMSNorm (gated_rms_norm_fwd / _bwd): x, gate, y, grad_out, dx and dgate all have
@@ -128,6 +142,7 @@ struct GatedRmsFwdParams {
   int64_t group;
   double eps;
 };
+RMSNORM_EXT_KERNEL(GatedRmsFwd, GatedRmsFwdParams);
 
 struct GatedRmsBwdParams {
   DType t;
@@ -147,6 +162,7 @@ struct GatedRmsBwdParams {
   int64_t group;
   int sm_count;
 };
+RMSNORM_EXT_KERNEL(GatedRmsBwd, GatedRmsBwdParams);
 
 // ---------------------------------------------------------------------------------------
 // Norm + quantize (rms_norm_quant, fused_add_rms_norm_quant, layer_norm_quant): one kernel
@@ -190,6 +206,7 @@ struct NormQuantParams {
   double eps;
   double offset;         // rms kinds: weight_offset
 };
+RMSNORM_EXT_KERNEL(NormQuant, NormQuantParams);
 
 // ---------------------------------------------------------------------------------------
 // Fused QK-norm + RoPE (qk_norm_rope_fwd / _bwd; Qwen3, Gemma 3, GLM): per-head RMSNorm of
@@ -237,6 +254,7 @@ struct QkNormRopeFwdParams {
   int64_t D;   // even
   double eps;
 };
+RMSNORM_EXT_KERNEL(QkNormRopeFwd, QkNormRopeFwdParams);
 
 struct QkNormRopeBwdParams {
   DType t;
@@ -266,6 +284,7 @@ struct QkNormRopeBwdParams {
   int64_t D;
   int sm_count;
 };
+RMSNORM_EXT_KERNEL(QkNormRopeBwd, QkNormRopeBwdParams);
 
 // adaLN modulation (rms_norm_modulate_fwd, layer_norm_modulate_fwd, norm_modulate_bwd): one
 // kernel family for both norms, the kind (rms or layer) set by the host from the operands:
@@ -291,6 +310,7 @@ struct NormModulateParams {
   int64_t S;           // rows per scale row (divides M)
   double eps;
 };
+RMSNORM_EXT_KERNEL(NormModulateFwd, NormModulateParams);
 
 // The backward, with m = 1 + scale[b], dyn = dy * m, g = dyn * w:
 //   dx = rstd * (g - xhat * mean(g * xhat))              (rms)
@@ -321,5 +341,6 @@ struct NormModulateBwdParams {
   int64_t S;           // rows per scale row (divides M)
   int sm_count;
 };
+RMSNORM_EXT_KERNEL(NormModulateBwd, NormModulateBwdParams);
 
 }  // namespace rmsnorm_ext

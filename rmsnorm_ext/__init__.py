@@ -14,10 +14,8 @@ from . import _elf  # noqa: E402,F401
 from . import _autograd  # noqa: E402  (Autograd, vmap and autocast kernels from the op table)
 
 _autograd.install()
-from .functional import (fused_add_rms_norm, fused_add_rms_norm_,  # noqa: E402
-                         fused_add_rms_norm_quant, gated_rms_norm, layer_norm, layer_norm_2d,
-                         layer_norm_quant, layer_norm_modulate, qk_norm_rope, rms_norm,
-                         rms_norm_2d, rms_norm_modulate, rms_norm_quant)
+from . import functional as _functional  # noqa: E402
+from .functional import *  # noqa: E402,F401,F403  (every public op: functional.__all__)
 from .modules import GatedRMSNorm, LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d  # noqa: E402
 from .replace import replace_norms  # noqa: E402
 from . import distributed  # noqa: E402  (DTensor rules: registered lazily, see distributed.py)
@@ -40,7 +38,9 @@ def build_info() -> dict:
     compiled), ``cuda_runtime`` (e.g. "13.0"), ``cuda_archs`` (the arch list given to nvcc,
     e.g. ["8.0", "9.0+PTX"]), ``libstdcxx`` ("shared": linked against libstdc++.so.6 as it
     must be; "static copy": see the import-time warning). Now: ``gpu_visible`` (torch.cuda.is_available()), ``gpu`` (its
-    name), ``num_threads`` (torch's CPU threads)."""
+    name), ``num_threads`` (torch's CPU threads). ``kernels``: each kernel's name (the tags
+    of csrc/kernel_params.h) and the devices this binary has it for, e.g.
+    {"RmsFwd": ["cpu", "cuda"], ...}."""
     import torch
 
     raw = dict(_C.build_info())
@@ -67,11 +67,17 @@ def build_info() -> dict:
         "gpu_visible": gpu_visible,
         "gpu": torch.cuda.get_device_name() if gpu_visible else None,
         "num_threads": torch.get_num_threads(),
+        "kernels": _kernel_devices(raw.get("kernels", [])),
     }
 
 
-__all__ = ["rms_norm", "layer_norm", "fused_add_rms_norm", "fused_add_rms_norm_", "RMSNorm",
-           "LayerNorm", "gated_rms_norm", "GatedRMSNorm", "qk_norm_rope", "rms_norm_modulate",
-           "layer_norm_modulate", "rms_norm_2d", "layer_norm_2d", "RMSNorm2d", "LayerNorm2d",
-           "replace_norms", "build_info", "rms_norm_quant",
-           "fused_add_rms_norm_quant", "layer_norm_quant"]
+def _kernel_devices(entries) -> dict:
+    out: dict = {}
+    for entry in entries:
+        name, _, device = entry.partition(":")
+        out.setdefault(name, []).append(device)
+    return {name: sorted(devices) for name, devices in sorted(out.items())}
+
+
+__all__ = [*_functional.__all__, "RMSNorm", "LayerNorm", "GatedRMSNorm", "RMSNorm2d",
+           "LayerNorm2d", "replace_norms", "build_info"]

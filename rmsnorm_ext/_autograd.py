@@ -2,9 +2,9 @@
 
 Two paths serve a differentiable op:
 
-* The eager fast path (csrc/python_fast.cpp): plain tensors, no torch.func transform, no
+* The eager fast path (csrc/python/python_fast.cpp): plain tensors, no torch.func transform, no
   forward-AD tangent, no CUDA autocast, no mode -- the common training and inference call.
-  It records a C++ autograd node (csrc/autograd.cpp) whose backward is the fused kernel:
+  It records a C++ autograd node (csrc/autograd/autograd.cpp) whose backward is the fused kernel:
   a Python autograd node costs ~10-30 us a call, more than a whole small-shape norm.
 * Everything else goes through the dispatcher, whose Autograd kernel is registered here:
   an ``autograd.Function`` per op (forward: the op below autograd; backward: the fused
@@ -267,8 +267,9 @@ FUNCTIONS = {}
 def call(name, *args):
     """The public functions' dispatcher path: under a torch.func transform the op's
     autograd.Function is applied here, above the dispatcher, where functorch can see it
-    (custom_function_call); otherwise the op itself (its Autograd kernel is above)."""
-    if torch._C._are_functorch_transforms_active():
+    (custom_function_call); otherwise, and always while torch.compile traces (which sees
+    the op and its registered rules), the op itself (its Autograd kernel is above)."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return FUNCTIONS[name].apply(*args)
     return op(name)(*args)
 

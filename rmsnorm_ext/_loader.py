@@ -1,7 +1,7 @@
 """Loads the compiled extension `_C`, turning the usual failures into instructions.
 
 Must run before any torch.library call of this package: the op schemas are defined in
-C++ (csrc/ops.cpp) and exist only once `_C` is loaded.
+C++ (csrc/host/*.cpp, csrc/library/module.cpp) and exist only once `_C` is loaded.
 """
 import os
 import re

@@ -1,6 +1,6 @@
 """The op table: what every op of the library is, in one place.
 
-An entry names an op (its schema and its one host function live in C++: csrc/ops.cpp or
+An entry names an op (its schema and its one host function live in C++: csrc/host/<op>.cpp or
 the op's own host file; the same host function serves CPU, CUDA and Meta, so shapes and
 argument checks have one source) and says what the Python layer needs to know about it:
 

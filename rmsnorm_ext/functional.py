@@ -1,7 +1,7 @@
 """Public functions: same signatures, defaults and semantics as torch.nn.functional.
 
 Kept thin on purpose (small-shape calls are dominated by host overhead). In eager mode each
-function goes straight to a C entry point (csrc/python_fast.cpp) that calls the op through
+function goes straight to a C entry point (csrc/python/python_fast.cpp) that calls the op through
 the C++ dispatcher; that entry declines (returns NotImplemented) anything but plain tensors
 and well-formed arguments, which then take the torch.ops path below -- as does everything
 under torch.compile, which traces torch.ops. All checks and math happen in C++.
@@ -19,12 +19,6 @@ _rms_fwd = _ops.rms_norm_fwd.default
 _ln_fwd = _ops.layer_norm_fwd.default
 _fused_fwd = _ops.fused_add_rms_norm_fwd.default
 _fused_inplace = _ops.fused_add_rms_norm_inplace.default
-_gated_fwd = _ops.gated_rms_norm_fwd.default
-_qk_fwd = _ops.qk_norm_rope_fwd.default
-_rms_mod_fwd = _ops.rms_norm_modulate_fwd.default
-_ln_mod_fwd = _ops.layer_norm_modulate_fwd.default
-_rms_2d_fwd = _ops.rms_norm_2d_fwd.default
-_ln_2d_fwd = _ops.layer_norm_2d_fwd.default
 
 _fast_rms = _C._rms_norm
 _fast_ln = _C._layer_norm
@@ -33,6 +27,13 @@ _fast_fused = _C._fused_add_rms_norm
 _is_compiling = torch.compiler.is_compiling
 
 _ShapeT = Union[int, Sequence[int], torch.Size]
+
+# The package exports these (rmsnorm_ext/__init__.py imports *): a new op's public function
+# is added here and nowhere else.
+__all__ = ["rms_norm", "layer_norm", "fused_add_rms_norm", "fused_add_rms_norm_",
+           "gated_rms_norm", "qk_norm_rope", "rms_norm_modulate", "layer_norm_modulate",
+           "rms_norm_2d", "layer_norm_2d", "rms_norm_quant", "fused_add_rms_norm_quant",
+           "layer_norm_quant"]
 
 
 def _shape(normalized_shape):
@@ -163,8 +164,6 @@ def gated_rms_norm(input: Tensor, gate: Tensor, normalized_shape: _ShapeT,
     g = max(n, 1) if group_size is None else int(group_size)
     args = (input, gate, ns, weight, _eps(input, eps), g, bool(norm_before_gate),
             str(activation))
-    if _is_compiling():
-        return _gated_fwd(*args)[0]
     return _call("gated_rms_norm_fwd", *args)[0]
 
 
@@ -182,10 +181,7 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
     weights (not cos / sin).
     """
     args = (q, k, q_weight, k_weight, cos, sin, float(eps), bool(interleaved))
-    if _is_compiling():
-        out = _qk_fwd(*args)
-    else:
-        out = _call("qk_norm_rope_fwd", *args)
+    out = _call("qk_norm_rope_fwd", *args)
     return out[0], out[1]
 
 
@@ -201,8 +197,6 @@ def rms_norm_modulate(input: Tensor, normalized_shape: _ShapeT, scale: Tensor,
     blocked and deterministic). ``eps=None`` is ``torch.finfo(input.dtype).eps``.
     """
     args = (input, _shape(normalized_shape), scale, shift, weight, _eps(input, eps))
-    if _is_compiling():
-        return _rms_mod_fwd(*args)[0]
     return _call("rms_norm_modulate_fwd", *args)[0]
 
 
@@ -212,8 +206,6 @@ def layer_norm_modulate(input: Tensor, normalized_shape: _ShapeT, scale: Tensor,
     """adaLN modulation on LayerNorm (DiT, Flux, SD3, Wan): ``layer_norm(x) * (1 + scale) +
     shift`` in one pass; shapes and gradients as :func:`rms_norm_modulate`."""
     args = (input, _shape(normalized_shape), scale, shift, weight, bias, float(eps))
-    if _is_compiling():
-        return _ln_mod_fwd(*args)[0]
     return _call("layer_norm_modulate_fwd", *args)[0]
 
 
@@ -230,8 +222,6 @@ def rms_norm_2d(input: Tensor, weight: Optional[Tensor] = None,
     ``torch.finfo(input.dtype).eps``.
     """
     args = (input, weight, _eps(input, eps))
-    if _is_compiling():
-        return _rms_2d_fwd(*args)[0]
     return _call("rms_norm_2d_fwd", *args)[0]
 
 
@@ -243,8 +233,6 @@ def layer_norm_2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional
     in the input's memory format (contiguous or ``channels_last``, never a permuted copy).
     """
     args = (input, weight, bias, _eps(input, eps))
-    if _is_compiling():
-        return _ln_2d_fwd(*args)[0]
     return _call("layer_norm_2d_fwd", *args)[0]
 
 
@@ -257,7 +245,7 @@ _ln_quant = _ops.layer_norm_quant.default
 
 
 def _refuse_grad(op, *tensors):
-    # Same text as the ops' Autograd kernels (csrc/quant_autograd.cpp), raised here first so
+    # Same text as the ops' Autograd kernels (csrc/autograd/inference_autograd.cpp), raised here first so
     # that torch.compile reports it at trace time too.
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(

@@ -1,6 +1,6 @@
 """The same bad call on cpu, meta (and cuda when there is one) must raise the same exception
 type with the same message (device names aside): the host functions are one check for every
-device (csrc/common.h), and meta is what torch.compile's fake tensors run."""
+device (csrc/host/checks.h), and meta is what torch.compile's fake tensors run."""
 import re
 
 import pytest

@@ -1,4 +1,5 @@
 """Core correctness of every op against float64 references, on every device."""
+import pathlib
 import shutil
 import subprocess
 
@@ -514,17 +515,40 @@ def test_opcheck_every_op(device):
             torch.library.opcheck(op, args)
 
 
+def _library_ops():
+    return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("rmsnorm_ext::"))
+
+
 def test_every_op_has_a_kernel_for_each_built_backend():
-    names = ["rms_norm_fwd", "rms_norm_bwd", "layer_norm_fwd", "layer_norm_bwd",
-             "fused_add_rms_norm_fwd", "fused_add_rms_norm_inplace"]
+    """Every op of the library (each host file defines and registers its own) has its host
+    function for CPU, Meta and, in a CUDA build, CUDA."""
+    names = _library_ops()
+    assert {"rms_norm_fwd", "layer_norm_bwd", "gated_rms_norm_fwd", "qk_norm_rope_bwd",
+            "norm_modulate_bwd", "layer_norm_2d_fwd", "rms_norm_quant"} <= set(names), names
     info = rmsnorm_ext.build_info()
-    keys = ["CPU"] + (["CUDA"] if info["cuda"] else [])
+    keys = ["CPU", "Meta"] + (["CUDA"] if info["cuda"] else [])
     for name in names:
         for key in keys:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rmsnorm_ext::{name}", key), \
                 (name, key)
     if info["cuda"]:
         assert info["cuda_archs"], info
+
+
+def test_every_kernel_tag_has_its_device_kernels():
+    """Each kernel tag of csrc/kernel_params.h has its slot filled by a CPU kernel file (and
+    by a CUDA one in a CUDA build): a kernel file that forgets its registration line is
+    caught here, not by a user's first call."""
+    import re
+    src = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "kernel_params.h").read_text()
+    tags = re.findall(r"^RMSNORM_EXT_KERNEL\((\w+),", src, re.M)
+    assert len(tags) >= 12, tags
+    info = rmsnorm_ext.build_info()
+    want = ["cpu"] + (["cuda"] if info["cuda"] else [])
+    assert sorted(info["kernels"]) == sorted(tags), (sorted(info["kernels"]), sorted(tags))
+    for tag in tags:
+        assert info["kernels"][tag] == want, (tag, info["kernels"][tag])
 
 
 def test_build_info():

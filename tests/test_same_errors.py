@@ -1,6 +1,6 @@
 """One set of rules on every device: each bad call raises the same exception type with the
 same message (device names aside) on cpu, meta (the fake kernels torch.compile traces with)
-and cuda when present. The C++ host layer (csrc/common.h, csrc/host/) serves cpu and cuda;
+and cuda when present. The C++ host layer (csrc/host/checks.h, csrc/host/) serves cpu and cuda;
 rmsnorm_ext/_fake.py serves meta and must not drift from it."""
 import re
 

@@ -165,17 +165,21 @@ def test_prefault_stays_inside_the_output():
     """A fresh mapping placed right after the output must not get pages backed by the
     output's prefault (a range clamp that reaches past the output would back them).
 
-    The mapping's pages are probed before the call too: a neighbour that is backed already
-    (the allocator reused memory, or the kernel backed it for its own reasons) says nothing
-    about our clamp, so that placement is skipped instead of blamed on us."""
+    glibc maps each allocation above 32 MiB by itself, top-down, so an output allocated right
+    after a same-size "victim" usually lands just below it. In a long-lived process the
+    address space has holes that split the two; a failed placement is kept allocated (it
+    fills the hole) and the next try goes lower, where free space is contiguous. The
+    victim's pages are probed before the call too: a neighbour already backed (memory the
+    kernel backs for its own reasons, e.g. THP "always" on glibc's header write) says
+    nothing about our clamp, so that placement is passed over instead of blamed on us."""
     torch.set_num_threads(1)
+    kept = []
     try:
         n = 4096
-        rows = 4096 + 3   # the last chunk is partial
+        rows = 2112 + 3   # 33 MiB of fp32 rows: above glibc's largest mmap threshold
         x = torch.randn(rows, n)
-        for _ in range(8):
-            # above glibc's largest mmap threshold (32 MiB): always a fresh mapping
-            victim = torch.empty(40 << 20, dtype=torch.uint8)
+        for _ in range(16):
+            victim = torch.empty(rows * n * 4, dtype=torch.uint8)
             # the victim's first page holds glibc's chunk header (written): skip it
             first = (victim.data_ptr() & ~(_PAGE - 1)) + _PAGE
             before = _backed_pages(first, 64)
@@ -191,7 +195,8 @@ def test_prefault_stays_inside_the_output():
                     f"(none before it); output ends at {y_end:#x}, next mapping's data at "
                     f"{victim.data_ptr():#x}; mappings nearby:\n{_smaps_near(y_end)}")
                 return
-            del y, victim
+            kept.append((victim, y))
         pytest.skip("the allocator did not place a fresh mapping right after the output")
     finally:
+        kept.clear()
         torch.set_num_threads(2)

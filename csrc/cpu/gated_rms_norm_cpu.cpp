@@ -335,4 +335,7 @@ void gated_rms_bwd(const GatedRmsBwdParams& p, const Launch& l) {
   });
 }
 
+RMSNORM_EXT_REGISTER_CPU_KERNEL(GatedRmsFwd, gated_rms_fwd);
+RMSNORM_EXT_REGISTER_CPU_KERNEL(GatedRmsBwd, gated_rms_bwd);
+
 }  // namespace rmsnorm_ext::cpu

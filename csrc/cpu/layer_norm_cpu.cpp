@@ -197,4 +197,7 @@ void ln_bwd(const LnBwdParams& p, const Launch& l) {
   });
 }
 
+RMSNORM_EXT_REGISTER_CPU_KERNEL(LnFwd, ln_fwd);
+RMSNORM_EXT_REGISTER_CPU_KERNEL(LnBwd, ln_bwd);
+
 }  // namespace rmsnorm_ext::cpu

@@ -459,4 +459,7 @@ void norm_modulate_bwd(const NormModulateBwdParams& p, const Launch& l) {
   });
 }
 
+RMSNORM_EXT_REGISTER_CPU_KERNEL(NormModulateFwd, norm_modulate_fwd);
+RMSNORM_EXT_REGISTER_CPU_KERNEL(NormModulateBwd, norm_modulate_bwd);
+
 }  // namespace rmsnorm_ext::cpu

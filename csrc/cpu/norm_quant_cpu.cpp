@@ -371,4 +371,6 @@ void norm_quant(const NormQuantParams& p, const Launch&) {
   });
 }
 
+RMSNORM_EXT_REGISTER_CPU_KERNEL(NormQuant, norm_quant);
+
 }  // namespace rmsnorm_ext::cpu

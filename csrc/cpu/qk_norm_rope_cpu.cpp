@@ -314,4 +314,7 @@ void qk_norm_rope_bwd(const QkNormRopeBwdParams& p, const Launch& l) {
   });
 }
 
+RMSNORM_EXT_REGISTER_CPU_KERNEL(QkNormRopeFwd, qk_norm_rope_fwd);
+RMSNORM_EXT_REGISTER_CPU_KERNEL(QkNormRopeBwd, qk_norm_rope_bwd);
+
 }  // namespace rmsnorm_ext::cpu

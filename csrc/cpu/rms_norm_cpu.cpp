@@ -244,4 +244,8 @@ void rms_bwd(const RmsBwdParams& p, const Launch& l) {
   });
 }
 
+RMSNORM_EXT_REGISTER_CPU_KERNEL(RmsFwd, rms_fwd);
+RMSNORM_EXT_REGISTER_CPU_KERNEL(FusedAddRmsFwd, fused_add_rms_fwd);
+RMSNORM_EXT_REGISTER_CPU_KERNEL(RmsBwd, rms_bwd);
+
 }  // namespace rmsnorm_ext::cpu

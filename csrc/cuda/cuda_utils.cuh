@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels_api.h"
+#include "register_kernel.cuh"
 
 #include <algorithm>
 #include <cstdint>

@@ -17,5 +17,7 @@ cudaError_t fused_add_rms_fwd(const RmsFwdParams& p, cudaStream_t stream) {
   });
 }
 
+RMSNORM_EXT_REGISTER_CUDA_KERNEL(FusedAddRmsFwd, fused_add_rms_fwd);
+
 }  // namespace cuda
 }  // namespace rmsnorm_ext

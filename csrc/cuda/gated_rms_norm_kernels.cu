@@ -411,5 +411,8 @@ cudaError_t gated_rms_bwd(const GatedRmsBwdParams& p, Workspace ws, cudaStream_t
   });
 }
 
+RMSNORM_EXT_REGISTER_CUDA_KERNEL(GatedRmsFwd, gated_rms_fwd);
+RMSNORM_EXT_REGISTER_CUDA_KERNEL(GatedRmsBwd, gated_rms_bwd);
+
 }  // namespace cuda
 }  // namespace rmsnorm_ext

@@ -1,7 +1,10 @@
 // Entry points of the CUDA kernel files, on the parameter structs of ../kernel_params.h.
 // Every entry launches on `stream`, never synchronizes, and returns the first launch error
 // (cudaSuccess otherwise). Dtype combinations that are not supported return
-// cudaErrorInvalidValue.
+// cudaErrorInvalidValue. Each file registers its entries in their tags' slots
+// (RMSNORM_EXT_REGISTER_CUDA_KERNEL, register_kernel.cuh); the host reaches them only through
+// those slots, so a new kernel need not be declared here (these declarations are for the
+// entries one kernel file calls in another).
 #pragma once
 
 #include <cuda_runtime_api.h>

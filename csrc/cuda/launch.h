@@ -1,22 +1,26 @@
-// The CUDA entries of the host layer's kernel table (csrc/host/devices.cpp): each runs
-// one kernel entry of kernels_api.h on the current stream of the launch's device.
+// The CUDA side of run_kernel (csrc/host/host.h): what every CUDA launch needs from the host,
+// whatever the kernel -- the device set for the launch (c10::cuda::CUDAGuard), its current
+// stream, the SM count (the backward launches size their grids by it) and the launch error
+// raised as a torch error. Host code, compiled once (launch.cpp); the kernels register
+// themselves (register_kernel.cuh).
 #pragma once
 
-#include "../host/host.h"
+#include <type_traits>
 
 namespace rmsnorm_ext::cuda {
 
-void run_rms_fwd(const RmsFwdParams& p, const Launch& l);
-void run_fused_add_rms_fwd(const RmsFwdParams& p, const Launch& l);
-void run_rms_bwd(const RmsBwdParams& p, const Launch& l);
-void run_ln_fwd(const LnFwdParams& p, const Launch& l);
-void run_ln_bwd(const LnBwdParams& p, const Launch& l);
-void run_norm_quant(const NormQuantParams& p, const Launch& l);
-void run_gated_rms_fwd(const GatedRmsFwdParams& p, const Launch& l);
-void run_gated_rms_bwd(const GatedRmsBwdParams& p, const Launch& l);
-void run_qk_norm_rope_fwd(const QkNormRopeFwdParams& p, const Launch& l);
-void run_qk_norm_rope_bwd(const QkNormRopeBwdParams& p, const Launch& l);
-void run_norm_modulate_fwd(const NormModulateParams& p, const Launch& l);
-void run_norm_modulate_bwd(const NormModulateBwdParams& p, const Launch& l);
+// SM count of a device, cached per device.
+int sm_count(int device);
+
+// With `device` current (restored after), calls call(ctx, stream) with that device's current
+// stream (a cudaStream_t) and raises the cudaError_t it returns (0: success) as torch's
+// C10_CUDA_CHECK does.
+void launch_on(int device, int (*call)(const void* ctx, void* stream), const void* ctx);
+
+// Whether a parameter struct has an sm_count field for the host to fill.
+template <class P, class = void>
+struct has_sm_count : std::false_type {};
+template <class P>
+struct has_sm_count<P, std::void_t<decltype(std::declval<P&>().sm_count)>> : std::true_type {};
 
 }  // namespace rmsnorm_ext::cuda

@@ -348,10 +348,13 @@ cudaError_t launch(const LnBwdParams& p, Workspace ws, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t ln_bwd(const LnBwdParams& p, Workspace ws, cudaStream_t stream) {
+  if (p.inner > 1) return ln_bwd_channels_first(p, ws, stream);  // channels_first_kernels.cu
   return with_dtype_pair(p.t, p.w, [&](auto t_tag, auto w_tag) -> cudaError_t {
     return launch<decltype(t_tag), decltype(w_tag)>(p, ws, stream);
   });
 }
+
+RMSNORM_EXT_REGISTER_CUDA_KERNEL(LnBwd, ln_bwd);
 
 }  // namespace cuda
 }  // namespace rmsnorm_ext

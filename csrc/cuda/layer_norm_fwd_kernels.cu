@@ -277,10 +277,13 @@ cudaError_t launch(const LnFwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t ln_fwd(const LnFwdParams& p, cudaStream_t stream) {
+  if (p.inner > 1) return ln_fwd_channels_first(p, stream);  // channels_first_kernels.cu
   return with_dtype_pair(p.t, p.w, [&](auto t_tag, auto w_tag) -> cudaError_t {
     return launch<decltype(t_tag), decltype(w_tag)>(p, stream);
   });
 }
+
+RMSNORM_EXT_REGISTER_CUDA_KERNEL(LnFwd, ln_fwd);
 
 }  // namespace cuda
 }  // namespace rmsnorm_ext

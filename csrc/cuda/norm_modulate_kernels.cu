@@ -463,5 +463,8 @@ cudaError_t norm_modulate_bwd(const NormModulateBwdParams& p, Workspace ws, cuda
                              });
 }
 
+RMSNORM_EXT_REGISTER_CUDA_KERNEL(NormModulateFwd, norm_modulate_fwd);
+RMSNORM_EXT_REGISTER_CUDA_KERNEL(NormModulateBwd, norm_modulate_bwd);
+
 }  // namespace cuda
 }  // namespace rmsnorm_ext

@@ -424,5 +424,7 @@ cudaError_t norm_quant(const NormQuantParams& p, cudaStream_t stream) {
   });
 }
 
+RMSNORM_EXT_REGISTER_CUDA_KERNEL(NormQuant, norm_quant);
+
 }  // namespace cuda
 }  // namespace rmsnorm_ext

@@ -364,5 +364,8 @@ cudaError_t qk_norm_rope_bwd(const QkNormRopeBwdParams& p, Workspace ws, cudaStr
   });
 }
 
+RMSNORM_EXT_REGISTER_CUDA_KERNEL(QkNormRopeFwd, qk_norm_rope_fwd);
+RMSNORM_EXT_REGISTER_CUDA_KERNEL(QkNormRopeBwd, qk_norm_rope_bwd);
+
 }  // namespace cuda
 }  // namespace rmsnorm_ext

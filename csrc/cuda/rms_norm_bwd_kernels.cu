@@ -358,6 +358,7 @@ cudaError_t launch(const RmsBwdParams& p, Workspace ws, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t rms_bwd(const RmsBwdParams& p, Workspace ws, cudaStream_t stream) {
+  if (p.inner > 1) return rms_bwd_channels_first(p, ws, stream);  // channels_first_kernels.cu
   return with_dtype_pair(p.g, p.w, [&](auto g_tag, auto w_tag) -> cudaError_t {
     using G = decltype(g_tag);
     using W = decltype(w_tag);
@@ -368,6 +369,8 @@ cudaError_t rms_bwd(const RmsBwdParams& p, Workspace ws, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   });
 }
+
+RMSNORM_EXT_REGISTER_CUDA_KERNEL(RmsBwd, rms_bwd);
 
 }  // namespace cuda
 }  // namespace rmsnorm_ext

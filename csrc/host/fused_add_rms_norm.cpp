@@ -1,6 +1,6 @@
 // Host functions of fused_add_rms_norm_fwd and its in-place variant, for every device.
 #include "host.h"
-#include "ops.h"
+#include "register.h"
 
 namespace rmsnorm_ext::host {
 namespace {
@@ -24,7 +24,7 @@ void run_fused(const Tensor& x, const Tensor& r, const Tensor& w, const Tensor& 
   p.eps = eps;
   p.offset = offset;
   WorkspaceHolder ws(x);
-  kernels_for(x).fused_add_rms_fwd(p, ws.launch(x));
+  run_kernel<FusedAddRmsFwd>(p, x, ws);
 }
 
 }  // namespace
@@ -66,3 +66,26 @@ void fused_add_rms_norm_inplace(const Tensor& input, const Tensor& residual,
 }
 
 }  // namespace rmsnorm_ext::host
+
+TORCH_LIBRARY_FRAGMENT(rmsnorm_ext, m) {
+  // h = input + residual (in residual's dtype), y = rms_norm(h) (in input's dtype).
+  // Returns (y, h, rstd). residual may be float32 while input is bfloat16/float16.
+  m.def(
+      "fused_add_rms_norm_fwd(Tensor input, Tensor residual, int[] normalized_shape, "
+      "Tensor? weight, float eps, float weight_offset) -> (Tensor, Tensor, Tensor)");
+  // In-place inference variant: residual <- input + residual, input <- rms_norm(residual).
+  m.def(
+      "fused_add_rms_norm_inplace(Tensor(a!) input, Tensor(b!) residual, int[] normalized_shape, "
+      "Tensor? weight, float eps, float weight_offset) -> ()");
+}
+
+namespace {
+
+void register_fused_add_rms_norm(torch::Library& m) {
+  m.impl("fused_add_rms_norm_fwd", &rmsnorm_ext::host::fused_add_rms_norm_fwd);
+  m.impl("fused_add_rms_norm_inplace", &rmsnorm_ext::host::fused_add_rms_norm_inplace);
+}
+
+}  // namespace
+
+RMSNORM_EXT_REGISTER_HOST(register_fused_add_rms_norm)

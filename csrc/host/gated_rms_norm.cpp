@@ -4,14 +4,77 @@
 //   norm_before_gate=True:   y = x * rstd(x) * w * a
 //   norm_before_gate=False:  z = x * a, y = z * rstd(z) * w
 // rstd has the input's leading shape + (N // group_size,).
-#include <torch/library.h>
 
 #include <string_view>
 
 #include "host.h"
+#include "register.h"
 
 namespace rmsnorm_ext::host {
 namespace {
+
+// The argument checks (the one set of rules for every device, meta included).
+
+// gate: the input's exact shape, device and dtype.
+inline void check_gate(const Tensor& gate, const Tensor& input) {
+  TORCH_CHECK_VALUE(gate.sym_sizes().equals(input.sym_sizes()), "rmsnorm_ext: gate shape ",
+                    gate.sym_sizes(), " does not match the input shape ", input.sym_sizes());
+  check_same_device(gate, "gate", input, "the input");
+  TORCH_CHECK_TYPE(gate.scalar_type() == input.scalar_type(), "rmsnorm_ext: gate dtype ",
+                   py_dtype(gate.scalar_type()), " must match the input dtype ",
+                   py_dtype(input.scalar_type()));
+}
+
+// The RMS is taken over each group of group_size consecutive elements of a row.
+inline void check_group_size(int64_t group_size, int64_t N) {
+  TORCH_CHECK_VALUE(group_size > 0, "rmsnorm_ext: group_size must be positive, got ",
+                    group_size);
+  TORCH_CHECK_VALUE(N % group_size == 0, "rmsnorm_ext: group_size ", group_size,
+                    " does not divide the normalized size ", N);
+}
+
+// The gate activation: "silu" or "sigmoid". Returns whether it is silu.
+inline bool check_activation(std::string_view activation) {
+  TORCH_CHECK_VALUE(activation == "silu" || activation == "sigmoid",
+                    "rmsnorm_ext: activation must be \"silu\" or \"sigmoid\", got \"",
+                    std::string(activation), "\"");
+  return activation == "silu";
+}
+
+// All the forward arguments of gated_rms_norm: returns the row view.
+inline RowShape check_gated(const Tensor& input, const Tensor& gate, at::IntArrayRef ns,
+                            const std::optional<Tensor>& weight, double eps, int64_t group_size,
+                            std::string_view activation) {
+  check_input(input, "input");
+  check_gate(gate, input);
+  const RowShape rs = check_normalized_shape(input, ns);
+  check_param(weight, "weight", input, ns);
+  check_eps(eps);
+  check_group_size(group_size, rs.N);
+  check_activation(activation);
+  return rs;
+}
+
+// All the backward arguments of gated_rms_norm: returns the row view. grad_out has the
+// input's shape, device and dtype; rstd one value per row and group.
+inline RowShape check_gated_bwd(const Tensor& grad_out, const Tensor& input, const Tensor& gate,
+                                const Tensor& rstd, const std::optional<Tensor>& weight,
+                                at::IntArrayRef ns, int64_t group_size,
+                                std::string_view activation) {
+  check_input(input, "input");
+  check_gate(gate, input);
+  const RowShape rs = check_normalized_shape(input, ns);
+  check_exact_grad(grad_out, input, "gated_rms_norm_bwd");
+  check_param(weight, "weight", input, ns);
+  check_group_size(group_size, rs.N);
+  check_activation(activation);
+  const int64_t groups = rs.N / group_size;
+  TORCH_CHECK(rstd.sym_numel() == rs.M * groups, "rmsnorm_ext: rstd must have one value per "
+              "row and group (", rs.M, " rows x ", groups, " groups), got ", rstd.sym_numel());
+  check_stats(rstd, "rstd", input, rs.M * groups);
+  return rs;
+}
+
 
 GateAct gate_act(std::string_view activation) {
   return check_activation(activation) ? GateAct::silu : GateAct::sigmoid;
@@ -59,7 +122,7 @@ std::tuple<Tensor, Tensor> gated_rms_norm_fwd(const Tensor& input, const Tensor&
   p.group = group_size;
   p.eps = eps;
   WorkspaceHolder ws(x);
-  kernels_for(x).gated_rms_fwd(p, ws.launch(x));
+  run_kernel<GatedRmsFwd>(p, x, ws);
   return {y, rstd};
 }
 
@@ -101,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_rms_norm_bwd(
   p.N = rs.N;
   p.group = group_size;
   WorkspaceHolder ws(x);
-  kernels_for(x).gated_rms_bwd(p, ws.launch(x));
+  run_kernel<GatedRmsBwd>(p, x, ws);
   return {dx, dg, dw};
 }
 
@@ -132,8 +195,4 @@ void register_gated(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rmsnorm_ext, CPU, m) { register_gated(m); }
-TORCH_LIBRARY_IMPL(rmsnorm_ext, Meta, m) { register_gated(m); }
-#ifdef RMSNORM_EXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(rmsnorm_ext, CUDA, m) { register_gated(m); }
-#endif
+RMSNORM_EXT_REGISTER_HOST(register_gated)

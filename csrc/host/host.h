@@ -1,8 +1,8 @@
 // The host layer: what every op does before and after its kernel, written once for every
-// device. Each op's host function (csrc/host/*.cpp) checks its arguments (csrc/common.h),
+// device. Each op's host function (csrc/host/*.cpp) checks its arguments (checks.h),
 // allocates the outputs, handles empty sizes, fills the kernel's parameter struct
-// (csrc/kernel_params.h) and hands it to the input's device through the table below.
-// Devices contribute kernels only: csrc/cpu/kernels.h and csrc/cuda/launch.cpp.
+// (csrc/kernel_params.h) and runs it on the input's device with run_kernel<Tag> (below;
+// devices fill the slots in their kernel files: csrc/kernel_registry.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,37 +13,14 @@
 #include <limits>
 #include <vector>
 
-#include "../common.h"
+#include "checks.h"
 #include "../kernel_params.h"
+#include "../kernel_registry.h"
+#ifdef RMSNORM_EXT_WITH_CUDA
+#include "../cuda/launch.h"
+#endif
 
 namespace rmsnorm_ext {
-
-// What a kernel gets besides its parameters: the device it runs on (CUDA picks that
-// device's current stream) and a workspace allocator for partial sums.
-struct Launch {
-  int device_index;
-  Workspace ws;
-};
-
-// One device's kernels. A new kernel is one more entry here, filled by each device.
-struct DeviceKernels {
-  void (*rms_fwd)(const RmsFwdParams&, const Launch&);
-  void (*fused_add_rms_fwd)(const RmsFwdParams&, const Launch&);
-  void (*rms_bwd)(const RmsBwdParams&, const Launch&);
-  void (*ln_fwd)(const LnFwdParams&, const Launch&);
-  void (*ln_bwd)(const LnBwdParams&, const Launch&);
-  void (*norm_quant)(const NormQuantParams&, const Launch&);
-  void (*gated_rms_fwd)(const GatedRmsFwdParams&, const Launch&);
-  void (*gated_rms_bwd)(const GatedRmsBwdParams&, const Launch&);
-  void (*qk_norm_rope_fwd)(const QkNormRopeFwdParams&, const Launch&);
-  void (*qk_norm_rope_bwd)(const QkNormRopeBwdParams&, const Launch&);
-  void (*norm_modulate_fwd)(const NormModulateParams&, const Launch&);
-  void (*norm_modulate_bwd)(const NormModulateBwdParams&, const Launch&);
-};
-
-// The kernels of a device type this build has kernels for (ops are registered only for
-// those dispatch keys, so any other device never reaches the host layer).
-const DeviceKernels& kernels_for(const Tensor& t);  // csrc/host/devices.cpp
 
 inline DType to_dtype(at::ScalarType t) {
   switch (t) {
@@ -107,5 +84,40 @@ inline bool shapes_only(const Tensor& t) { return t.is_meta(); }
 
 inline const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 inline void* mut_ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// Runs the kernel tagged Kernel on `like`'s device: the slot its device's kernel file filled
+// (kernel_registry.h), with workspace from `ws`. CUDA: on `like`'s device and its current
+// stream, with the SM count set for the kernels whose parameters carry one, and the launch
+// error raised. Ops are registered only for the dispatch keys of the devices this build has
+// kernels for, so no other device reaches here.
+template <class Kernel>
+void run_kernel(typename Kernel::Params p, const Tensor& like, WorkspaceHolder& ws) {
+  const Launch l = ws.launch(like);
+#ifdef RMSNORM_EXT_WITH_CUDA
+  if (like.is_cuda()) {
+    using Slot = KernelSlot<Kernel>;
+    TORCH_CHECK(Slot::cuda != nullptr, "rmsnorm_ext: this build has no CUDA kernel ", Kernel::name);
+    if constexpr (cuda::has_sm_count<typename Kernel::Params>::value) {
+      p.sm_count = cuda::sm_count(l.device_index);
+    }
+    struct Call {
+      const typename Kernel::Params* p;
+      Workspace ws;
+    } call{&p, l.ws};
+    cuda::launch_on(
+        l.device_index,
+        [](const void* ctx, void* stream) {
+          const auto* c = static_cast<const Call*>(ctx);
+          return Slot::cuda(*c->p, c->ws, stream);
+        },
+        &call);
+    return;
+  }
+#endif
+  TORCH_CHECK(like.is_cpu(), "rmsnorm_ext: no kernels for device ", like.device());
+  const auto fn = KernelSlot<Kernel>::cpu;
+  TORCH_CHECK(fn != nullptr, "rmsnorm_ext: this build has no CPU kernel ", Kernel::name);
+  fn(p, l);
+}
 
 }  // namespace rmsnorm_ext

@@ -1,6 +1,7 @@
 // Host functions of layer_norm_fwd and layer_norm_bwd, for every device.
 #include "host.h"
-#include "ops.h"
+#include "register.h"
+#include "norm_launch.h"
 
 namespace rmsnorm_ext::host {
 
@@ -20,7 +21,7 @@ void launch_ln_fwd(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y,
   p.inner = inner;
   p.eps = eps;
   WorkspaceHolder ws(x);
-  kernels_for(x).ln_fwd(p, ws.launch(x));
+  run_kernel<LnFwd>(p, x, ws);
 }
 
 // dw / db (may be null: not wanted) have the dtype the kernel writes them in: the weight's,
@@ -43,7 +44,7 @@ void launch_ln_bwd(const Tensor& dy, const Tensor& x, const Tensor& mean, const 
   p.N = N;
   p.inner = inner;
   WorkspaceHolder ws(x);
-  kernels_for(x).ln_bwd(p, ws.launch(x));
+  run_kernel<LnBwd>(p, x, ws);
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& input,
@@ -102,3 +103,27 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& grad_out, const 
 }
 
 }  // namespace rmsnorm_ext::host
+
+TORCH_LIBRARY_FRAGMENT(rmsnorm_ext, m) {
+  // LayerNorm: y = (x - mean) * rstd * weight + bias. Returns (y, mean, rstd).
+  m.def(
+      "layer_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "float eps) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_input, grad_weight, grad_bias); the parameter gradients are empty
+  // tensors when not requested.
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
+      "int[] normalized_shape, bool compute_weight_grad, bool compute_bias_grad) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+void register_layer_norm(torch::Library& m) {
+  m.impl("layer_norm_fwd", &rmsnorm_ext::host::layer_norm_fwd);
+  m.impl("layer_norm_bwd", &rmsnorm_ext::host::layer_norm_bwd);
+}
+
+}  // namespace
+
+RMSNORM_EXT_REGISTER_HOST(register_layer_norm)

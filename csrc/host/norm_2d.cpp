@@ -10,14 +10,14 @@
 // The output has the layout that was computed in (the input's for the first two), the
 // statistics are [B, *S] (float32, float64 for float64), and the backward reads grad_out in
 // the input's layout (a grad_out in the other layout is copied once).
-#include <torch/library.h>
 
 #include <ATen/ops/empty.h>
 
 #include <numeric>
 
 #include "host.h"
-#include "ops.h"
+#include "register.h"
+#include "norm_launch.h"
 
 namespace rmsnorm_ext::host {
 namespace {
@@ -224,8 +224,4 @@ void register_norm_2d(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rmsnorm_ext, CPU, m) { register_norm_2d(m); }
-TORCH_LIBRARY_IMPL(rmsnorm_ext, Meta, m) { register_norm_2d(m); }
-#ifdef RMSNORM_EXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(rmsnorm_ext, CUDA, m) { register_norm_2d(m); }
-#endif
+RMSNORM_EXT_REGISTER_HOST(register_norm_2d)

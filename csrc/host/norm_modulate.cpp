@@ -4,13 +4,96 @@
 // one for all rows ([1, D], [D]). Schemas, host functions (for every device, and Meta) and
 // their registration: one kernel entry per direction (norm_modulate_fwd / _bwd on
 // NormModulateParams / NormModulateBwdParams), the norm selected by the operands.
-#include <torch/library.h>
 
 #include "host.h"
-#include "ops.h"
+#include "register.h"
 
 namespace rmsnorm_ext::host {
 namespace {
+
+// The argument checks (the one set of rules for every device, meta included).
+
+// One normalized dim, and a leading batch dim in front of it.
+inline void check_modulate_shape(const Tensor& input, at::IntArrayRef normalized_shape,
+                                 const char* op) {
+  TORCH_CHECK_VALUE(normalized_shape.size() == 1, "rmsnorm_ext: ", op,
+                    ": normalized_shape must have exactly one dimension (the last dim D), got ",
+                    normalized_shape);
+  TORCH_CHECK_VALUE(input.dim() >= 2, "rmsnorm_ext: ", op,
+                    ": input must have a batch dimension and the normalized one, [B, ..., D], "
+                    "got shape ", input.sym_sizes());
+}
+
+// scale / shift: D last, 1 in every middle dim, B (= input.shape[0]) or 1 first: [B, D],
+// [B, 1, D], [1, D], [D], ... (at most the input's number of dims); on the input's device;
+// dtype the input's, or float32 with a bfloat16/float16 input. Returns whether it holds one
+// vector per sample (first dim B, B > 1) rather than one for all rows.
+inline bool check_modulation(const Tensor& s, const char* name, const Tensor& input, int64_t D) {
+  const auto ss = s.sym_sizes();
+  const auto is = input.sym_sizes();
+  const int64_t sd = s.dim();
+  bool ok = sd >= 1 && sd <= input.dim() && ss[sd - 1] == D;
+  bool per_sample = false;
+  if (ok && sd >= 2) {
+    for (int64_t k = 1; ok && k + 1 < sd; ++k) ok = ss[k] == 1;
+    per_sample = ok && ss[0] != 1;
+    ok = ok && (ss[0] == 1 || ss[0] == is[0]);
+  }
+  TORCH_CHECK_VALUE(ok, "rmsnorm_ext: ", name, " of shape ", ss,
+                    " does not fit the input of shape ", is, ": expected [B, D], [B, 1, ..., 1, D], "
+                    "[1, D] or [D] with B = ", is[0], " (the input's first dim) and D = ", D,
+                    " (normalized_shape), at most ", input.dim(), " dims");
+  TORCH_CHECK(s.device() == input.device(), "rmsnorm_ext: ", name, " is on ", s.device(),
+              " but the input is on ", input.device(), "; move them to the same device");
+  const auto st = s.scalar_type();
+  const auto it = input.scalar_type();
+  TORCH_CHECK_TYPE(st == it || (st == at::kFloat && is_reduced_float(it)), "rmsnorm_ext: ", name,
+                   " dtype ", py_dtype(st), " is not supported with input dtype ", py_dtype(it),
+                   " (use the input's dtype, or float32 with a bfloat16/float16 input)");
+  return per_sample;
+}
+
+// scale and the optional shift together: one dtype, and both per sample or both shared.
+// Returns whether they are per sample.
+inline bool check_scale_shift(const Tensor& scale, const std::optional<Tensor>& shift,
+                              const Tensor& input, int64_t D) {
+  const bool per_sample = check_modulation(scale, "scale", input, D);
+  if (!shift.has_value() || !shift->defined()) return per_sample;
+  const bool shift_per_sample = check_modulation(*shift, "shift", input, D);
+  TORCH_CHECK_VALUE(per_sample == shift_per_sample, "rmsnorm_ext: scale of shape ",
+                    scale.sym_sizes(), " and shift of shape ", shift->sym_sizes(),
+                    " must both hold one vector per sample (first dim B) or both one vector for "
+                    "all rows (first dim 1, or 1-D)");
+  TORCH_CHECK_TYPE(scale.scalar_type() == shift->scalar_type(), "rmsnorm_ext: scale dtype ",
+                   py_dtype(scale.scalar_type()), " and shift dtype ",
+                   py_dtype(shift->scalar_type()), " must match");
+  return per_sample;
+}
+
+// The row view of a modulated input, and whether scale / shift hold one vector per sample.
+struct ModulateShape {
+  RowShape rows;
+  bool per_sample;
+};
+
+// All the forward arguments of rms_norm_modulate_fwd / layer_norm_modulate_fwd (bias: layer
+// only).
+inline ModulateShape check_norm_modulate(const Tensor& input, at::IntArrayRef ns,
+                                         const Tensor& scale, const std::optional<Tensor>& shift,
+                                         const std::optional<Tensor>& weight,
+                                         const std::optional<Tensor>& bias, double eps,
+                                         const char* op) {
+  check_input(input, "input");
+  const RowShape rs = check_normalized_shape(input, ns);
+  check_modulate_shape(input, ns, op);
+  check_param(weight, "weight", input, ns);
+  check_param(bias, "bias", input, ns);
+  check_same_param_dtype(weight, bias);
+  const bool per_sample = check_scale_shift(scale, shift, input, rs.N);
+  check_eps(eps);
+  return {rs, per_sample};
+}
+
 
 bool has(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
@@ -60,7 +143,7 @@ std::tuple<Tensor, Tensor, Tensor> run_fwd(NormKind kind, const ModulateShape& m
   p.S = rows_per_scale(x, p.M, ms.per_sample);
   p.eps = eps;
   WorkspaceHolder ws(x);
-  kernels_for(x).norm_modulate_fwd(p, ws.launch(x));
+  run_kernel<NormModulateFwd>(p, x, ws);
   return {y, mean, rstd};
 }
 
@@ -153,14 +236,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> norm_modulate_bwd(
   p.N = rs.N;
   p.S = rows_per_scale(x, p.M, per_sample);
   WorkspaceHolder ws(x);
-  kernels_for(x).norm_modulate_bwd(p, ws.launch(x));
+  run_kernel<NormModulateBwd>(p, x, ws);
   return {dx, ds, dsh, dw, db};
 }
 
 }  // namespace rmsnorm_ext::host
 
 // ---------------------------------------------------------------------------------------
-// Schemas and registration (the other ops': csrc/ops.cpp, csrc/host/register.cpp).
+// Schemas and registration.
 
 TORCH_LIBRARY_FRAGMENT(rmsnorm_ext, m) {
   // adaLN modulation: y = rms_norm(input) * (1 + scale) + shift, rms_norm with the optional
@@ -198,8 +281,4 @@ void register_modulate(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rmsnorm_ext, CPU, m) { register_modulate(m); }
-TORCH_LIBRARY_IMPL(rmsnorm_ext, Meta, m) { register_modulate(m); }
-#ifdef RMSNORM_EXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(rmsnorm_ext, CUDA, m) { register_modulate(m); }
-#endif
+RMSNORM_EXT_REGISTER_HOST(register_modulate)

@@ -17,12 +17,129 @@
 // [..., S, Hq] and k_rstd [..., S, Hk] are float32 (float64 for float64 q/k).
 //
 // The backward gives no gradient to cos and sin (they are position tables, not trained).
-#include <torch/library.h>
 
 #include "host.h"
+#include "register.h"
 
 namespace rmsnorm_ext::host {
 namespace {
+
+// The argument checks (the one set of rules for every device, meta included).
+
+// q [..., S, Hq, D] and k [..., S, Hk, D] as head rows: B positions-batches (the product of
+// the leading dims), S positions, Hq / Hk heads of D elements. B, S and the head counts may
+// be symbolic on fake tensors; D is read as a concrete int (a head dimension is static).
+struct QkShape {
+  c10::SymInt B;
+  c10::SymInt S;
+  c10::SymInt Hq;
+  c10::SymInt Hk;
+  int64_t D;
+  // Real tensors only (after the host function's meta early return).
+  int64_t positions() const { return (B * S).expect_int(); }
+  bool empty() const { return D == 0 || B == 0 || S == 0 || (Hq == 0 && Hk == 0); }
+};
+
+// q or k: [..., S, H, D].
+inline void check_qk_rank(const Tensor& t, const char* name, const char* heads) {
+  TORCH_CHECK_VALUE(t.dim() >= 3, "rmsnorm_ext: ", name, " must have shape [..., S, ", heads,
+                    ", D] (at least 3 dimensions), got ", t.sym_sizes());
+}
+
+// q and k: supported float dtype (the same), one device, shapes [..., S, Hq, D] and
+// [..., S, Hk, D] with the same leading dims, S and D, D even. Returns the shape.
+inline QkShape check_qk(const Tensor& q, const Tensor& k) {
+  check_input(q, "q");
+  check_input(k, "k");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "rmsnorm_ext: k dtype ",
+                   py_dtype(k.scalar_type()), " must match the q dtype ",
+                   py_dtype(q.scalar_type()));
+  check_same_device(k, "k", q, "q");
+  check_qk_rank(q, "q", "Hq");
+  check_qk_rank(k, "k", "Hk");
+  const auto qs = q.sym_sizes();
+  const auto ks = k.sym_sizes();
+  TORCH_CHECK_VALUE(q.dim() == k.dim() && qs.slice(0, q.dim() - 2).equals(ks.slice(0, k.dim() - 2)),
+                    "rmsnorm_ext: q and k must have the same leading dimensions and sequence "
+                    "length (shape[:-2]), got q shape ", qs, " and k shape ", ks);
+  TORCH_CHECK_VALUE(qs[q.dim() - 1] == ks[k.dim() - 1],
+                    "rmsnorm_ext: q and k must have the same head dimension D (shape[-1]), got "
+                    "q shape ", qs, " and k shape ", ks);
+  const int64_t D = qs[q.dim() - 1].guard_int(__FILE__, __LINE__);
+  TORCH_CHECK_VALUE(D % 2 == 0, "rmsnorm_ext: the head dimension D must be even for the "
+                    "rotary embedding, got D = ", D);
+  c10::SymInt B = 1;
+  for (int64_t d = 0; d < q.dim() - 3; ++d) B *= qs[d];
+  return {B, qs[q.dim() - 3], qs[q.dim() - 2], ks[k.dim() - 2], D};
+}
+
+// q_weight / k_weight: shape [D], the device of q, dtype q's or float32 next to a
+// bfloat16/float16 q.
+inline void check_head_param(const std::optional<Tensor>& p, const char* name, const Tensor& q,
+                             int64_t D) {
+  if (!p.has_value() || !p->defined()) return;
+  const Tensor& t = *p;
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.sym_size(0) == D, "rmsnorm_ext: ", name,
+                    " must have shape [D] = [", D, "], got ", t.sym_sizes());
+  check_same_device(t, name, q, "q");
+  const auto wt = t.scalar_type();
+  const auto it = q.scalar_type();
+  TORCH_CHECK_TYPE(wt == it || (wt == at::kFloat && is_reduced_float(it)), "rmsnorm_ext: ", name,
+                   " dtype ", py_dtype(wt), " is not supported with q dtype ", py_dtype(it),
+                   " (use q's dtype, or float32 with a bfloat16/float16 q)");
+}
+
+// cos and sin: [S, D] (shared by the batch) or [B, S, D], the device of q, dtype q's or
+// float32 next to a bfloat16/float16 q, sin like cos. Returns whether they are [B, S, D].
+inline bool check_rope_tables(const Tensor& cos, const Tensor& sin, const Tensor& q,
+                              const QkShape& s) {
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&cos, "cos"}, {&sin, "sin"}}) {
+    const auto sz = t->sym_sizes();
+    const bool ok = (t->dim() == 2 && sz[0] == s.S && sz[1] == s.D) ||
+                    (t->dim() == 3 && sz[0] == s.B && sz[1] == s.S && sz[2] == s.D);
+    TORCH_CHECK_VALUE(ok, "rmsnorm_ext: ", name, " must have shape [S, D] = [", s.S, ", ", s.D,
+                      "] or [B, S, D] = [", s.B, ", ", s.S, ", ", s.D,
+                      "] (B: the product of q's leading dims), got ", sz);
+    check_same_device(*t, name, q, "q");
+    TORCH_CHECK_TYPE(is_supported_float(t->scalar_type()), "rmsnorm_ext: ", name,
+                     " must be float32, float64, bfloat16 or float16, got ",
+                     py_dtype(t->scalar_type()));
+  }
+  TORCH_CHECK_VALUE(sin.dim() == cos.dim(), "rmsnorm_ext: sin shape ", sin.sym_sizes(),
+                    " must match the cos shape ", cos.sym_sizes());
+  const auto ct = cos.scalar_type();
+  const auto it = q.scalar_type();
+  TORCH_CHECK_TYPE(sin.scalar_type() == ct, "rmsnorm_ext: sin dtype ", py_dtype(sin.scalar_type()),
+                   " must match the cos dtype ", py_dtype(ct));
+  TORCH_CHECK_TYPE(ct == it || (ct == at::kFloat && is_reduced_float(it)),
+                   "rmsnorm_ext: cos/sin dtype ", py_dtype(ct), " is not supported with q dtype ",
+                   py_dtype(it), " (use q's dtype, or float32 with a bfloat16/float16 q)");
+  return cos.dim() == 3;
+}
+
+// The gradient of q_out (k_out): q's (k's) shape, device and dtype.
+inline void check_qk_grad(const Tensor& g, const char* gname, const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(g.sym_sizes().equals(t.sym_sizes()), "rmsnorm_ext: ", gname, " shape ",
+                    g.sym_sizes(), " does not match the ", name, " shape ", t.sym_sizes());
+  check_same_device(g, gname, t, name);
+  TORCH_CHECK_TYPE(g.scalar_type() == t.scalar_type(), "rmsnorm_ext: ", gname, " dtype ",
+                   py_dtype(g.scalar_type()), " must match the ", name, " dtype ",
+                   py_dtype(t.scalar_type()));
+}
+
+// All the forward arguments of qk_norm_rope: returns the shape; *cs_per_batch: whether
+// cos/sin are [B, S, D].
+inline QkShape check_qk_norm_rope(const Tensor& q, const Tensor& k,
+                                  const std::optional<Tensor>& q_weight,
+                                  const std::optional<Tensor>& k_weight, const Tensor& cos,
+                                  const Tensor& sin, bool* cs_per_batch) {
+  const QkShape s = check_qk(q, k);
+  check_head_param(q_weight, "q_weight", q, s.D);
+  check_head_param(k_weight, "k_weight", q, s.D);
+  *cs_per_batch = check_rope_tables(cos, sin, q, s);
+  return s;
+}
+
 
 // t.shape[:-1]: the statistics' shape (one value per head row).
 std::vector<c10::SymInt> head_stats_shape(const Tensor& t) {
@@ -84,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_fwd(
   p.D = s.D;
   p.eps = eps;
   WorkspaceHolder ws(qc);
-  kernels_for(qc).qk_norm_rope_fwd(p, ws.launch(qc));
+  run_kernel<QkNormRopeFwd>(p, qc, ws);
   return {q_out, k_out, q_rstd, k_rstd};
 }
 
@@ -150,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_bwd(
   p.Hk = s.Hk.expect_int();
   p.D = s.D;
   WorkspaceHolder ws(qc);
-  kernels_for(qc).qk_norm_rope_bwd(p, ws.launch(qc));
+  run_kernel<QkNormRopeBwd>(p, qc, ws);
   return {dq, dk, dwq, dwk};
 }
 
@@ -182,8 +299,4 @@ void register_qk_norm_rope(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rmsnorm_ext, CPU, m) { register_qk_norm_rope(m); }
-TORCH_LIBRARY_IMPL(rmsnorm_ext, Meta, m) { register_qk_norm_rope(m); }
-#ifdef RMSNORM_EXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(rmsnorm_ext, CUDA, m) { register_qk_norm_rope(m); }
-#endif
+RMSNORM_EXT_REGISTER_HOST(register_qk_norm_rope)

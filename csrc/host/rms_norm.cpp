@@ -1,6 +1,7 @@
 // Host functions of rms_norm_fwd and rms_norm_bwd, for every device.
 #include "host.h"
-#include "ops.h"
+#include "register.h"
+#include "norm_launch.h"
 
 namespace rmsnorm_ext::host {
 
@@ -20,7 +21,7 @@ void launch_rms_fwd(const Tensor& x, const Tensor& w, Tensor& y, Tensor& rstd, i
   p.eps = eps;
   p.offset = weight_offset;
   WorkspaceHolder ws(x);
-  kernels_for(x).rms_fwd(p, ws.launch(x));
+  run_kernel<RmsFwd>(p, x, ws);
 }
 
 void launch_rms_bwd(const Tensor& dy, const Tensor& x, const Tensor& rstd, const Tensor& w,
@@ -42,7 +43,7 @@ void launch_rms_bwd(const Tensor& dy, const Tensor& x, const Tensor& rstd, const
   p.inner = inner;
   p.offset = weight_offset;
   WorkspaceHolder ws(x);
-  kernels_for(x).rms_bwd(p, ws.launch(x));
+  run_kernel<RmsBwd>(p, x, ws);
 }
 
 std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& input, at::IntArrayRef normalized_shape,
@@ -93,3 +94,29 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& grad_out, const Tensor& in
 }
 
 }  // namespace rmsnorm_ext::host
+
+TORCH_LIBRARY_FRAGMENT(rmsnorm_ext, m) {
+  // RMSNorm: y = x * rstd * (weight_offset + weight), rstd = 1 / sqrt(mean(x^2) + eps).
+  // Returns (y, rstd); rstd has the input's leading (non-normalized) shape.
+  m.def(
+      "rms_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, float eps, "
+      "float weight_offset) -> (Tensor, Tensor)");
+  // Returns (grad_input, grad_weight). grad_residual, when given, is added to
+  // grad_input (the gradient that reaches a fused residual sum from its own output).
+  // grad_weight is an empty tensor when compute_weight_grad is false or there is no weight.
+  m.def(
+      "rms_norm_bwd(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight, "
+      "int[] normalized_shape, float weight_offset, Tensor? grad_residual, "
+      "bool compute_weight_grad) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+void register_rms_norm(torch::Library& m) {
+  m.impl("rms_norm_fwd", &rmsnorm_ext::host::rms_norm_fwd);
+  m.impl("rms_norm_bwd", &rmsnorm_ext::host::rms_norm_bwd);
+}
+
+}  // namespace
+
+RMSNORM_EXT_REGISTER_HOST(register_rms_norm)

@@ -1,5 +1,5 @@
 // Typed dispatcher handles of the ops, for C++ code that calls them through the dispatcher
-// (csrc/autograd.cpp, csrc/quant_autograd.cpp, csrc/python_fast.cpp). Looked up once: a lookup by name costs a
+// (csrc/autograd/, csrc/python/python_fast.cpp). Looked up once: a lookup by name costs a
 // hash-map probe per call otherwise.
 #pragma once
 

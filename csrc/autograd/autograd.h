@@ -1,6 +1,6 @@
-// The C++ autograd nodes of the eager fast path (csrc/autograd.cpp): each records one node
+// The C++ autograd nodes of the eager fast path (csrc/autograd/autograd.cpp): each records one node
 // whose first-order backward is the op's fused *_bwd kernel. Called only by
-// csrc/python_fast.cpp, for plain calls that need a graph.
+// csrc/python/python_fast.cpp, for plain calls that need a graph.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// The C++ autograd nodes of the eager fast path (csrc/python_fast.cpp): a Python autograd
+// The C++ autograd nodes of the eager fast path (csrc/python/python_fast.cpp): a Python autograd
 // node costs ~10-30 us a call, more than a whole small-shape norm. The fast path records
 // these only for plain calls (no torch.func transform, no forward-AD tangent, no autocast);
 // every other call reaches the ops' Autograd kernels, which are registered in Python from
@@ -16,7 +16,7 @@
 
 #include <vector>
 
-#include "common.h"
+#include "../host/checks.h"
 #include "autograd.h"
 #include "op_handles.h"
 

@@ -9,7 +9,7 @@
 // the Python caller takes the torch.ops path, whose Autograd kernel (rmsnorm_ext/
 // _autograd.py) handles transforms, tangents and autocast; so every error message, subclass
 // (DTensor) and mode behaves exactly as it does there. A call that needs a graph records
-// the C++ node of csrc/autograd.cpp directly; otherwise the op runs below autograd.
+// the C++ node of csrc/autograd/autograd.cpp directly; otherwise the op runs below autograd.
 // Dispatch modes and the profiler see the op as usual. Under torch.compile the Python
 // caller never comes here (it traces torch.ops).
 #include <Python.h>
@@ -22,8 +22,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include "autograd.h"
-#include "op_handles.h"
+#include "../autograd/autograd.h"
+#include "../autograd/op_handles.h"
 
 #include <optional>
 #include <vector>

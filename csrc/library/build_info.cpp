@@ -1,12 +1,14 @@
 // `_C.build_info()`: what this binary was really built with (not what setup.py meant to
 // build). rmsnorm_ext.build_info() turns these raw facts into readable ones.
 //
-// Lives apart from ops.cpp (the op schemas) so that build facts and the op library change
-// independently; ops.cpp's module definition takes its method table from here.
+// Lives apart from module.cpp (the op schemas) so that build facts and the op library change
+// independently; module.cpp's module definition takes its method table from here.
 #include <Python.h>
 #include <torch/version.h>
 
 #include <string>
+
+#include "../kernel_registry.h"
 
 #ifdef RMSNORM_EXT_WITH_CUDA
 namespace rmsnorm_ext {
@@ -55,12 +57,23 @@ PyObject* build_info(PyObject*, PyObject*) {
   put("cuda_info", PyUnicode_FromString(""));
   put("cuda_arch_list", PyUnicode_FromString(""));
 #endif
+  // "<kernel>:<device>" for every kernel slot a kernel file filled (kernel_registry.h).
+  const auto& names = rmsnorm_ext::registered_kernels();
+  PyObject* kernels = PyList_New(static_cast<Py_ssize_t>(names.size()));
+  if (!kernels) {
+    Py_DECREF(d);
+    return nullptr;
+  }
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyList_SET_ITEM(kernels, static_cast<Py_ssize_t>(i), PyUnicode_FromString(names[i].c_str()));
+  }
+  put("kernels", kernels);
   return d;
 }
 
 }  // namespace
 
-// The `_C` module's methods; ops.cpp's PyInit__C uses this table.
+// The `_C` module's methods; module.cpp's PyInit__C uses this table.
 PyMethodDef rmsnorm_ext_module_methods[] = {
     {"build_info", build_info, METH_NOARGS, "Facts about how this extension was compiled."},
     {nullptr, nullptr, 0, nullptr}};
