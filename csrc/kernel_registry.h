@@ -28,9 +28,6 @@ struct Launch {
   Workspace ws;
 };
 
-enum class KernelDevice : int { cpu = 0, cuda = 1 };
-inline constexpr int kKernelDevices = 2;
-
 template <class Kernel>
 struct KernelSlot {
   using Params = typename Kernel::Params;
@@ -39,8 +36,8 @@ struct KernelSlot {
   // CUDA: enqueues on `stream` (a cudaStream_t) and returns the first launch error as an int
   // (cudaSuccess = 0), never synchronizing; the host sets the device and checks the error.
   using CudaFn = int (*)(const Params&, Workspace ws, void* stream);
-  static inline CpuFn cpu = nullptr;
-  static inline CudaFn cuda = nullptr;
+  static inline CpuFn cpu_fn = nullptr;
+  static inline CudaFn cuda_fn = nullptr;
 };
 
 // "<kernel>:<device>" for every filled slot, in load order (for build_info and CI).
@@ -52,11 +49,11 @@ inline std::vector<std::string>& registered_kernels() {
 template <class Kernel>
 struct RegisterKernel {
   explicit RegisterKernel(typename KernelSlot<Kernel>::CpuFn fn) {
-    KernelSlot<Kernel>::cpu = fn;
+    KernelSlot<Kernel>::cpu_fn = fn;
     registered_kernels().push_back(std::string(Kernel::name) + ":cpu");
   }
   explicit RegisterKernel(typename KernelSlot<Kernel>::CudaFn fn) {
-    KernelSlot<Kernel>::cuda = fn;
+    KernelSlot<Kernel>::cuda_fn = fn;
     registered_kernels().push_back(std::string(Kernel::name) + ":cuda");
   }
 };

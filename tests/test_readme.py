@@ -27,7 +27,7 @@ def _blocks(lang):
 
 
 PYTHON_BLOCKS = _blocks("python")
-OPTIONAL = ("timm",)  # the vision models section
+OPTIONAL = ("timm", "transformers", "kernels")  # vision models; the HF `kernels` hub section
 
 
 def _test_command():

@@ -1,7 +1,8 @@
 """One set of rules on every device: each bad call raises the same exception type with the
 same message (device names aside) on cpu, meta (the fake kernels torch.compile traces with)
-and cuda when present. The C++ host layer (csrc/host/checks.h, csrc/host/) serves cpu and cuda;
-rmsnorm_ext/_fake.py serves meta and must not drift from it."""
+and cuda when present. One C++ host function per op (csrc/host/, checks in csrc/host/checks.h
+and the op's own file) serves all three: meta is registered to it too, so there is no
+Python twin to drift; this matrix checks that it stays so."""
 import re
 
 import pytest

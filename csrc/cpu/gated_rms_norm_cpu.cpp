@@ -311,7 +311,7 @@ void dispatch_gate(GateAct act, bool norm_before_gate, F&& f) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
-// Entries of the host layer's kernel table (kernels.h)
+// Entries, registered below (RMSNORM_EXT_REGISTER_CPU_KERNEL, kernel_registry.h)
 
 void gated_rms_fwd(const GatedRmsFwdParams& p, const Launch&) {
   dispatch_pair(p.t, p.w, [&](auto t_tag, auto w_tag) {

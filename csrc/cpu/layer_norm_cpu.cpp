@@ -141,7 +141,7 @@ void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* 
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
-// Entries of the host layer's kernel table (kernels.h)
+// Entries, registered below (RMSNORM_EXT_REGISTER_CPU_KERNEL, kernel_registry.h)
 
 void ln_fwd(const LnFwdParams& p, const Launch& l) {
   if (p.inner > 1) return ln_fwd_channels_first(p, l);

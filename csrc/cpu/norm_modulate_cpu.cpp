@@ -406,7 +406,7 @@ void dispatch_kind(NormKind kind, F&& f) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
-// Entries of the host layer's kernel table (kernels.h)
+// Entries, registered below (RMSNORM_EXT_REGISTER_CPU_KERNEL, kernel_registry.h)
 
 void norm_modulate_fwd(const NormModulateParams& p, const Launch&) {
   dispatch_pair(p.t, p.w, [&](auto t_tag, auto w_tag) {

@@ -243,7 +243,7 @@ void dispatch_interleaved(bool interleaved, F&& f) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
-// Entries of the host layer's kernel table (kernels.h)
+// Entries, registered below (RMSNORM_EXT_REGISTER_CPU_KERNEL, kernel_registry.h)
 
 void qk_norm_rope_fwd(const QkNormRopeFwdParams& p, const Launch&) {
   dispatch_pair(p.t, p.cs, [&](auto t_tag, auto c_tag) {

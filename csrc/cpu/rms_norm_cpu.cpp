@@ -176,7 +176,7 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
-// Entries of the host layer's kernel table (kernels.h)
+// Entries, registered below (RMSNORM_EXT_REGISTER_CPU_KERNEL, kernel_registry.h)
 
 void rms_fwd(const RmsFwdParams& p, const Launch& l) {
   if (p.inner > 1) return rms_fwd_channels_first(p, l);

@@ -28,7 +28,7 @@ cudaError_t norm_modulate_fwd(const NormModulateParams& p, cudaStream_t stream);
 cudaError_t norm_modulate_bwd(const NormModulateBwdParams& p, Workspace ws,
                               cudaStream_t stream);  // norm_modulate_kernels.cu
 // The plain norms on the channels-first layout (p.inner > 1, kernel_params.h): the
-// rms_norm_2d / layer_norm_2d ops; launch.cpp routes them. channels_first_kernels.cu
+// rms_norm_2d / layer_norm_2d ops; the plain entries (rms_fwd, rms_bwd, ln_fwd, ln_bwd) call them when p.inner > 1. channels_first_kernels.cu
 cudaError_t rms_fwd_channels_first(const RmsFwdParams& p, cudaStream_t stream);
 cudaError_t rms_bwd_channels_first(const RmsBwdParams& p, Workspace ws, cudaStream_t stream);
 cudaError_t ln_fwd_channels_first(const LnFwdParams& p, cudaStream_t stream);

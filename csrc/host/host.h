@@ -96,7 +96,8 @@ void run_kernel(typename Kernel::Params p, const Tensor& like, WorkspaceHolder& 
 #ifdef RMSNORM_EXT_WITH_CUDA
   if (like.is_cuda()) {
     using Slot = KernelSlot<Kernel>;
-    TORCH_CHECK(Slot::cuda != nullptr, "rmsnorm_ext: this build has no CUDA kernel ", Kernel::name);
+    TORCH_CHECK(Slot::cuda_fn != nullptr, "rmsnorm_ext: this build has no CUDA kernel ",
+                Kernel::name);
     if constexpr (cuda::has_sm_count<typename Kernel::Params>::value) {
       p.sm_count = cuda::sm_count(l.device_index);
     }
@@ -108,14 +109,14 @@ void run_kernel(typename Kernel::Params p, const Tensor& like, WorkspaceHolder& 
         l.device_index,
         [](const void* ctx, void* stream) {
           const auto* c = static_cast<const Call*>(ctx);
-          return Slot::cuda(*c->p, c->ws, stream);
+          return Slot::cuda_fn(*c->p, c->ws, stream);
         },
         &call);
     return;
   }
 #endif
   TORCH_CHECK(like.is_cpu(), "rmsnorm_ext: no kernels for device ", like.device());
-  const auto fn = KernelSlot<Kernel>::cpu;
+  const auto fn = KernelSlot<Kernel>::cpu_fn;
   TORCH_CHECK(fn != nullptr, "rmsnorm_ext: this build has no CPU kernel ", Kernel::name);
   fn(p, l);
 }

@@ -1,7 +1,7 @@
 // `_C.build_info()`: what this binary was really built with (not what setup.py meant to
 // build). rmsnorm_ext.build_info() turns these raw facts into readable ones.
 //
-// Lives apart from module.cpp (the op schemas) so that build facts and the op library change
+// Lives apart from module.cpp (the op library and `_C`) so that build facts and the op library change
 // independently; module.cpp's module definition takes its method table from here.
 #include <Python.h>
 #include <torch/version.h>
