@@ -16,7 +16,8 @@ from . import _autograd  # noqa: E402  (Autograd, vmap and autocast kernels from
 _autograd.install()
 from . import functional as _functional  # noqa: E402
 from .functional import *  # noqa: E402,F401,F403  (every public op: functional.__all__)
-from .modules import GatedRMSNorm, LayerNorm, LayerNorm2d, RMSNorm, RMSNorm2d  # noqa: E402
+from . import modules as _modules  # noqa: E402
+from .modules import *  # noqa: E402,F401,F403  (the modules: modules.__all__)
 from .replace import replace_norms  # noqa: E402
 from . import distributed  # noqa: E402  (DTensor rules: registered lazily, see distributed.py)
 
@@ -79,5 +80,4 @@ def _kernel_devices(entries) -> dict:
     return {name: sorted(devices) for name, devices in sorted(out.items())}
 
 
-__all__ = [*_functional.__all__, "RMSNorm", "LayerNorm", "GatedRMSNorm", "RMSNorm2d",
-           "LayerNorm2d", "replace_norms", "build_info"]
+__all__ = [*_functional.__all__, *_modules.__all__, "replace_norms", "build_info"]

@@ -21,6 +21,9 @@ from .functional import gated_rms_norm, layer_norm, layer_norm_2d, rms_norm, rms
 # static: the eager branch (Python-only code) is never compiled.
 _is_scripting = torch.jit.is_scripting
 
+# The package exports these (rmsnorm_ext/__init__.py imports *).
+__all__ = ["RMSNorm", "LayerNorm", "GatedRMSNorm", "RMSNorm2d", "LayerNorm2d"]
+
 _REDUCED = (torch.bfloat16, torch.float16)
 _OUT_POLICIES = ("promote", "input", "weight")
 
