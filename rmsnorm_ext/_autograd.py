@@ -264,14 +264,31 @@ def _register_autocast():
 FUNCTIONS = {}
 
 
+_CALL_OPS = {}
+
+
 def call(name, *args):
     """The public functions' dispatcher path: under a torch.func transform the op's
     autograd.Function is applied here, above the dispatcher, where functorch can see it
-    (custom_function_call); otherwise, and always while torch.compile traces (which sees
-    the op and its registered rules), the op itself (its Autograd kernel is above)."""
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+    (custom_function_call); while torch.compile traces (which sees the op and its
+    registered rules), the op itself. In eager mode a call that needs no graph and carries
+    no forward-AD tangent (inference, or no input requiring grad) runs the op below
+    autograd at once: the same decision the op's Autograd kernel (below) makes, taken
+    before the dispatcher boxes the call into that Python kernel (~10 us of a small call).
+    Autocast and __torch_dispatch__ modes (DTensor, fake tensors) sit outside autograd's
+    keys and still run."""
+    f = _CALL_OPS.get(name)
+    if f is None:
+        f = _CALL_OPS[name] = op(name)
+    if torch.compiler.is_compiling():
+        return f(*args)
+    if torch._C._are_functorch_transforms_active():
         return FUNCTIONS[name].apply(*args)
-    return op(name)(*args)
+    if forward_ad._current_level < 0 and not _graph_needed(
+            [a for a in args if isinstance(a, torch.Tensor)]):
+        with torch._C._AutoDispatchBelowAutograd():
+            return f(*args)
+    return f(*args)
 
 
 def install():

@@ -314,3 +314,61 @@ def test_compile_fullgraph_grads_match_eager():
     g_e = torch.autograd.grad(f(x, w), (x, w))
     g_c = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x, w), (x, w))
     _close(g_c, g_e)
+
+
+# The ops without a C++ fast path (gated, adaLN, QK-norm + RoPE, 2d norms) run below autograd
+# straight from the public function when a call needs no graph and carries no tangent
+# (rmsnorm_ext/_autograd.call). The conditions of that shortcut, per op family: a tangent
+# under no_grad still propagates, grad mode with an input requiring grad still records a
+# node, and a call needing neither records none.
+def _gated_ref(x, g, w):
+    return F.rms_norm(x, (D,), w, 1e-5) * F.silu(g)
+
+
+def _ln2d_ref(x, w, b):
+    return F.layer_norm(x.movedim(1, -1), (D,), w, b, 1e-6).movedim(-1, 1)
+
+
+def _mod_ref(x, s, w):
+    return F.rms_norm(x, (D,), w, 1e-6) * (1 + s[:, None])
+
+
+SHORTCUT_CASES = {
+    "gated_rms_norm": (lambda x, g, w: R.gated_rms_norm(x, g, (D,), w, 1e-5), _gated_ref,
+                       lambda: (_x(2, 3, D), _x(2, 3, D, seed=4), _x(D, seed=1))),
+    "layer_norm_2d": (lambda x, w, b: R.layer_norm_2d(x, w, b, 1e-6), _ln2d_ref,
+                      lambda: (_x(2, D, 3, 2), _x(D, seed=1), _x(D, seed=2))),
+    "rms_norm_modulate": (lambda x, s, w: R.rms_norm_modulate(x, (D,), s, None, w, 1e-6),
+                          _mod_ref, lambda: (_x(2, 3, D), _x(2, D, seed=5), _x(D, seed=1))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHORTCUT_CASES))
+def test_no_grad_call_keeps_forward_ad_tangents(case):
+    ours, ref, make = SHORTCUT_CASES[case]
+    args = make()
+    tangents = [_x(*a.shape, seed=30 + i) for i, a in enumerate(args)]
+    with fwAD.dual_level(), torch.no_grad():
+        duals = [fwAD.make_dual(a, t) for a, t in zip(args, tangents)]
+        to = fwAD.unpack_dual(ours(*duals)).tangent
+        tr = fwAD.unpack_dual(ref(*duals)).tangent
+    assert to is not None, "a tangent was dropped under no_grad"
+    _close(to, tr)
+
+
+@pytest.mark.parametrize("case", sorted(SHORTCUT_CASES))
+def test_graph_recorded_exactly_when_needed(case):
+    ours, ref, make = SHORTCUT_CASES[case]
+    args = make()
+    leaves = [a.clone().requires_grad_() for a in args]
+    y = ours(*leaves)
+    assert y.grad_fn is not None
+    _close(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(ref(*leaves).sum(), leaves))
+    with torch.no_grad():
+        assert ours(*leaves).grad_fn is None
+    assert ours(*args).grad_fn is None
+    # only a parameter requires grad (BitFit-style): still a graph
+    y = ours(*args[:-1], leaves[-1])
+    assert y.grad_fn is not None
+    _close(torch.autograd.grad(y.sum(), leaves[-1]),
+           torch.autograd.grad(ref(*args[:-1], leaves[-1]).sum(), leaves[-1]))
