@@ -10,8 +10,9 @@ Every benchmark under ``benchmarks/`` times through :func:`interleaved`:
 * A sample is ``inner`` back-to-back calls, calibrated in warm-up to last about
   ``target_sample_s``. CPU: ``timeit.Timer(fn).timeit(inner)`` (perf_counter, garbage
   collector paused -- what torch.utils.benchmark.Timer runs underneath; its own ``timeit``
-  would add max(inner // 100, 2) warm-up calls to every sample and pin one thread). CUDA:
-  CUDA events around every call, after zeroing a buffer larger than L2 (untimed).
+  adds max(inner // 100, 2) warm-up calls to every sample -- it would triple
+  model_bench's one-step samples -- and runs on ``num_threads=1`` unless told). CUDA: CUDA
+  events around every call, after zeroing a buffer larger than L2 (untimed).
 * Each implementation's result is a :class:`Stats`, a torch.utils.benchmark ``Measurement``
   (median, IQR, ``times``) with min, max, quartiles and ``spread`` = IQR / median; above
   ``SPREAD_LIMIT`` (10%) it is ``noisy``, and more rounds are taken, up to ``max_rounds``.
