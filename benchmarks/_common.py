@@ -1,22 +1,31 @@
-"""Shared helpers of the benchmarks: device choice, machine info, output folders.
+"""Shared helpers of the benchmarks: dtypes, devices, machine info, command-line options,
+output folders and files (tables, CSV, JSON), the fresh-memory floor.
 
-Timing lives in _timer.py (interleaved rounds, medians, spreads): every benchmark uses it.
+Timing lives in _timer.py (interleaved rounds, medians, spreads), the busy-machine check in
+_machine.py.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import csv
 import datetime as _dt
+import json
+import math
 import os
 import platform
 import re
 import subprocess
-import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+import _machine
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 # ----------------------------------------------------------------------------- devices
@@ -27,11 +36,6 @@ def pick_device(requested: Optional[str]) -> torch.device:
             raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------- machine info
@@ -67,18 +71,7 @@ def cache_sizes() -> dict:
 
 def llc_bytes() -> int:
     """Size of the largest CPU cache level (0 if unknown)."""
-    best = 0
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    for idx in base.glob("index*"):
-        try:
-            text = (idx / "size").read_text().strip().upper()
-        except OSError:
-            continue
-        m = re.match(r"(\d+)([KMG]?)", text)
-        if m:
-            mult = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)]
-            best = max(best, int(m.group(1)) * mult)
-    return best
+    return max(cache_sizes().values(), default=0)
 
 
 def device_name(device: torch.device) -> str:
@@ -114,10 +107,6 @@ def git_commit() -> Optional[str]:
     return commit + ("-dirty" if dirty else "")
 
 
-def today() -> str:
-    return _dt.date.today().isoformat()
-
-
 def machine_info(device: torch.device) -> dict:
     import rmsnorm_ext
 
@@ -135,7 +124,7 @@ def machine_info(device: torch.device) -> dict:
         "rmsnorm_ext_build": rmsnorm_ext.build_info(),
         "git_commit": git_commit(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "loadavg_1m": load_average(),
+        "loadavg_1m": _machine.load_average(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -143,21 +132,6 @@ def machine_info(device: torch.device) -> dict:
                     gpu_l2_bytes=getattr(props, "L2_cache_size", None),
                     cuda_version=torch.version.cuda)
     return info
-
-
-def load_average() -> Optional[float]:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def warn_if_busy(device: torch.device) -> None:
-    """CPU timings are meaningless while other processes compete for the cores."""
-    load, cores = load_average(), os.cpu_count() or 1
-    if device.type == "cpu" and load is not None and load > 0.5 * cores:
-        print(f"warning: load average {load:.1f} on {cores} cores: other processes are "
-              "running, CPU timings will be noisy", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -220,3 +194,91 @@ def csv_list(choices: Sequence[str]) -> Callable[[str], Tuple[str, ...]]:
             raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
         return items
     return parse
+
+
+def add_device_arg(parser, default_help: str = "default: cuda if available") -> None:
+    parser.add_argument("--device", help=f"cpu, cuda or cuda:N ({default_help})")
+
+
+def add_busy_arg(parser, marks: str = "every result is then marked") -> None:
+    parser.add_argument("--allow-busy", action="store_true",
+                        help="run even when other processes load the CPU (the run otherwise "
+                             f"stops with the reason); {marks} {_machine.BANNER!r}")
+
+
+# ------------------------------------------------------------------ tables and files
+def table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str,
+          markdown: bool = False) -> str:
+    """A markdown or fixed-width text table; ``align`` has one of l, r, c per column."""
+    rows = [[str(c) for c in r] for r in rows]
+    if markdown:
+        rule = {"l": "---", "r": "---:", "c": ":-:"}
+        return "\n".join(["| " + " | ".join(header) + " |",
+                          "|" + "|".join(rule[a] for a in align) + "|"]
+                         + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    just = {"l": str.ljust, "r": str.rjust, "c": str.center}
+
+    def line(r):
+        return "  ".join(just[a](c, w) for c, w, a in zip(r, widths, align))
+    return "\n".join([line(header), "-" * (sum(widths) + 2 * (len(widths) - 1))]
+                     + [line(r) for r in rows])
+
+
+def time_cell(value: float, spread: float, noisy: bool, digits: int = 1) -> str:
+    """A median with its spread, '!' when noisy: '14.5 ±3%!'."""
+    return f"{value:.{digits}f} ±{100 * spread:.0f}%" + ("!" if noisy else "")
+
+
+def _blank(v):
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def write_csv(path: Path, columns: Sequence[str], records: Iterable[dict]) -> None:
+    """One row per record; None and NaN are left empty."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows({k: _blank(r[k]) for k in columns} for r in records)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """NaN and inf become null (strict JSON); paths, dtypes and devices become strings."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(payload), indent=1, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------ floors
+_libc = ctypes.CDLL(None, use_errno=True)
+_MADV_HUGEPAGE = 14
+_HUGE = 2 << 20
+
+
+def fresh_huge(like: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor like ``like`` whose 2 MiB-aligned interior is advised MADV_HUGEPAGE
+    before its first write (a no-op where THP is off): the memory an op returning a new
+    tensor can reach, as our kernels advise their large outputs."""
+    t = torch.empty_like(like)
+    b = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+    e = (t.data_ptr() + t.numel() * t.element_size()) & ~(_HUGE - 1)
+    if e > b:
+        _libc.madvise(ctypes.c_void_p(b), ctypes.c_size_t(e - b), _MADV_HUGEPAGE)
+    return t
+
+
+def copy_floor(nbytes: int, device: torch.device) -> Callable[[], object]:
+    """The floor of a pass that must move ``nbytes``: an out-of-place copy reading nbytes/2
+    and writing nbytes/2 -- the same working set as the pass, so a cache-resident case is
+    compared with a cache-resident copy -- allocating its output as every impl does."""
+    src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8, device=device)
+    return src.clone

@@ -22,6 +22,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+import _timer
+
 BANNER = "BUSY MACHINE — NOT A MEASUREMENT"
 OTHERS_LIMIT = 0.25  # other processes may use at most this share of our cores
 SLICES_S = (4e-3, 10e-3, 10e-3 / 3, 1e-3)  # scheduler ticks at HZ = 250, 100, 300, 1000
@@ -90,9 +92,17 @@ def quantized(samples: Sequence[float], inner: int = 1, expected_s: float = 0.0,
 
 def load_average() -> Optional[float]:
     try:
-        return os.getloadavg()[0]
+        return round(os.getloadavg()[0], 2)
     except OSError:
         return None
+
+
+def warn_if_busy(device) -> None:
+    """A warning only (model_bench.py, regen_cpu_results.py): the load average is high."""
+    load, cores = load_average(), os.cpu_count() or 1
+    if torch.device(device).type == "cpu" and load is not None and load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores: other processes are "
+              "running, CPU timings will be noisy", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------ guard
@@ -151,6 +161,14 @@ class Guard:
 
     def begin(self):
         return snapshot() if self.enabled else None
+
+    def interleaved(self, what: str, fns, ref: Optional[str] = None, ref_bytes: int = 0,
+                    **timer_kw):
+        """_timer.interleaved(fns, **timer_kw) checked as one case: (stats, busy reason).
+        ``ref``: the name of the copy of ``ref_bytes`` among ``fns`` (see :meth:`end`)."""
+        before = self.begin()
+        stats = _timer.interleaved(fns, **timer_kw)
+        return stats, self.end(before, what, stats[ref] if ref else None, ref_bytes)
 
     def end(self, before, what: str = "", ref: Optional[object] = None,
             ref_bytes: int = 0) -> str:

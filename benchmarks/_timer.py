@@ -1,69 +1,55 @@
 """The project's one benchmark timer: interleaved rounds, medians and spreads.
 
-Every benchmark under ``benchmarks/`` times through :func:`interleaved`, so the methodology
-lives in one place:
+Every benchmark under ``benchmarks/`` times through :func:`interleaved`:
 
 * All implementations of one case are timed *together*: after a warm-up, each of ``rounds``
   rounds takes one sample of every implementation, in an order that rotates from round to
   round (round r starts at implementation r mod k). A burst of load from another process then
-  slows every implementation alike instead of whichever one happened to be running, and no
-  implementation always runs right after the same neighbour (whose cache footprint or
-  thermal/turbo state it would inherit).
-* A sample is ``inner`` back-to-back calls, timed as a whole and divided by ``inner``;
-  ``inner`` is calibrated per implementation during warm-up so that a sample lasts about
-  ``target_sample_s`` (a single call of a fast op is too short for ``perf_counter`` and the
-  Python call overhead to be negligible).
-* CPU samples use ``time.perf_counter`` with the garbage collector paused. CUDA samples use
-  CUDA events around every call, optionally after zeroing a buffer larger than L2 (so
-  every call starts with a cold L2, as ``triton.testing.do_bench`` does); the flush is
-  outside the events.
-* Each implementation's result is a :class:`Stats`: median, min, max, quartiles over the
-  rounds, and ``spread`` = IQR / median. A row whose spread exceeds ``SPREAD_LIMIT`` (10%) is
-  ``noisy``: its median is not to be trusted to better than that. When some implementation is
-  still noisy after ``rounds`` rounds, up to ``max_rounds`` rounds are taken in total.
+  slows every implementation alike, and no implementation always runs right after the same
+  neighbour. Ratios taken within a round (:func:`per_round_ratio`) cancel such bursts.
+* A sample is ``inner`` back-to-back calls, calibrated in warm-up to last about
+  ``target_sample_s``. CPU: ``timeit.Timer(fn).timeit(inner)`` (perf_counter, garbage
+  collector paused -- what torch.utils.benchmark.Timer runs underneath; its own ``timeit``
+  adds max(inner // 100, 2) warm-up calls to every sample -- it would triple
+  model_bench's one-step samples -- and runs on ``num_threads=1`` unless told). CUDA: CUDA
+  events around every call, after zeroing a buffer larger than L2 (untimed).
+* Each implementation's result is a :class:`Stats`, a torch.utils.benchmark ``Measurement``
+  (median, IQR, ``times``) with min, max, quartiles and ``spread`` = IQR / median; above
+  ``SPREAD_LIMIT`` (10%) it is ``noisy``, and more rounds are taken, up to ``max_rounds``.
 
-Use (from a script in benchmarks/, which has this folder on sys.path)::
-
-    import _timer
     stats = _timer.interleaved({"ours": lambda: f(x), "native": lambda: g(x)}, rounds=7)
-    stats["ours"].median, stats["ours"].spread, stats["ours"].noisy   # seconds, IQR/median
-    stats["native"].median / stats["ours"].median                     # speedup
-    # stats[name].samples[r] is round r's sample: ratios within a round are also meaningful.
+    stats["ours"].median, stats["ours"].spread, stats["native"].samples[r]  # s, IQR/median
 """
 from __future__ import annotations
 
-import gc
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+import timeit
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
+from torch.utils.benchmark import Measurement, TaskSpec
 
 SPREAD_LIMIT = 0.10
 
 
-@dataclass
-class Stats:
-    """Seconds per call of one implementation over the rounds of one case."""
-    median: float
-    min: float
-    max: float
-    q1: float
-    q3: float
-    rounds: int
-    inner: int
-    samples: List[float] = field(default_factory=list, repr=False)
+class Stats(Measurement):
+    """Seconds per call of one implementation over the rounds of one case: ``raw_times[r]``
+    is round r's sample of ``number_per_run`` calls; ``samples`` (= ``times``) per call."""
 
-    @property
-    def iqr(self) -> float:
-        return self.q3 - self.q1
+    samples = property(lambda self: self.times)
+    inner = property(lambda self: self.number_per_run)
+    rounds = property(lambda self: len(self.raw_times))
+    min = property(lambda self: min(self.times))
+    max = property(lambda self: max(self.times))
+    # Linear interpolation, as Measurement's median (q1 of [1, 2, 3, 4] is 1.75).
+    q1 = property(lambda self: torch.tensor(self.times, dtype=torch.float64).quantile(.25).item())
+    q3 = property(lambda self: torch.tensor(self.times, dtype=torch.float64).quantile(.75).item())
 
     @property
     def spread(self) -> float:
-        """Interquartile range relative to the median (0.05 = the middle half of the
-        rounds lies within 5% of the median's size)."""
+        """IQR relative to the median (0.05: the middle half of the rounds lies within 5%)."""
         return self.iqr / self.median if self.median > 0 else math.inf
 
     @property
@@ -71,34 +57,27 @@ class Stats:
         return self.spread > SPREAD_LIMIT
 
     def to_dict(self, scale: float = 1.0, samples: bool = False) -> dict:
-        """Fields scaled (e.g. 1e6 for microseconds), plus iqr, spread and noisy."""
-        d = asdict(self)
-        if not samples:
-            d.pop("samples")
-        else:
+        """median, min, max, q1, q3, iqr (scaled, e.g. 1e6 for µs), rounds, inner, spread,
+        noisy [, samples]."""
+        d = {k: getattr(self, k) * scale for k in ("median", "min", "max", "q1", "q3")}
+        d.update(rounds=self.rounds, inner=self.inner)
+        if samples:
             d["samples"] = [s * scale for s in self.samples]
-        for k in ("median", "min", "max", "q1", "q3"):
-            d[k] *= scale
         d.update(iqr=self.iqr * scale, spread=self.spread, noisy=self.noisy)
         return d
 
 
-def quartiles(values: Sequence[float]) -> tuple:
-    """(q1, median, q3) with linear interpolation between order statistics (the usual
-    "inclusive" definition: q1 of [1, 2, 3, 4, 5] is 2, of [1, 2, 3, 4] is 1.75)."""
-    if not values:
+def summarize(samples: Sequence[float], inner: int = 1, name: str = "") -> Stats:
+    """Stats of per-call ``samples`` (seconds), each the mean of ``inner`` calls."""
+    if not samples:
         raise ValueError("no samples")
-    if len(values) == 1:
-        v = values[0]
-        return v, v, v
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[1], q[2]
+    return Stats(number_per_run=inner, raw_times=[s * inner for s in samples],
+                 task_spec=TaskSpec(stmt=name, setup="", num_threads=torch.get_num_threads()))
 
 
-def summarize(samples: Sequence[float], inner: int = 1) -> Stats:
-    q1, med, q3 = quartiles(list(samples))
-    return Stats(median=med, min=min(samples), max=max(samples), q1=q1, q3=q3,
-                 rounds=len(samples), inner=inner, samples=list(samples))
+def per_round_ratio(num: Stats, *dens: Stats) -> float:
+    """Median over rounds of num / (sum of dens), each taken within one round."""
+    return statistics.median(n / sum(d) for n, *d in zip(num.samples, *(x.samples for x in dens)))
 
 
 def rotation(names: Sequence[str], round_index: int) -> List[str]:
@@ -110,16 +89,7 @@ def rotation(names: Sequence[str], round_index: int) -> List[str]:
 # ----------------------------------------------------------------------- sample clocks
 class _CpuClock:
     def sample(self, fn: Callable[[], object], inner: int) -> float:
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # a collection inside a sample would be charged to whoever runs then
-        try:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            return (time.perf_counter() - t0) / inner
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        return timeit.Timer(fn).timeit(inner) / inner
 
 
 class _CudaClock:
@@ -157,17 +127,14 @@ def interleaved(fns: Mapping[str, Callable[[], object]], *, device="cpu",
                 target_sample_s: float = 0.02, warmup_s: float = 0.05,
                 inner: Optional[int] = None, flush_l2: Optional[bool] = None,
                 on_call: Optional[Callable[[str], None]] = None) -> Dict[str, Stats]:
-    """Time every callable of ``fns`` in interleaved rounds; returns name -> :class:`Stats`
-    (seconds per call).
+    """Time every no-argument callable of ``fns`` (one call each) in interleaved rounds;
+    returns name -> :class:`Stats` (seconds per call).
 
-    ``fns``: the implementations of one case, each a no-argument callable doing one call.
-    ``rounds``: rounds always taken; ``max_rounds`` (default ``rounds``): while some
-    implementation's spread exceeds SPREAD_LIMIT, more rounds are taken up to this total.
-    ``target_sample_s``: calibrated duration of one sample (``inner`` calls).
-    ``warmup_s``: each implementation is called a few times and for at least this long
-    before timing (first-call allocations, lazy init, torch.compile's compile).
-    ``inner``: fix the calls per sample instead of calibrating (tests use 1).
-    ``on_call``: called with the name before each sample (tests record the order).
+    ``rounds`` are always taken; while some spread exceeds SPREAD_LIMIT, more up to
+    ``max_rounds`` (default ``rounds``). ``warmup_s``: each implementation is called a few
+    times and for at least this long before timing (lazy init, torch.compile's compile).
+    ``inner``: fix the calls per sample instead of calibrating (tests use 1). ``on_call``:
+    called with the name before each sample (tests record the order).
     """
     names = list(fns)
     if not names:
@@ -177,7 +144,7 @@ def interleaved(fns: Mapping[str, Callable[[], object]], *, device="cpu",
     max_rounds = max(rounds, max_rounds or rounds)
 
     inners: Dict[str, int] = {}
-    for name in names:  # warm-up, in the same rotating spirit: every impl before timing any
+    for name in names:  # warm-up: every impl before timing any
         fn = fns[name]
         fn()  # the first call may compile or allocate: never timed, never calibrates
         t0, calls = time.perf_counter(), []
@@ -203,6 +170,7 @@ def interleaved(fns: Mapping[str, Callable[[], object]], *, device="cpu",
         r += 1
         if r < rounds:
             continue
-        stats = {n: summarize(samples[n], inners[n]) for n in names}
+        # inner may have been halved mid-run: each sample is already per call
+        stats = {n: summarize(samples[n], inners[n], n) for n in names}
         if r >= max_rounds or not any(s.noisy for s in stats.values()):
             return stats

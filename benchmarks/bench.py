@@ -32,9 +32,7 @@ given: results.csv, results.json, results.md and plots/*.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -46,6 +44,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import _common
 import _machine
@@ -58,8 +57,7 @@ QUANT_OPS = ("rms_norm_quant", "fused_add_rms_norm_quant", "layer_norm_quant")  
 ALL_OPS = OPS + QUANT_OPS
 PASSES = ("fwd", "bwd", "fwdbwd")
 IMPLS = ("ours", "eager", "compile", "liger", "apex")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPES, DTYPE_SHORT = _common.DTYPES, _common.DTYPE_SHORT
 HIDDEN = (768, 1024, 2048, 4096, 5120, 8192, 16384, 5125)  # 5125: odd, no vector alignment
 RMS_EPS = 1e-6
 LN_EPS = 1e-5
@@ -409,14 +407,6 @@ def make_runner(fn: Callable, inputs: Sequence[torch.Tensor], pass_: str) -> Cal
     return fwdbwd
 
 
-def copy_runner(nbytes: int, device: torch.device) -> Callable[[], object]:
-    """The floor of a pass that must move ``nbytes``: an out-of-place copy reading nbytes/2
-    and writing nbytes/2 -- the same working set as the pass, so a cache-resident case is
-    compared with a cache-resident copy -- allocating its output as every impl does."""
-    src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8, device=device)
-    return src.clone
-
-
 # ------------------------------------------------------------------------- the sweep
 @dataclass
 class Config:
@@ -451,33 +441,6 @@ class Config:
         return [c for c in cases if c.passes(self.passes)]
 
 
-class Progress:
-    """tqdm when importable, else a one-line counter on stderr."""
-
-    def __init__(self, total: int):
-        try:
-            from tqdm import tqdm
-            self._bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
-        except ImportError:
-            self._bar = None
-        self.total, self.done = total, 0
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if self._bar is not None:
-            self._bar.set_postfix_str(label, refresh=False)
-            self._bar.update(1)
-        else:
-            print(f"\r[{self.done}/{self.total}] {label:<60}", end="", file=sys.stderr,
-                  flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        else:
-            print(file=sys.stderr)
-
-
 def regime(nbytes: int, device: torch.device, llc: int) -> str:
     """Where a working set of ``nbytes`` lives: "cache" when it fits the last-level cache
     (CPU) or L2 (GPU), "DRAM" otherwise ("?" when the cache size is unknown)."""
@@ -488,8 +451,8 @@ def regime(nbytes: int, device: torch.device, llc: int) -> str:
     return "cache" if nbytes <= llc else "DRAM"
 
 
-def run_case(case: Case, cfg: Config, progress: Progress, skipped: List[dict],
-             guard: Optional[_machine.Guard] = None) -> List[Result]:
+def run_case(case: Case, cfg: Config, progress: tqdm, skipped: List[dict],
+             guard: _machine.Guard) -> List[Result]:
     inputs = make_inputs(case, cfg.device)
     elem = DTYPES[case.dtype].itemsize
     label = f"{case.label} {DTYPE_SHORT[case.dtype]} {case.tokens}x{case.hidden}"
@@ -506,9 +469,9 @@ def run_case(case: Case, cfg: Config, progress: Progress, skipped: List[dict],
                         for p in passes]
     results = []
     for pass_ in passes:
-        progress.step(f"{label} {pass_}")
+        progress.set_postfix_str(f"{label} {pass_}", refresh=False)
         nbytes = bytes_moved(case.op, pass_, case.tokens, case.hidden, elem, case.quant)
-        runners = {"copy": copy_runner(nbytes, cfg.device)}
+        runners = {"copy": _common.copy_floor(nbytes, cfg.device)}
         for impl, fn in fns.items():
             if fn is None:
                 continue
@@ -520,13 +483,13 @@ def run_case(case: Case, cfg: Config, progress: Progress, skipped: List[dict],
                                     why=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
                 continue
             runners[impl] = runner
-        before = guard.begin() if guard else None
-        stats = _timer.interleaved(runners, device=cfg.device, rounds=cfg.rounds,
-                                   max_rounds=cfg.max_rounds, target_sample_s=cfg.sample_s)
-        copy = stats.pop("copy")
         # other processes' CPU use over these rounds, the copy's slice quantization: a
         # busy case stops the run (MachineBusy) or, with --allow-busy, marks its rows
-        busy = guard.end(before, f"{label} {pass_}", copy, nbytes) if guard else ""
+        stats, busy = guard.interleaved(f"{label} {pass_}", runners, "copy", nbytes,
+                                        device=cfg.device, rounds=cfg.rounds,
+                                        max_rounds=cfg.max_rounds, target_sample_s=cfg.sample_s)
+        copy = stats.pop("copy")
+        progress.update(1)
         where = regime(nbytes, cfg.device, cfg.llc_bytes)
         for impl, s in stats.items():
             results.append(Result(
@@ -574,8 +537,9 @@ def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
 
     # a busy machine stops here with the reason, unless --allow-busy (then rows are marked)
     guard = _machine.Guard(cfg.device, cfg.allow_busy)
-    load_before = _common.load_average()
-    progress = Progress(sum(len(c.passes(cfg.passes)) for c in cases))
+    load_before = _machine.load_average()
+    progress = tqdm(total=sum(len(c.passes(cfg.passes)) for c in cases), unit="case",
+                    file=sys.stderr, dynamic_ncols=True)
     results: List[Result] = []
     skipped: List[dict] = []
     t0 = time.perf_counter()
@@ -637,11 +601,6 @@ def _fmt(v: float, spec: str, suffix: str = "") -> str:
     return "" if v is None or math.isnan(v) else format(v, spec) + suffix
 
 
-def _time_cell(r: Result) -> str:
-    """median ±spread, with a '!' when the row is noisy."""
-    return f"{r.time_us:.1f} ±{100 * r.spread:.0f}%" + ("!" if r.noisy else "")
-
-
 def pivot_table(results: List[Result], markdown: bool = False) -> str:
     """One line per (op, dtype, pass, shape): each impl's median ±spread, the copy of the
     same bytes, then ours' GB/s, %BW, floor ratio and speedups; a '!' marks rows whose
@@ -659,9 +618,10 @@ def pivot_table(results: List[Result], markdown: bool = False) -> str:
         row = [("⚠BUSY " if any_row.busy else "") + op + (f" {quant}" if quant else ""),
                DTYPE_SHORT[dtype], pass_,
                f"{tokens}x{hidden}", any_row.regime]
-        row += [_time_cell(impl_rows[i]) if i in impl_rows else "-" for i in impls]
-        row.append(f"{any_row.copy_us:.1f} ±{100 * any_row.copy_spread:.0f}%"
-                   + ("!" if any_row.copy_spread > _timer.SPREAD_LIMIT else ""))
+        row += [_common.time_cell(impl_rows[i].time_us, impl_rows[i].spread, impl_rows[i].noisy)
+                if i in impl_rows else "-" for i in impls]
+        row.append(_common.time_cell(any_row.copy_us, any_row.copy_spread,
+                                     any_row.copy_spread > _timer.SPREAD_LIMIT))
         if ours is None:
             row += [""] * 5
         else:
@@ -669,15 +629,7 @@ def pivot_table(results: List[Result], markdown: bool = False) -> str:
                     _fmt(ours.floor_ratio, ".2f"), _fmt(ours.speedup_vs_eager, ".2f", "x"),
                     _fmt(ours.speedup_vs_compile, ".2f", "x")]
         rows.append(row)
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |",
-                 "|" + "|".join("---" if i < 5 else "---:" for i in range(len(header))) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt_row = lambda r: "  ".join(  # noqa: E731
-        str(c).ljust(w) if i < 5 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
-    return "\n".join([fmt_row(header), sep] + [fmt_row(r) for r in rows])
+    return _common.table(header, rows, "l" * 5 + "r" * (len(header) - 5), markdown)
 
 
 LEGEND = ("Times: median of interleaved rounds ± spread (IQR / median); `!` = spread above "
@@ -708,30 +660,6 @@ def noisy_summary(results: List[Result]) -> str:
     return "\n".join(filter(None, [busy_banner(results), text]))
 
 
-def write_csv(results: List[Result], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for r in results:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
-                             for k, v in r.to_dict().items()})
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(results: List[Result], meta: dict, path: Path) -> None:
-    payload = dict(meta, columns=COLUMNS, results=[r.to_dict() for r in results])
-    path.write_text(json.dumps(_json_safe(payload), indent=2, default=str) + "\n")
-
-
 def write_markdown(results: List[Result], meta: dict, path: Path) -> None:
     banner = busy_banner(results)
     path.write_text(_common.header_line(meta["machine"]) + "\n\n"
@@ -744,18 +672,15 @@ def write_outputs(results: List[Result], meta: dict, out: Path, plots: bool = Tr
                   name: str = "results") -> List[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.csv", out / f"{name}.json", out / f"{name}.md"]
-    write_csv(results, paths[0])
-    write_json(results, meta, paths[1])
+    records = [r.to_dict() for r in results]
+    _common.write_csv(paths[0], COLUMNS, records)
+    _common.write_json(paths[1], dict(meta, columns=COLUMNS, results=records))
     write_markdown(results, meta, paths[2])
     if plots:
         try:
-            import matplotlib
-        except ImportError:
-            print("matplotlib is not installed: skipping plots (pip install matplotlib)",
-                  file=sys.stderr)
-        else:
-            matplotlib.use("Agg")
             paths += make_plots(results, meta, out / "plots")
+        except ImportError as e:  # matplotlib is optional
+            print(f"skipping plots ({e}): pip install matplotlib", file=sys.stderr)
     return paths
 
 
@@ -816,15 +741,14 @@ def _save(fig, path: Path, meta: dict) -> Path:
         fig.text(0.5, 0.5, _machine.BANNER, ha="center", va="center", rotation=25,
                  fontsize=22, color="red", alpha=0.35, weight="bold")
     fig.suptitle(title, fontsize=8, color="red" if meta.get("busy") else "black")
-    handles = {}
+    handles = {}  # one entry per label, from every axes
     for ax in fig.axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    # The legend sits to the right of every axes, outside them: it can cover neither data
-    # nor the axis labels, and bbox_inches="tight" widens the image to fit it.
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.legend(handles.values(), handles.keys(), loc="center left",
-               bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    # Outside the axes, to their right (constrained layout makes room): it can cover
+    # neither data nor the axis labels.
+    fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize=8,
+               frameon=False)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -834,6 +758,8 @@ def make_plots(results: List[Result], meta: dict, out: Path) -> List[Path]:
     """gbps_<op>[_<quant>]_<dtype>.png (one panel per pass; for a quant op only with two
     hidden sizes or more) and rms_vs_layer_<dtype>.png (RMSNorm and LayerNorm side by side,
     one row per pass)."""
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
@@ -847,7 +773,7 @@ def make_plots(results: List[Result], meta: dict, out: Path) -> List[Path]:
                     continue  # a quant op at one hidden size (--quick's row): the table says it
                 passes = [p for p in PASSES if any(r.pass_ == p for r in mine)]
                 fig, axes = plt.subplots(1, len(passes), figsize=(4.2 * len(passes), 4),
-                                         squeeze=False)
+                                         squeeze=False, layout="constrained")
                 for ax, pass_ in zip(axes[0], passes):
                     _plot_gbps(ax, plotted, op, dtype, pass_, quant)
                 stem = f"gbps_{op}_{quant.replace('-', '_')}" if quant else f"gbps_{op}"
@@ -858,7 +784,7 @@ def make_plots(results: List[Result], meta: dict, out: Path) -> List[Path]:
         if not all(any(r.op == op and r.dtype == dtype for r in plotted) for op in pair):
             continue
         fig, axes = plt.subplots(len(passes), 2, figsize=(9, 3.6 * len(passes)),
-                                 squeeze=False, sharey="row")
+                                 squeeze=False, sharey="row", layout="constrained")
         for row, pass_ in zip(axes, passes):
             for ax, op in zip(row, pair):
                 _plot_gbps(ax, plotted, op, dtype, pass_)
@@ -877,7 +803,7 @@ def _shapes(text: str) -> Tuple[Shape, ...]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    _common.add_device_arg(p)
     p.add_argument("--quick", action="store_true",
                    help="three shapes, one dtype, fewer rounds, plus one rms_norm_quant row "
                         "(about 2 minutes on 2 cores)")
@@ -909,10 +835,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="results",
                    help="output file names NAME.csv, NAME.json, NAME.md (default results)")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--allow-busy", action="store_true",
-                   help="run even when other processes load the CPU (the run otherwise stops "
-                        "with the reason); every row, table, CSV/JSON record and plot is then "
-                        f"marked {_machine.BANNER!r}")
+    _common.add_busy_arg(p, "every row, table, CSV/JSON record and plot is then marked")
     return p.parse_args(argv)
 
 

@@ -26,9 +26,6 @@ each block timed while busy is printed under "BUSY MACHINE — NOT A MEASUREMENT
 has busy: true and busy_reason.
 """
 import argparse
-import ctypes
-import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -39,22 +36,6 @@ import _machine
 import _timer
 
 import rmsnorm_ext as R
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_MADV_HUGEPAGE = 14
-_HUGE = 2 << 20
-
-
-def fresh_huge(like):
-    """A fresh tensor like `like` whose 2 MiB-aligned interior is advised MADV_HUGEPAGE
-    before its first write (a no-op where THP is off)."""
-    t = torch.empty_like(like)
-    b = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-    e = (t.data_ptr() + t.numel() * t.element_size()) & ~(_HUGE - 1)
-    if e > b:
-        _libc.madvise(ctypes.c_void_p(b), ctypes.c_size_t(e - b), _MADV_HUGEPAGE)
-    return t
 
 
 def candidates(x, w, b, dy):
@@ -72,8 +53,8 @@ def candidates(x, w, b, dy):
         return run
 
     return {
-        "floor fwd (fresh)": lambda: fresh_huge(x).copy_(x),
-        "floor add (fresh)": lambda: torch.add(x, dy, out=fresh_huge(x)),
+        "floor fwd (fresh)": lambda: _common.fresh_huge(x).copy_(x),
+        "floor add (fresh)": lambda: torch.add(x, dy, out=_common.fresh_huge(x)),
         "floor bandwidth (warm copy)": lambda: warm.copy_(x),
         "floor clone": lambda: x.clone(),
         "ours rms fwd": lambda: R.rms_norm(x, n, w),
@@ -87,12 +68,6 @@ def candidates(x, w, b, dy):
         "compile rms fwdbwd": fb(lambda: rms_c(xg, wg), (xg, wg)),
         "native ln fwdbwd": fb(lambda: F.layer_norm(xg, n, wg, bg), (xg, wg, bg)),
     }
-
-
-def per_round_ratio(num: _timer.Stats, *dens: _timer.Stats) -> float:
-    """Median over rounds of num / (sum of dens) taken within each round (the timer's
-    samples are aligned by round)."""
-    return statistics.median(n / sum(d) for n, *d in zip(num.samples, *(x.samples for x in dens)))
 
 
 def _banner(reason: str) -> str:
@@ -110,8 +85,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--sample-ms", type=float, default=100.0, help="milliseconds per sample")
     p.add_argument("--out", type=Path, help="write the report as JSON here")
-    p.add_argument("--allow-busy", action="store_true", help="run on a busy machine (it "
-                   "otherwise stops with the reason), every result marked busy")
+    _common.add_busy_arg(p)
     a = p.parse_args(argv)
     m, n = (int(v) for v in a.shape.split("x"))
     guard = _machine.Guard("cpu", a.allow_busy)
@@ -123,12 +97,9 @@ def main(argv=None):
         dtype = getattr(torch, dname)
         x, dy = torch.randn(m, n).to(dtype), torch.randn(m, n).to(dtype)
         w, b = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
-        before = guard.begin()
-        stats = _timer.interleaved(candidates(x, w, b, dy), rounds=a.rounds,
-                                   target_sample_s=a.sample_ms / 1e3)
-        busy[dname] = guard.end(before, f"{dname} [{m}, {n}]",
-                                stats["floor bandwidth (warm copy)"],
-                                2 * x.numel() * x.element_size())
+        stats, busy[dname] = guard.interleaved(
+            f"{dname} [{m}, {n}]", candidates(x, w, b, dy), "floor bandwidth (warm copy)",
+            2 * x.numel() * x.element_size(), rounds=a.rounds, target_sample_s=a.sample_ms / 1e3)
         fresh, add = stats["floor fwd (fresh)"], stats["floor add (fresh)"]
         warm, clone = stats["floor bandwidth (warm copy)"], stats["floor clone"]
         nbytes = 2 * x.numel() * x.element_size()
@@ -137,10 +108,10 @@ def main(argv=None):
             if k.startswith("floor"):
                 continue
             fb = k.endswith("fwdbwd")
-            ratios[k] = per_round_ratio(s, *((fresh, add) if fb else (fresh,)))
+            ratios[k] = _timer.per_round_ratio(s, *((fresh, add) if fb else (fresh,)))
             if not fb:
-                vs_warm[k] = per_round_ratio(s, warm)
-                vs_clone[k] = per_round_ratio(s, clone)
+                vs_warm[k] = _timer.per_round_ratio(s, warm)
+                vs_clone[k] = _timer.per_round_ratio(s, clone)
             spreads[k] = s.spread
         report["ratios"][dname] = ratios
         report["ratio_spread"][dname] = spreads
@@ -167,9 +138,8 @@ def main(argv=None):
         "ours layer_norm": lambda: R.layer_norm(x1, (n,), w1, b1),
         "native F.layer_norm": lambda: F.layer_norm(x1, (n,), w1, b1),
     }
-    before = guard.begin()
-    lat_stats = _timer.interleaved(lat, rounds=a.rounds, target_sample_s=0.02)
-    busy["latency"] = guard.end(before, f"the [1, {n}] latency rows")
+    lat_stats, busy["latency"] = guard.interleaved(f"the [1, {n}] latency rows", lat,
+                                                   rounds=a.rounds, target_sample_s=0.02)
     report["latency_us"] = {k: s.median * 1e6 for k, s in lat_stats.items()}
     report["latency_spread"] = {k: s.spread for k, s in lat_stats.items()}
     reasons = [r for r in busy.values() if r]
@@ -181,8 +151,7 @@ def main(argv=None):
     for k, s in lat_stats.items():
         print(f"  {k:22s} {s.median * 1e6:8.2f}  ±{100 * s.spread:.0f}%" + _mark(busy["latency"]))
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(report, indent=1, default=str))
+        _common.write_json(a.out, report)
         print(f"wrote {a.out}")
 
 

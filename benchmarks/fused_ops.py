@@ -17,8 +17,6 @@ huge-page-advised memory in the input's layout, see cpu_floor.py). Ratios are pe
 time / floor, medians over rounds.
 """
 import argparse
-import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -26,7 +24,7 @@ import torch
 import _common
 import _machine
 import _timer
-from cpu_floor import fresh_huge
+from _common import fresh_huge
 
 import rmsnorm_ext as R
 from rmsnorm_ext import _table as T
@@ -103,7 +101,7 @@ def main(argv=None):
     p.add_argument("--set", choices=("fused", "vision", "all"), default="all")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", type=Path)
-    p.add_argument("--allow-busy", action="store_true")
+    _common.add_busy_arg(p)
     a = p.parse_args(argv)
     guard = _machine.Guard("cpu", a.allow_busy)
     report = {"machine": _common.machine_info(torch.device("cpu")), "cases": {},
@@ -124,11 +122,8 @@ def main(argv=None):
                "compile fwd": lambda: compiled(*args),
                "ours fwdbwd": _fwdbwd(ours, args), "eager fwdbwd": _fwdbwd(comp, args),
                "compile fwdbwd": _fwdbwd(compiled, args)}
-        before = guard.begin()
-        st = _timer.interleaved(fns, rounds=a.rounds, target_sample_s=0.1)
-        busy = guard.end(before, name)
-        ratio = {k: statistics.median(s / f for s, f in zip(v.samples, st["floor"].samples))
-                 for k, v in st.items() if k != "floor"}
+        st, busy = guard.interleaved(name, fns, rounds=a.rounds, target_sample_s=0.1)
+        ratio = {k: _timer.per_round_ratio(v, st["floor"]) for k, v in st.items() if k != "floor"}
         report["cases"][name] = {"ms": {k: v.median * 1e3 for k, v in st.items()},
                                  "spread": {k: v.spread for k, v in st.items()},
                                  "x_floor": ratio, "busy": busy}
@@ -138,8 +133,7 @@ def main(argv=None):
                   f"±{100 * st[k].spread:.0f}%")
         print(f"  floor            {st['floor'].median * 1e3:8.2f} ms")
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(report, indent=1, default=str))
+        _common.write_json(a.out, report)
         print(f"wrote {a.out}")
 
 

@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
-import json
 import sys
 import time
 import warnings
@@ -58,12 +56,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import _common
+import _machine
 import _timer
 
 import rmsnorm_ext
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPES, DTYPE_SHORT = _common.DTYPES, _common.DTYPE_SHORT
 MODES = ("eager", "compile")
 STEPS = ("train", "infer")
 SIDES = ("native", "ours")
@@ -526,8 +524,12 @@ def run_config(cfg, dtype_name: str, mode: str, step: str, device: torch.device,
 
 
 # ----------------------------------------------------------------------------- output
-def _cell(v: Optional[float], spec: str, suffix: str = "", none: str = "fused") -> str:
-    return none if v is None else format(v, spec) + suffix
+def _norm_ms(ms: Optional[float], fwd: Optional[float], bwd: Optional[float]) -> str:
+    return "fused" if ms is None else f"{ms:.2f} ({fwd:.2f}+{bwd:.2f})"
+
+
+def _share(v: Optional[float]) -> str:
+    return "fused" if v is None else f"{100 * v:.1f}%"
 
 
 def table(rows: List[Row], markdown: bool = False) -> str:
@@ -536,43 +538,27 @@ def table(rows: List[Row], markdown: bool = False) -> str:
               "ours norm share"]
     body = []
     for r in rows:
-        flag = "!" if r.noisy else ""
         body.append([
             DTYPE_SHORT[r.dtype], r.mode, r.step,
-            f"{r.native_ms:.1f} ±{100 * r.native_spread:.0f}%",
-            f"{r.ours_ms:.1f} ±{100 * r.ours_spread:.0f}%",
-            f"{r.speedup:.3f}x{flag}",
-            _cell(r.native_norm_ms, ".2f") + ("" if r.native_norm_ms is None else
-                                             f" ({r.native_norm_fwd_ms:.2f}+{r.native_norm_bwd_ms:.2f})"),
-            _cell(r.native_norm_share and 100 * r.native_norm_share, ".1f", "%"),
-            _cell(r.ours_norm_ms, ".2f") + ("" if r.ours_norm_ms is None else
-                                           f" ({r.ours_norm_fwd_ms:.2f}+{r.ours_norm_bwd_ms:.2f})"),
-            _cell(r.ours_norm_share and 100 * r.ours_norm_share, ".1f", "%"),
+            _common.time_cell(r.native_ms, r.native_spread, False),
+            _common.time_cell(r.ours_ms, r.ours_spread, False),
+            f"{r.speedup:.3f}x" + ("!" if r.noisy else ""),
+            _norm_ms(r.native_norm_ms, r.native_norm_fwd_ms, r.native_norm_bwd_ms),
+            _share(r.native_norm_share),
+            _norm_ms(r.ours_norm_ms, r.ours_norm_fwd_ms, r.ours_norm_bwd_ms),
+            _share(r.ours_norm_share),
         ])
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |",
-                 "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    fmt = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([fmt(header), "-" * (sum(widths) + 2 * len(widths))] + [fmt(b) for b in body])
+    return _common.table(header, body, "lll" + "r" * (len(header) - 3), markdown)
 
 
 def op_table(details: dict, key: str) -> str:
     """The profiler view of one configuration: every event inside either side's norms
     (forward subtrees and their backward nodes), self time per step, side by side."""
-    sides = details[key]
-    names = list(dict.fromkeys(k for s in SIDES for k in sides[s]["norm_ops_us_per_step"]))
-    w = max([len(n) for n in names] + [20])
-    lines = [f"{'event (inside norms)':<{w}}  {'native µs/step':>14}  {'ours µs/step':>12}"]
-    for name in names:
-        vals = [sides[s]["norm_ops_us_per_step"].get(name) for s in SIDES]
-        lines.append(f"{name:<{w}}  " + "  ".join(
-            ("" if v is None else f"{v:.1f}").rjust(width) for v, width in zip(vals, (14, 12))))
-    totals = [sum(sides[s]["norm_ops_us_per_step"].values()) for s in SIDES]
-    lines.append(f"{'total':<{w}}  {totals[0]:>14.1f}  {totals[1]:>12.1f}")
-    return "\n".join(lines)
+    ops = [details[key][side]["norm_ops_us_per_step"] for side in SIDES]
+    names = list(dict.fromkeys(k for o in ops for k in o))
+    rows = [[n] + [f"{o[n]:.1f}" if n in o else "" for o in ops] for n in names]
+    rows.append(["total"] + [f"{sum(o.values()):.1f}" for o in ops])
+    return _common.table(["event (inside norms)", "native µs/step", "ours µs/step"], rows, "lrr")
 
 
 LEGEND = ("Step times: median of interleaved rounds (native and ours alternating) ± spread "
@@ -609,14 +595,9 @@ def write_outputs(rows: List[Row], meta: dict, details: dict, out: Path,
     paths[0].write_text(
         _common.header_line(meta["machine"]) + "\n\n" + meta["model"] + "\n\n" + LEGEND
         + "\n\n" + table(rows, markdown=True) + "\n")
-    with paths[1].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in dataclasses.asdict(r).items()})
-    paths[2].write_text(json.dumps(dict(meta, columns=COLUMNS,
-                                        results=[dataclasses.asdict(r) for r in rows],
-                                        norm_ops=details), indent=1, default=str) + "\n")
+    records = [dataclasses.asdict(r) for r in rows]
+    _common.write_csv(paths[1], COLUMNS, records)
+    _common.write_json(paths[2], dict(meta, columns=COLUMNS, results=records, norm_ops=details))
     return paths
 
 
@@ -624,7 +605,7 @@ def write_outputs(rows: List[Row], meta: dict, details: dict, out: Path,
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    _common.add_device_arg(p)
     p.add_argument("--quick", action="store_true", help="a tiny model, fp32 (smoke test)")
     p.add_argument("--model", choices=MODELS, default="decoder",
                    help="decoder (default), or a timm convnext / vit with random weights")
@@ -680,8 +661,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, device = parse_args(argv)
     t0 = time.perf_counter()
-    _common.warn_if_busy(device)
-    load_before = _common.load_average()
+    _machine.warn_if_busy(device)
+    load_before = _machine.load_average()
     print(f"{describe(args)} on {_common.device_name(device)}", file=sys.stderr)
     rows: List[Row] = []
     details: dict = {}
@@ -698,7 +679,7 @@ def main(argv=None) -> int:
     machine = _common.machine_info(device)
     machine["loadavg_1m_start"] = load_before
     meta = {"machine": machine, "model": describe(args), "wall_time_s": time.perf_counter() - t0,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "config": vars(args),
             "timer": {"method": "benchmarks/_timer.py: interleaved rounds, one step per sample",
                       "spread": "IQR / median", "noisy_above": _timer.SPREAD_LIMIT}}
     print("\n" + describe(args))

@@ -19,19 +19,15 @@ then the rows timed while busy are marked ⚠BUSY under "BUSY MACHINE — NOT A 
 their targets read BUSY instead of yes/NO, and the JSON has busy: true and busy_reason.
 """
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-import _machine  # noqa: E402
-import _timer  # noqa: E402
+import _common
+import _machine
 
-import rmsnorm_ext as R  # noqa: E402
+import rmsnorm_ext as R
 
 
 def _grad(f, inputs, dy):
@@ -92,19 +88,18 @@ def targets(M):
     return t
 
 
-def _us(s):
-    return f"{s * 1e6:.1f}"
+def _shape(r):
+    return f"{r['shape'][0]}×{r['shape'][1]}"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    _common.add_device_arg(p, "default: cuda if available")
     p.add_argument("--rows", default="1,16", help="comma-separated M values (N = --cols)")
     p.add_argument("--cols", type=int, default=4096)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny rows, 3 rounds")
-    p.add_argument("--allow-busy", action="store_true", help="run on a busy machine (it "
-                   "otherwise stops with the reason), every result marked busy")
+    _common.add_busy_arg(p)
     _common.add_out_args(p, "overhead")
     args = p.parse_args(argv)
     device = _common.pick_device(args.device)
@@ -120,10 +115,10 @@ def main(argv=None):
         stats, busy = {}, {}
         for group in ("train", "fused", "infer"):
             members = {n: f for n, (gname, f) in fns.items() if gname == group}
-            before = guard.begin()
-            stats.update(_timer.interleaved(members, device=device, rounds=rounds,
-                                            max_rounds=2 * rounds, target_sample_s=target_s))
-            reason = guard.end(before, f"the {group} rows at [{M}, {cols}]")
+            st, reason = guard.interleaved(f"the {group} rows at [{M}, {cols}]", members,
+                                           device=device, rounds=rounds,
+                                           max_rounds=2 * rounds, target_sample_s=target_s)
+            stats.update(st)
             busy.update(dict.fromkeys(members, reason))
         for name, s in stats.items():
             rows.append({"shape": [M, cols], "impl": name, "median_us": s.median * 1e6,
@@ -143,26 +138,25 @@ def main(argv=None):
     if busy:
         lines += [f"**{_machine.BANNER}**: {len(busy)} of {len(rows)} rows (marked ⚠BUSY) were "
                   f"timed on a busy machine -- {busy_reason}. Rerun on an idle machine.", ""]
-    lines += ["| shape | impl | median µs | min–max µs | spread |", "|---|---|---:|---:|---:|"]
-    for r in rows:
-        flag = " ⚠" if r["noisy"] else ""
-        lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | "
-                     f"{'⚠BUSY ' if r['busy'] else ''}{r['impl']} | "
-                     f"{r['median_us']:.1f} | {r['min_us']:.1f}–{r['max_us']:.1f} | "
-                     f"{100 * r['spread']:.0f}%{flag} |")
-    lines += ["", "| shape | ours / baseline | ratio | target | met |", "|---|---|---:|---:|:-:|"]
-    for c in checks:
-        met = "BUSY" if c["busy"] else "yes" if c["met"] else "NO"
-        lines.append(f"| {c['shape'][0]}×{c['shape'][1]} | {c['ours']} / {c['baseline']} | "
-                     f"{c['ratio']:.2f} | ≤ {c['limit']} | {met} |")
+    lines.append(_common.table(
+        ["shape", "impl", "median µs", "min–max µs", "spread"],
+        [[_shape(r), ("⚠BUSY " if r["busy"] else "") + r["impl"], f"{r['median_us']:.1f}",
+          f"{r['min_us']:.1f}–{r['max_us']:.1f}",
+          f"{100 * r['spread']:.0f}%" + (" ⚠" if r["noisy"] else "")] for r in rows],
+        "llrrr", markdown=True))
+    lines += ["", _common.table(
+        ["shape", "ours / baseline", "ratio", "target", "met"],
+        [[_shape(c), f"{c['ours']} / {c['baseline']}", f"{c['ratio']:.2f}", f"≤ {c['limit']}",
+          "BUSY" if c["busy"] else "yes" if c["met"] else "NO"] for c in checks],
+        "llrrc", markdown=True)]
     table = "\n".join(lines)
     print(table)
     out = _common.out_dir(args, device, quick=args.quick, what="overhead")
     out.mkdir(parents=True, exist_ok=True)
     (out / "overhead.md").write_text(table + "\n")
-    (out / "overhead.json").write_text(json.dumps(
-        {"machine": machine, "busy": bool(busy), "busy_reason": busy_reason,
-         "machine_check": guard.check, "rows": rows, "targets": checks}, indent=1))
+    _common.write_json(out / "overhead.json", {
+        "machine": machine, "busy": bool(busy), "busy_reason": busy_reason,
+        "machine_check": guard.check, "rows": rows, "targets": checks})
     print(f"\nwritten to {out}")
     return 0
 

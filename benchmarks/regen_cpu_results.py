@@ -3,6 +3,7 @@
 
     python benchmarks/regen_cpu_results.py            # on a quiet machine; ~15-25 min on 2 cores
     python benchmarks/regen_cpu_results.py --quick    # trial run into a git-ignored folder
+    python benchmarks/regen_cpu_results.py --check    # the committed summary, rebuilt from its files
 
 Runs, each in its own process (a fresh torch.compile state; a failure stops the run):
   1. bench.py --device cpu             the default CPU sweep: table, CSV, JSON, plots
@@ -23,8 +24,10 @@ spread by more than 10%, and a busy machine flags many.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,11 +37,12 @@ from pathlib import Path
 import torch
 
 import _common
+import _machine
 
 HERE = Path(__file__).resolve().parent
 README = _common.REPO_ROOT / "benchmarks" / "README.md"  # the results page (top README links it)
 BEGIN, END = "<!-- cpu-results:begin -->", "<!-- cpu-results:end -->"
-SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+SHORT = _common.DTYPE_SHORT
 # The README's headline rows: (op, dtype, tokens, hidden, pass).
 HEADLINE = [(op, dt, t, h, p) for op in ("rms_norm", "layer_norm", "fused_add_rms_norm")
             for dt in ("float32", "bfloat16") for (t, h) in ((4096, 4096),)
@@ -61,29 +65,27 @@ def run(cmd, log):
         sys.exit(f"failed (exit {proc.returncode}): see {log}")
 
 
-def _t(r) -> str:
-    return f"{r['time_us']:.1f} ±{100 * r['spread']:.0f}%" + ("!" if r["noisy"] else "")
-
-
-def _impl_cells(rows: dict, case: tuple) -> str:
+def _impl_cells(rows: dict, case: tuple) -> list:
     """The time cells of ours / eager / compile for one case (rows keyed by case + impl),
     then ours' floor ratio and speedups."""
-    cells = [_t(rows[(*case, i)]) if (*case, i) in rows else "-"
-             for i in ("ours", "eager", "compile")]
+    cells = [_common.time_cell(r["time_us"], r["spread"], r["noisy"]) if r else "-"
+             for r in (rows.get((*case, i)) for i in ("ours", "eager", "compile"))]
     ours = rows[(*case, "ours")]
 
     def x(v):
         return "-" if v is None else f"{v:.2f}x"
-    return " | ".join(cells + [f"{ours['floor_ratio']:.2f}", x(ours["speedup_vs_eager"]),
-                               x(ours["speedup_vs_compile"])])
+    return cells + [f"{ours['floor_ratio']:.2f}", x(ours["speedup_vs_eager"]),
+                    x(ours["speedup_vs_compile"])]
+
+
+IMPL_HEADER = ["regime", "ours µs", "eager µs", "compile µs", "ours floor×", "vs eager",
+               "vs compile"]
 
 
 def headline_table(bench: dict) -> str:
     rows = {(r["op"], r["dtype"], r["tokens"], r["hidden"], r["pass"], r["impl"]): r
             for r in bench["results"]}
-    out = ["| op | dtype | shape | pass | regime | ours µs | eager µs | compile µs | "
-           "ours floor× | vs eager | vs compile |",
-           "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = []
     picked = [k for k in HEADLINE if (*k, "ours") in rows]
     if not picked:  # another sweep (--quick): each op's largest shape instead
         largest = {}
@@ -96,9 +98,10 @@ def headline_table(bench: dict) -> str:
         ours = rows.get((op, dt, t, h, p, "ours"))
         if ours is None:
             continue
-        out.append(f"| {op} | {SHORT[dt]} | {t}×{h} | {p} | {ours['regime']} | "
-                   + _impl_cells(rows, (op, dt, t, h, p)) + " |")
-    return "\n".join(out)
+        out.append([op, SHORT[dt], f"{t}×{h}", p, ours["regime"],
+                    *_impl_cells(rows, (op, dt, t, h, p))])
+    return _common.table(["op", "dtype", "shape", "pass"] + IMPL_HEADER, out, "l" * 5 + "r" * 6,
+                         markdown=True)
 
 
 QUANT_RUN = ["--op", "rms_norm_quant,fused_add_rms_norm_quant,layer_norm_quant",
@@ -110,21 +113,16 @@ def quant_table(bench: dict) -> str:
     """The norm + quantize rows of bench.py's quant run (forward only)."""
     rows = {(r["op"], r["quant"], r["dtype"], r["tokens"], r["hidden"], r["impl"]): r
             for r in bench["results"]}
-    out = ["| op | quant | dtype | shape | regime | ours µs | eager µs | compile µs | "
-           "ours floor× | vs eager | vs compile |",
-           "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for (op, quant, dt, t, h, impl), ours in rows.items():
-        if impl != "ours":
-            continue
-        out.append(f"| {op} | {quant} | {SHORT[dt]} | {t}×{h} | {ours['regime']} | "
-                   + _impl_cells(rows, (op, quant, dt, t, h)) + " |")
-    return "\n".join(out)
+    out = [[op, quant, SHORT[dt], f"{t}×{h}", ours["regime"],
+            *_impl_cells(rows, (op, quant, dt, t, h))]
+           for (op, quant, dt, t, h, impl), ours in rows.items() if impl == "ours"]
+    return _common.table(["op", "quant", "dtype", "shape"] + IMPL_HEADER, out,
+                         "l" * 5 + "r" * 6, markdown=True)
 
 
 def floor_table(floor: dict) -> str:
     m, n = floor["shape"]
-    out = [f"| [{m}, {n}] | ours RMSNorm | eager F.rms_norm | compiled F.rms_norm | "
-           "ours LayerNorm | native F.layer_norm |", "|---|---:|---:|---:|---:|---:|"]
+    out = []
     for dt, ratios in floor["ratios"].items():
         spreads = floor["ratio_spread"][dt]
         for pass_ in ("fwd", "fwdbwd"):
@@ -132,8 +130,10 @@ def floor_table(floor: dict) -> str:
                     f"ours ln {pass_}", f"native ln {pass_}"]
             cells = [f"{ratios[k]:.2f}x" + ("!" if spreads[k] > 0.10 else "") for k in keys]
             label = "forward" if pass_ == "fwd" else "forward+backward"
-            out.append(f"| {SHORT[dt]} {label} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+            out.append([f"{SHORT[dt]} {label}", *cells])
+    return _common.table([f"[{m}, {n}]", "ours RMSNorm", "eager F.rms_norm",
+                          "compiled F.rms_norm", "ours LayerNorm", "native F.layer_norm"],
+                         out, "lrrrrr", markdown=True)
 
 
 def summary(out: Path, wall_s: float) -> str:
@@ -198,13 +198,37 @@ def update_readme(text: str) -> None:
     README.write_text(head + BEGIN + "\n" + text + "\n" + END + tail)
 
 
+def check() -> int:
+    """Rebuild the summary from the committed files (no benchmark runs): it must equal
+    benchmarks/results/cpu/README.md, and its table rows must be in the README block."""
+    out = _common.committed_dir(torch.device("cpu"))
+    committed = (out / "README.md").read_text()
+    # the run's wall time is not in the data files: the committed text's own minutes
+    minutes = re.search(r"regen_cpu_results.py` \((\d+) min\)", committed)
+    text = summary(out, 60 * int(minutes.group(1)) if minutes else 0) + "\n"
+    diff = "".join(difflib.unified_diff(committed.splitlines(True), text.splitlines(True),
+                                        str(out / "README.md"), "rebuilt from the files"))
+    block = README.read_text().split(BEGIN, 1)[-1].split(END, 1)[0]
+    missing = [row for row in text.splitlines() if row.startswith("|") and row not in block]
+    print(diff or f"{out / 'README.md'}: reproduced from the committed files")
+    print(f"{README}: " + (f"{len(missing)} table rows differ, e.g.\n{missing[0]}" if missing
+                           else "every table row of the summary is in the block"))
+    return 1 if diff or missing else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="each benchmark's --quick, into a git-ignored folder (a trial run)")
     p.add_argument("--out", type=Path, help="write here instead of benchmarks/results/cpu/ "
                    "(README.md is then left alone)")
+    p.add_argument("--check", action="store_true",
+                   help="run nothing: rebuild the summary from the committed results and "
+                        "compare it with their README.md and the benchmarks/README.md block "
+                        "(exit 1 on a difference)")
     a = p.parse_args(argv)
+    if a.check:
+        return check()
     committed = not a.quick and a.out is None
     cpu = torch.device("cpu")
     if committed:
@@ -216,7 +240,7 @@ def main(argv=None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     log = out / "regen.log"
-    _common.warn_if_busy(cpu)
+    _machine.warn_if_busy(cpu)
     quick = ["--quick"] if a.quick else []
     py = sys.executable
     t0 = time.perf_counter()

@@ -97,6 +97,25 @@ def test_summarize_math(timer):
     assert (one.q1, one.median, one.q3, one.spread) == (7.0, 7.0, 7.0, 0.0)
 
 
+def test_stats_is_a_torch_measurement(timer):
+    """Stats are torch.utils.benchmark Measurements: their median and IQR are torch's."""
+    from torch.utils.benchmark import Measurement
+
+    s = timer.summarize([4.0, 1.0, 3.0, 2.0], inner=2, name="x")
+    assert isinstance(s, Measurement) and s.number_per_run == 2 and s.raw_times[0] == 8.0
+    assert s.samples == [4.0, 1.0, 3.0, 2.0] and s.iqr == s.q3 - s.q1 == 1.5
+    assert timer.per_round_ratio(timer.summarize([2.0, 6.0, 3.0]),
+                                 timer.summarize([1.0, 2.0, 3.0])) == 2.0  # median of 2, 3, 1
+
+
+def test_common_table():
+    common = _load("_common")
+    md = common.table(["a", "bb", "c"], [[1, "x", "y"]], "lrc", markdown=True)
+    assert md == "| a | bb | c |\n|---|---:|:-:|\n| 1 | x | y |"
+    text = common.table(["a", "bb"], [["long", "1"]], "lr")
+    assert text.splitlines() == ["a     bb", "--------", "long   1"]
+
+
 class _ScriptedClock:
     """Returns scripted per-implementation sample times instead of measuring."""
 
@@ -235,6 +254,25 @@ def test_bench_json_and_markdown(bench_out):
     # 4096x4096, so each op's largest shape stands in
     table = _load("regen_cpu_results").headline_table(data)
     assert len(table.splitlines()) == 2 + 2 * len(OPS) and "16×512" in table
+
+
+def test_regen_check_reproduces_the_committed_summary(tmp_path, monkeypatch, capsys):
+    """--check rebuilds the committed CPU summary from its files without running anything;
+    a changed number in the committed text (or in the README block) is reported."""
+    regen = _load("regen_cpu_results")
+    assert regen.main(["--check"]) == 0, capsys.readouterr().out
+    committed = regen._common.committed_dir(torch.device("cpu"))
+    copy_dir = tmp_path / "cpu"
+    copy_dir.mkdir()
+    for name in ("README.md", "results.json", "model_bench.md", "cpu_floor.json",
+                 "quant.json", "overhead.md"):
+        (copy_dir / name).write_text((committed / name).read_text())
+    text = (copy_dir / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| rms_norm |"))
+    (copy_dir / "README.md").write_text(text.replace(row, row.replace("|", "| 1", 1)))
+    monkeypatch.setattr(regen._common, "committed_dir", lambda device: copy_dir)
+    assert regen.main(["--check"]) == 1
+    assert "rebuilt from the files" in capsys.readouterr().out
 
 
 def test_regen_replaces_only_the_marked_readme_block(tmp_path, monkeypatch):
