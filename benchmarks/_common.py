@@ -277,8 +277,26 @@ def fresh_huge(like: torch.Tensor) -> torch.Tensor:
 
 
 def copy_floor(nbytes: int, device: torch.device) -> Callable[[], object]:
-    """The floor of a pass that must move ``nbytes``: an out-of-place copy reading nbytes/2
-    and writing nbytes/2 -- the same working set as the pass, so a cache-resident case is
-    compared with a cache-resident copy -- allocating its output as every impl does."""
+    """A clone moving ``nbytes`` (reads nbytes/2, writes nbytes/2 into a new tensor): what
+    torch's default allocation path costs an out-of-place op. Above glibc's mmap threshold
+    its new pages fault on first write, so it is a reference, not a floor."""
     src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8, device=device)
     return src.clone
+
+
+def warm_copy_floor(nbytes: int, device: torch.device) -> Callable[[], object]:
+    """The memory-bandwidth floor of a pass that must move ``nbytes``: a copy of nbytes/2
+    into warm, already-backed memory -- the same working set as the pass, so a cache-resident
+    case is compared with a cache-resident copy. No pass moving those bytes beats it when
+    they stream from DRAM."""
+    src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8, device=device)
+    dst = torch.zeros_like(src)
+    return lambda: dst.copy_(src)
+
+
+def fresh_copy_floor(nbytes: int) -> Callable[[], object]:
+    """The fresh-memory floor (CPU): a copy of nbytes/2 into a new buffer whose interior is
+    advised huge pages before its first write (fresh_huge): what an op returning a new
+    tensor can reach, as our kernels do with their large outputs."""
+    src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8)
+    return lambda: fresh_huge(src).copy_(src)

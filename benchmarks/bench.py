@@ -127,6 +127,11 @@ class Case:
         return self.op + (f" {self.quant}" if self.quant else "")
 
 
+# CPU cases whose output part (bytes / 2) is at least this big also time the fresh-memory
+# floor and a clone: smaller outputs come from the heap (no page faults), where both equal
+# the warm copy. The size our kernels start asking for huge pages at (csrc/cpu/prefault.h).
+FRESH_MIN_BYTES = 8 << 20
+
 # --quick also times one norm + quantize case (one shape: a torch.compile build per case).
 QUICK_QUANT = {"cuda": Case("rms_norm_quant", "bfloat16", 4096, 4096, "fp8-token"),
                "cpu": Case("rms_norm_quant", "float32", 512, 4096, "fp8-token")}
@@ -136,7 +141,11 @@ QUICK_QUANT = {"cuda": Case("rms_norm_quant", "bfloat16", 4096, 4096, "fp8-token
 class Result:
     """One (case, pass, impl). Times in µs: the median of the interleaved rounds, their
     min/max and quartiles; spread = (q3 - q1) / median, noisy = spread > 10%. copy_us: the copy of
-    the same number of bytes, timed in the same rounds (its own spread in copy_spread)."""
+    the same number of bytes into warm memory (the bandwidth floor), timed in the same rounds
+    (its own spread in copy_spread); bw_fraction = copy / time, floor_ratio = time / copy.
+    Large CPU cases (outputs >= FRESH_MIN_BYTES) also time, in the same rounds, the
+    fresh-memory floor (fresh_us: a new buffer advised huge pages, then the copy; fresh_ratio
+    = time / fresh) and a clone (clone_us, clone_ratio): NaN elsewhere."""
     device: str
     op: str
     impl: str
@@ -161,6 +170,10 @@ class Result:
     copy_gbps: float
     bw_fraction: float
     floor_ratio: float
+    fresh_us: float = math.nan
+    fresh_ratio: float = math.nan
+    clone_us: float = math.nan
+    clone_ratio: float = math.nan
     speedup_vs_eager: float = math.nan
     speedup_vs_compile: float = math.nan
     busy: bool = False  # timed on a busy machine (--allow-busy): not a measurement
@@ -471,7 +484,10 @@ def run_case(case: Case, cfg: Config, progress: tqdm, skipped: List[dict],
     for pass_ in passes:
         progress.set_postfix_str(f"{label} {pass_}", refresh=False)
         nbytes = bytes_moved(case.op, pass_, case.tokens, case.hidden, elem, case.quant)
-        runners = {"copy": _common.copy_floor(nbytes, cfg.device)}
+        runners = {"copy": _common.warm_copy_floor(nbytes, cfg.device)}
+        if cfg.device.type == "cpu" and nbytes // 2 >= FRESH_MIN_BYTES:
+            runners["fresh"] = _common.fresh_copy_floor(nbytes)
+            runners["clone"] = _common.copy_floor(nbytes, cfg.device)
         for impl, fn in fns.items():
             if fn is None:
                 continue
@@ -489,6 +505,7 @@ def run_case(case: Case, cfg: Config, progress: tqdm, skipped: List[dict],
                                         device=cfg.device, rounds=cfg.rounds,
                                         max_rounds=cfg.max_rounds, target_sample_s=cfg.sample_s)
         copy = stats.pop("copy")
+        fresh, clone = stats.pop("fresh", None), stats.pop("clone", None)
         progress.update(1)
         where = regime(nbytes, cfg.device, cfg.llc_bytes)
         for impl, s in stats.items():
@@ -500,7 +517,12 @@ def run_case(case: Case, cfg: Config, progress: tqdm, skipped: List[dict],
                 bytes=nbytes, regime=where, gbps=nbytes / s.median / 1e9,
                 copy_us=copy.median * 1e6, copy_spread=copy.spread,
                 copy_gbps=nbytes / copy.median / 1e9, bw_fraction=copy.median / s.median,
-                floor_ratio=s.median / copy.median, busy=bool(busy), busy_reason=busy))
+                floor_ratio=s.median / copy.median,
+                fresh_us=fresh.median * 1e6 if fresh else math.nan,
+                fresh_ratio=s.median / fresh.median if fresh else math.nan,
+                clone_us=clone.median * 1e6 if clone else math.nan,
+                clone_ratio=s.median / clone.median if clone else math.nan,
+                busy=bool(busy), busy_reason=busy))
         del runners
     add_speedups(results)
     return results
@@ -583,8 +605,10 @@ def run_benchmark(cfg: Config) -> Tuple[List[Result], dict]:
                              "rounds": cfg.rounds, "max_rounds": cfg.max_rounds,
                              "sample_s": cfg.sample_s,
                              "spread": "IQR / median", "noisy_above": _timer.SPREAD_LIMIT},
-                   "floor": "src.clone() of bytes/2 (reads + writes the row's bytes), "
-                            "timed in the same rounds",
+                   "floor": "bandwidth: a copy of bytes/2 into warm memory (reads + writes "
+                            "the row's bytes), timed in the same rounds; CPU outputs >= "
+                            f"{FRESH_MIN_BYTES >> 20} MiB also: fresh memory (a new buffer "
+                            "advised huge pages, then the copy) and a clone",
                    "llc_bytes": cfg.llc_bytes,
                    "eps": {"rms": RMS_EPS, "layer": LN_EPS}},
         "skipped": skipped,
@@ -602,15 +626,16 @@ def _fmt(v: float, spec: str, suffix: str = "") -> str:
 
 
 def pivot_table(results: List[Result], markdown: bool = False) -> str:
-    """One line per (op, dtype, pass, shape): each impl's median ±spread, the copy of the
-    same bytes, then ours' GB/s, %BW, floor ratio and speedups; a '!' marks rows whose
-    spread exceeds 10%."""
+    """One line per (op, dtype, pass, shape): each impl's median ±spread, the warm copy of the
+    same bytes, then ours' GB/s, %BW (DRAM rows), floor ratios (warm copy, fresh memory,
+    clone) and speedups; a '!' marks rows whose spread exceeds 10%."""
     impls = [i for i in IMPLS if any(r.impl == i for r in results)]
     by_key: Dict[tuple, Dict[str, Result]] = {}
     for r in results:
         by_key.setdefault((r.op, r.quant, r.dtype, r.pass_, r.tokens, r.hidden), {})[r.impl] = r
     header = (["op", "dtype", "pass", "shape", "regime"] + [f"{i} µs" for i in impls]
-              + ["copy µs", "ours GB/s", "ours %BW", "floor×", "vs eager", "vs compile"])
+              + ["copy µs", "ours GB/s", "ours %BW", "floor×", "fresh×", "clone×", "vs eager",
+                 "vs compile"])
     rows = []
     for (op, quant, dtype, pass_, tokens, hidden), impl_rows in by_key.items():
         any_row = next(iter(impl_rows.values()))
@@ -623,19 +648,28 @@ def pivot_table(results: List[Result], markdown: bool = False) -> str:
         row.append(_common.time_cell(any_row.copy_us, any_row.copy_spread,
                                      any_row.copy_spread > _timer.SPREAD_LIMIT))
         if ours is None:
-            row += [""] * 5
+            row += [""] * 7
         else:
-            row += [_fmt(ours.gbps, ".1f"), _fmt(100 * ours.bw_fraction, ".0f", "%"),
-                    _fmt(ours.floor_ratio, ".2f"), _fmt(ours.speedup_vs_eager, ".2f", "x"),
+            # A share of memory bandwidth only where the bytes stream from DRAM: a
+            # cache-resident copy measures its call overhead, not the memory.
+            bw = (_fmt(100 * ours.bw_fraction, ".0f", "%") if ours.regime == "DRAM" else "")
+            row += [_fmt(ours.gbps, ".1f"), bw, _fmt(ours.floor_ratio, ".2f"),
+                    _fmt(ours.fresh_ratio, ".2f"), _fmt(ours.clone_ratio, ".2f"),
+                    _fmt(ours.speedup_vs_eager, ".2f", "x"),
                     _fmt(ours.speedup_vs_compile, ".2f", "x")]
         rows.append(row)
     return _common.table(header, rows, "l" * 5 + "r" * (len(header) - 5), markdown)
 
 
 LEGEND = ("Times: median of interleaved rounds ± spread (IQR / median); `!` = spread above "
-          "10%, the median is uncertain by about that much. `copy µs`: an out-of-place copy "
-          "moving the same bytes, timed in the same rounds; `%BW` = copy time / ours, "
-          "`floor×` = ours / copy time. `regime`: whether the row's working set fits the "
+          "10%, the median is uncertain by about that much. `copy µs`: a copy moving the same "
+          "bytes into warm (already backed) memory, timed in the same rounds: the bandwidth "
+          "floor; `%BW` = copy time / ours, the share of memory bandwidth (DRAM rows only), "
+          "`floor×` = ours / copy time. CPU rows with outputs of 8 MiB or more also have "
+          "`fresh×` = ours / a copy into a fresh buffer advised huge pages (what an op "
+          "returning a new tensor can reach) and `clone×` = ours / `x.clone()` (torch's "
+          "default allocation, page faults included: a reference, not a floor), timed in "
+          "the same rounds. `regime`: whether the row's working set fits the "
           "last-level cache (`cache`) or not (`DRAM`). Norm + quantize rows (`<op> <quant>`) "
           "count the input read, 1 byte per output element, the fp32 scales (and for the "
           "fused op the residual read and residual_out written).")
@@ -716,7 +750,7 @@ def _plot_gbps(ax, results: List[Result], op: str, dtype: str, pass_: str,
         copy = sorted({(r.hidden, r.copy_gbps) for r in rows if r.tokens == tokens})
         if copy:
             ax.plot(*zip(*copy), style, color=IMPL_STYLE["copy"], linewidth=1,
-                    label="copy, same bytes" + suffix)
+                    label="copy into warm memory, same bytes" + suffix)
             top = max([top] + [g for _, g in copy])
     ax.set_xscale("log", base=2)
     hidden = sorted({r.hidden for r in rows})

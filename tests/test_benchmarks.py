@@ -31,7 +31,7 @@ PASSES = ("fwd", "bwd", "fwdbwd")
 COLUMNS = ["device", "op", "impl", "dtype", "quant", "pass", "tokens", "hidden", "time_us", "min_us",
            "max_us", "q1_us", "q3_us", "spread", "noisy", "rounds", "bytes", "regime", "gbps",
            "copy_us", "copy_spread", "copy_gbps", "bw_fraction", "floor_ratio",
-           "speedup_vs_eager", "speedup_vs_compile", "busy", "busy_reason"]
+           "fresh_us", "fresh_ratio", "clone_us", "clone_ratio", "speedup_vs_eager", "speedup_vs_compile", "busy", "busy_reason"]
 POSITIVE = ["time_us", "min_us", "max_us", "q1_us", "q3_us", "bytes", "gbps", "copy_us",
             "copy_gbps", "bw_fraction", "floor_ratio", "speedup_vs_eager"]
 
@@ -784,3 +784,23 @@ def test_model_bench_dit_fused_block_matches_native():
     gb = torch.autograd.grad(b.square().sum(), list(ours.parameters()))
     for p, q in zip(gb, ga):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_bench_large_cpu_rows_have_all_three_floors(tmp_path):
+    """A CPU row whose output is 8 MiB or more is timed, in the same rounds, against the
+    warm copy (bandwidth), the fresh-memory floor and a clone; smaller rows against the warm
+    copy alone (their outputs come from the heap)."""
+    _run("bench.py", "--device", "cpu", "--shape", "2048x1024,8x256", "--dtype", "float32",
+         "--op", "rms_norm", "--impl", "ours", "--pass", "fwd", "--rounds", "3",
+         "--max-rounds", "3", "--sample-ms", "1", "--out", str(tmp_path), "--allow-busy")
+    rows = {r["tokens"]: r for r in _read_csv(tmp_path / "results.csv")}
+    big, small = rows["2048"], rows["8"]
+    for col in ("fresh_us", "clone_us", "fresh_ratio", "clone_ratio"):
+        assert math.isfinite(float(big[col])) and float(big[col]) > 0, (col, big)
+        assert small[col] == "", (col, small)
+    assert float(big["fresh_ratio"]) == pytest.approx(
+        float(big["time_us"]) / float(big["fresh_us"]), rel=1e-6)
+    assert float(big["clone_ratio"]) == pytest.approx(
+        float(big["time_us"]) / float(big["clone_us"]), rel=1e-6)
+    md = (tmp_path / "results.md").read_text()
+    assert "fresh×" in md and "clone×" in md and "warm" in md
