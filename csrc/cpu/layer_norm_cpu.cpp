@@ -7,6 +7,7 @@
 #include "kernels.h"
 #include "param_rows.h"
 #include "prefault.h"
+#include "row_group_stats.h"
 #include "row_stats.h"
 #include "vec_io.h"
 
@@ -27,47 +28,75 @@ inline void store_step(T* p, int64_t j, int64_t n, const V& a, const V& b) {
   RowIO<T>::store_n(p + j, n, a, b);
 }
 
+// y = (x - mean) * rstd * w + bias of one row (w, bias may be null). `next` (may be null):
+// a row read soon, prefetched while this one is written (as rms_norm's row_scale). The whole
+// steps loop on their own and the partial last step goes through load_part / store_part
+// (row_group_stats.h): no call in the loop, so its vectors stay in registers.
 template <typename T>
-void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const acc_t<T>* w,
-                 const acc_t<T>* bias, int64_t M, int64_t N, double eps) {
+inline void ln_out_row(const T* xr, T* yr, acc_t<T> mean, acc_t<T> rstd, const acc_t<T>* w,
+                       const acc_t<T>* bias, int64_t N, const T* next) {
   using IO = RowIO<T>;
   using A = acc_t<T>;
   using V = typename IO::V;
   constexpr int64_t S = IO::kStep;
+  const V vm(mean), vr(rstd);
+  auto step = [&](int64_t j, int64_t n) {
+    V a, b, wa, wb;
+    load_part(xr + j, n, a, b);
+    a = (a - vm) * vr;
+    b = (b - vm) * vr;
+    if (w) {
+      load_part<A>(w + j, n, wa, wb);
+      a = a * wa;
+      b = b * wb;
+    }
+    if (bias) {
+      load_part<A>(bias + j, n, wa, wb);
+      a = a + wa;
+      b = b + wb;
+    }
+    store_part(yr + j, n, a, b);
+  };
+  int64_t j = 0;
+  for (; j + S <= N; j += S) {
+    prefetch_step<T, S>(next, j);
+    step(j, S);
+  }
+  if (j < N) {
+    prefetch_step<T, S>(next, j);
+    step(j, N - j);
+  }
+}
+
+template <typename T>
+void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const acc_t<T>* w,
+                 const acc_t<T>* bias, int64_t M, int64_t N, double eps) {
   const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t rb, int64_t re) {
-    for (int64_t i = rb; i < re; ++i) {
+    int64_t i = rb;
+    if (N <= kGroupMaxN) {
+      // Short rows: the statistics of R rows at once (row_group_stats.h), then their
+      // outputs; each output pass prefetches its row of the next group.
+      constexpr int R = kGroupRows;
+      for (; i + R <= re; i += R) {
+        const T* xg = x + i * N;
+        const auto st = ln_rows_stats<R>(xg, N, eps);
+        for (int r = 0; r < R; ++r) {
+          pf.before_row(i + r, rb, re);
+          mean_out[i + r] = st[r].mean;
+          rstd_out[i + r] = st[r].rstd;
+          ln_out_row(xg + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N,
+                     i + R + r < re ? xg + (R + r) * N : nullptr);
+        }
+      }
+    }
+    for (; i < re; ++i) {
       pf.before_row(i, rb, re);
       const T* xr = x + i * N;
-      V a, b;
       const auto st = ln_row_stats<T>(xr, N, eps);
-      const A mean = st.mean;
-      const A rstd = st.rstd;
-      const V vm(mean);
-      mean_out[i] = mean;
-      rstd_out[i] = rstd;
-      const V vr(rstd);
-      V wa, wb;
-      // The next row is prefetched while this one is written (as rms_norm's row_scale).
-      const T* next = i + 1 < re ? xr + N : nullptr;
-      for (int64_t j = 0; j < N; j += S) {
-        const int64_t n = std::min(S, N - j);
-        prefetch_step<T, S>(next, j);
-        load_step(xr, j, n, a, b);
-        a = (a - vm) * vr;
-        b = (b - vm) * vr;
-        if (w) {
-          load_step(w, j, n, wa, wb);
-          a = a * wa;
-          b = b * wb;
-        }
-        if (bias) {
-          load_step(bias, j, n, wa, wb);
-          a = a + wa;
-          b = b + wb;
-        }
-        store_step(y + i * N, j, n, a, b);
-      }
+      mean_out[i] = st.mean;
+      rstd_out[i] = st.rstd;
+      ln_out_row(xr, y + i * N, st.mean, st.rstd, w, bias, N, i + 1 < re ? xr + N : nullptr);
     }
   });
 }

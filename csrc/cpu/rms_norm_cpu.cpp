@@ -7,6 +7,7 @@
 #include "kernels.h"
 #include "param_rows.h"
 #include "prefault.h"
+#include "row_group_stats.h"
 #include "row_stats.h"
 #include "vec_io.h"
 
@@ -44,16 +45,16 @@ void row_scale(const T* x, const acc_t<T>* w, acc_t<T> rstd, int64_t N, Y* y,
     }
     OUT::store(y + j, a, b);
   }
-  if (j < N) {
-    IO::load_tail(x + j, N - j, a, b);
+  if (j < N) {  // load_part / store_part (row_group_stats.h): no memcpy call in this function
+    load_part(x + j, N - j, a, b);
     a = a * r;
     b = b * r;
     if (w) {
-      WIO::load_tail(w + j, N - j, wa, wb);
+      load_part(w + j, N - j, wa, wb);
       a = a * wa;
       b = b * wb;
     }
-    OUT::store_tail(y + j, N - j, a, b);
+    store_part(y + j, N - j, a, b);
   }
 }
 
@@ -62,7 +63,24 @@ void rms_fwd_rows(const T* x, T* y, acc_t<T>* rstd, const acc_t<T>* w, int64_t M
                   double eps) {
   const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
+    int64_t i = b;
+    if (N <= kGroupMaxN) {
+      // Short rows: the sums of squares of R rows at once (row_group_stats.h), then their
+      // outputs; each output pass prefetches its row of the next group.
+      constexpr int R = kGroupRows;
+      for (; i + R <= e; i += R) {
+        const T* xg = x + i * N;
+        const auto ss = rows_sumsq<R>(xg, N);
+        for (int r = 0; r < R; ++r) {
+          pf.before_row(i + r, b, e);
+          const auto rs = rstd_from(ss[r], N, eps);
+          rstd[i + r] = rs;
+          row_scale(xg + r * N, w, rs, N, y + (i + r) * N,
+                    i + R + r < e ? xg + (R + r) * N : nullptr);
+        }
+      }
+    }
+    for (; i < e; ++i) {
       pf.before_row(i, b, e);
       const T* xr = x + i * N;
       const auto r = rstd_from(row_sumsq(xr, N), N, eps);
