@@ -120,7 +120,7 @@ EOF
 TESTS=()
 for t in tests/test_ops.py tests/test_bad_inputs.py tests/test_fuzz.py tests/test_numerics.py \
          tests/test_quant.py tests/test_same_errors.py tests/test_double_backward.py \
-         tests/test_gated_kernels.py tests/test_norm_2d_kernels.py; do
+         tests/test_gated_kernels.py tests/test_norm_2d_kernels.py tests/test_short_rows.py; do
   [[ -f "$t" ]] && TESTS+=("$t")
 done
 [[ ${#TESTS[@]} -gt 0 ]] || fail "no tests to run"
