@@ -168,62 +168,159 @@ class Tables {
 // ---------------------------------------------------------------------------------------
 // Forward
 
-// y = rotate((x * r) * w) of one row (W: whether there is a weight); c, s: the tables.
-template <bool IL, bool W, typename T, typename A>
-inline void fwd_row(const T* x, const A* w, const A* c, const A* s, A r, T* y, int64_t D) {
+// head_sumsq that also keeps the row converted to A in xc (padded(N) elements), so the
+// output pass reads fp32 instead of converting the row a second time. Same order.
+template <typename T>
+inline acc_t<T> head_sumsq_keep(const T* x, int64_t N, acc_t<T>* xc) {
+  using IO = RowIO<T>;
+  using A = acc_t<T>;
+  using AIO = RowIO<A>;
+  using V = typename IO::V;
+  constexpr int64_t S = IO::kStep;
+  constexpr int64_t kBlock = 32 * 2 * S;  // as head_sumsq
+  V t0(A(0)), t1(A(0)), t2(A(0)), t3(A(0));
+  for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
+    const int64_t end = std::min(N, j0 + kBlock);
+    V p0(A(0)), p1(A(0)), p2(A(0)), p3(A(0)), a, b, c, d;
+    int64_t j = j0;
+    for (; j + 2 * S <= end; j += 2 * S) {
+      IO::load(x + j, a, b);
+      IO::load(x + j + S, c, d);
+      AIO::store(xc + j, a, b);
+      AIO::store(xc + j + S, c, d);
+      p0 = at::vec::fmadd(a, a, p0);
+      p1 = at::vec::fmadd(b, b, p1);
+      p2 = at::vec::fmadd(c, c, p2);
+      p3 = at::vec::fmadd(d, d, p3);
+    }
+    if (j < end) {
+      IO::load2_n(x + j, end - j, a, b, c, d);
+      AIO::store(xc + j, a, b);
+      if (end - j > S) AIO::store(xc + j + S, c, d);
+      p0 = at::vec::fmadd(a, a, p0);
+      p1 = at::vec::fmadd(b, b, p1);
+      p2 = at::vec::fmadd(c, c, p2);
+      p3 = at::vec::fmadd(d, d, p3);
+    }
+    t0 = t0 + p0;
+    t1 = t1 + p1;
+    t2 = t2 + p2;
+    t3 = t3 + p3;
+  }
+  return reduce_add((t0 + t1) + (t2 + t3));
+}
+
+// The forward's tables of one position for one of q and k: its weight folded into cos and
+// sin, tc[e] = w[e] c[e] and ts[e] = w[partner(e)] s[e] (interleaved: negated at even e),
+// so a row is y = xr tc -/+ xr[partner] ts with xr = x * r (rotate-half: minus for the
+// first half; interleaved: the sign is in ts). Without a weight they are cos and sin;
+// with cos = 1, sin = 0 a row is (x * r) * w, exactly rms_norm's.
+template <typename A, typename C, bool IL>
+class FwdTables {
+ public:
+  FwdTables(const A* w, int64_t D)
+      : w_(w), D_(D), buf_(static_cast<size_t>(2 * padded<A>(D)), A(0)) {}
+
+  void set(const C* cr, const C* sr, int64_t crow) {
+    if (crow == row_) return;
+    row_ = crow;
+    using CIO = RowIO<C>;
+    using AIO = RowIO<A>;
+    using V = Vectorized<A>;
+    constexpr int64_t S = AIO::kStep;
+    A* tc = buf_.data();
+    A* ts = tc + padded<A>(D_);
+    const V one(A(1));
+    V c0, c1, s0, s1, w0 = one, w1 = one;
+    if constexpr (IL) {
+      __at_align__ A sg[V::size()];
+      for (int64_t l = 0; l < V::size(); ++l) sg[l] = (l % 2 == 0) ? A(-1) : A(1);
+      const V sign = V::loadu(sg);
+      for (int64_t j = 0; j < D_; j += S) {
+        const int64_t n = std::min(S, D_ - j);
+        CIO::load_n(cr + j, n, c0, c1);
+        CIO::load_n(sr + j, n, s0, s1);
+        if (w_ != nullptr) AIO::load_n(w_ + j, n, w0, w1);
+        AIO::store(tc + j, c0 * w0, c1 * w1);
+        AIO::store(ts + j, (s0 * swap_pairs(w0)) * sign, (s1 * swap_pairs(w1)) * sign);
+      }
+    } else {
+      const int64_t h = D_ / 2;
+      V c2, c3, s2, s3, w2 = one, w3 = one;
+      for (int64_t j = 0; j < h; j += S) {
+        const int64_t n = std::min(S, h - j);
+        CIO::load_n(cr + j, n, c0, c1);
+        CIO::load_n(sr + j, n, s0, s1);
+        CIO::load_n(cr + h + j, n, c2, c3);
+        CIO::load_n(sr + h + j, n, s2, s3);
+        if (w_ != nullptr) {
+          AIO::load_n(w_ + j, n, w0, w1);
+          AIO::load_n(w_ + h + j, n, w2, w3);
+        }
+        AIO::store_n(tc + j, n, c0 * w0, c1 * w1);
+        AIO::store_n(ts + j, n, s0 * w2, s1 * w3);
+        AIO::store_n(tc + h + j, n, c2 * w2, c3 * w3);
+        AIO::store_n(ts + h + j, n, s2 * w0, s3 * w1);
+      }
+    }
+  }
+
+  const A* c() const { return buf_.data(); }
+  const A* s() const { return buf_.data() + padded<A>(D_); }
+
+ private:
+  const A* w_;
+  int64_t D_;
+  int64_t row_ = -1;
+  std::vector<A> buf_;
+};
+
+// One output row from its values in A (xa), rstd r and the position's tables.
+template <bool IL, typename T, typename A>
+inline void fwd_row(const A* xa, const A* tc, const A* ts, A r, T* y, int64_t D) {
   using IO = RowIO<T>;
   using AIO = RowIO<A>;
   using V = Vectorized<A>;
   constexpr int64_t S = IO::kStep;
   const V vr(r);
-  V x0, x1, w0, w1, c0, c1, s0, s1;
   if constexpr (!IL) {
     const int64_t h = D / 2;
-    V y0, y1, c2, c3, s2, s3;
-    for (int64_t j = 0; j < h; j += S) {
-      const int64_t n = std::min(S, h - j);
-      IO::load_n(x + j, n, x0, x1);  // u_a
-      IO::load_n(x + h + j, n, y0, y1);  // u_b
-      x0 = x0 * vr;
-      x1 = x1 * vr;
-      y0 = y0 * vr;
-      y1 = y1 * vr;
-      if constexpr (W) {
-        AIO::load_n(w + j, n, w0, w1);
-        x0 = x0 * w0;
-        x1 = x1 * w1;
-        AIO::load_n(w + h + j, n, w0, w1);
-        y0 = y0 * w0;
-        y1 = y1 * w1;
-      }
-      AIO::load_n(c + j, n, c0, c1);
-      AIO::load_n(s + j, n, s0, s1);
-      AIO::load_n(c + h + j, n, c2, c3);
-      AIO::load_n(s + h + j, n, s2, s3);
-      IO::store_n(y + j, n, at::vec::fnmadd(y0, s0, x0 * c0), at::vec::fnmadd(y1, s1, x1 * c1));
-      IO::store_n(y + h + j, n, at::vec::fmadd(x0, s2, y0 * c2),
-                  at::vec::fmadd(x1, s3, y1 * c3));
-    }
+    auto step = [&](int64_t j, int64_t n) {
+      V a0, a1, b0, b1, c0, c1, s0, s1;
+      AIO::load_n(xa + j, n, a0, a1);
+      AIO::load_n(xa + h + j, n, b0, b1);
+      a0 = a0 * vr;
+      a1 = a1 * vr;
+      b0 = b0 * vr;
+      b1 = b1 * vr;
+      AIO::load_n(tc + j, n, c0, c1);
+      AIO::load_n(ts + j, n, s0, s1);
+      IO::store_n(y + j, n, at::vec::fnmadd(b0, s0, a0 * c0), at::vec::fnmadd(b1, s1, a1 * c1));
+      AIO::load_n(tc + h + j, n, c0, c1);
+      AIO::load_n(ts + h + j, n, s0, s1);
+      IO::store_n(y + h + j, n, at::vec::fmadd(a0, s0, b0 * c0), at::vec::fmadd(a1, s1, b1 * c1));
+    };
+    int64_t j = 0;
+    for (; j + S <= h; j += S) step(j, S);
+    if (j < h) step(j, h - j);
   } else {
-    for (int64_t j = 0; j < D; j += S) {
-      const int64_t n = std::min(S, D - j);
-      IO::load_n(x + j, n, x0, x1);
-      x0 = x0 * vr;
-      x1 = x1 * vr;
-      if constexpr (W) {
-        AIO::load_n(w + j, n, w0, w1);
-        x0 = x0 * w0;
-        x1 = x1 * w1;
-      }
-      AIO::load_n(c + j, n, c0, c1);
-      AIO::load_n(s + j, n, s0, s1);
-      IO::store_n(y + j, n, at::vec::fmadd(swap_pairs(x0), s0, x0 * c0),
-                  at::vec::fmadd(swap_pairs(x1), s1, x1 * c1));
-    }
+    auto step = [&](int64_t j, int64_t n) {
+      V a0, a1, c0, c1, s0, s1;
+      AIO::load_n(xa + j, n, a0, a1);
+      a0 = a0 * vr;
+      a1 = a1 * vr;
+      AIO::load_n(tc + j, n, c0, c1);
+      AIO::load_n(ts + j, n, s0, s1);
+      IO::store_n(y + j, n, at::vec::fmadd(swap_pairs(a0), s0, a0 * c0),
+                  at::vec::fmadd(swap_pairs(a1), s1, a1 * c1));
+    };
+    int64_t j = 0;
+    for (; j + S <= D; j += S) step(j, S);
+    if (j < D) step(j, D - j);
   }
 }
 
-// One of q and k: its rows of one position.
+// One of q and k.
 template <typename T>
 struct FwdSide {
   using A = acc_t<T>;
@@ -234,10 +331,16 @@ struct FwdSide {
   int64_t H;
 };
 
+// Rows per group: their statistics first (independent reduction / sqrt / divide chains
+// that overlap), kept in A in a scratch of kGroup rows, then their outputs.
+constexpr int64_t kGroup = 8;
+
 template <typename T, typename C, bool IL>
 void fwd(const QkNormRopeFwdParams& p, const FwdSide<T>& q, const FwdSide<T>& k) {
   using A = acc_t<T>;
+  constexpr bool kKeep = !std::is_same_v<T, A>;  // fp32 / fp64 rows are read in place
   const int64_t D = p.D;
+  const int64_t Dp = padded<A>(D);
   const C* cos = static_cast<const C*>(p.cos);
   const C* sin = static_cast<const C*>(p.sin);
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
@@ -245,25 +348,33 @@ void fwd(const QkNormRopeFwdParams& p, const FwdSide<T>& q, const FwdSide<T>& k)
   const OutputPrefault pfk(k.y, p.P * k.H, row_bytes);
   const int64_t grain = std::max<int64_t>(1, row_grain(D) / std::max<int64_t>(1, q.H + k.H));
   at::parallel_for(0, p.P, grain, [&](int64_t pb, int64_t pe) {
-    Tables<A, C, IL> tb(D);
+    FwdTables<A, C, IL> tq(q.w, D), tk(k.w, D);
+    std::vector<A> keep(kKeep ? static_cast<size_t>(kGroup * Dp) : 0);
     for (int64_t pos = pb; pos < pe; ++pos) {
       const int64_t crow = p.cs_per_batch ? pos : pos % p.S;
-      tb.set(cos + crow * D, sin + crow * D, crow);
-      // Every row's rstd first: independent chains that overlap.
-      for (const FwdSide<T>* sd : {&q, &k}) {
-        for (int64_t i = pos * sd->H; i < (pos + 1) * sd->H; ++i) {
-          sd->rstd[i] = rstd_from(head_sumsq(sd->x + i * D, D), D, p.eps);
-        }
-      }
       for (int side = 0; side < 2; ++side) {
         const FwdSide<T>& sd = side == 0 ? q : k;
+        if (sd.H == 0) continue;
+        FwdTables<A, C, IL>& tb = side == 0 ? tq : tk;
         const OutputPrefault& pf = side == 0 ? pfq : pfk;
-        for (int64_t i = pos * sd.H; i < (pos + 1) * sd.H; ++i) {
-          pf.before_row(i, pb * sd.H, pe * sd.H);
-          if (sd.w != nullptr) {
-            fwd_row<IL, true>(sd.x + i * D, sd.w, tb.c(), tb.s(), sd.rstd[i], sd.y + i * D, D);
-          } else {
-            fwd_row<IL, false>(sd.x + i * D, sd.w, tb.c(), tb.s(), sd.rstd[i], sd.y + i * D, D);
+        tb.set(cos + crow * D, sin + crow * D, crow);
+        for (int64_t g = pos * sd.H; g < (pos + 1) * sd.H; g += kGroup) {
+          const int64_t ge = std::min((pos + 1) * sd.H, g + kGroup);
+          for (int64_t i = g; i < ge; ++i) {
+            const T* xr = sd.x + i * D;
+            const A ss = kKeep ? head_sumsq_keep(xr, D, keep.data() + (i - g) * Dp)
+                               : head_sumsq(xr, D);
+            sd.rstd[i] = rstd_from(ss, D, p.eps);
+          }
+          for (int64_t i = g; i < ge; ++i) {
+            pf.before_row(i, pb * sd.H, pe * sd.H);
+            const A* xa;
+            if constexpr (kKeep) {
+              xa = keep.data() + (i - g) * Dp;
+            } else {
+              xa = sd.x + i * D;
+            }
+            fwd_row<IL>(xa, tb.c(), tb.s(), sd.rstd[i], sd.y + i * D, D);
           }
         }
       }
