@@ -2,17 +2,21 @@
 // ../kernel_params.h). A row is one head vector of D elements; math in acc_t<T> (fp32,
 // fp64 for fp64 data); each output is rounded to T once.
 //
-// Head rows are short (D = 64..256), so a row's fixed costs decide the speed, not its
-// loop: the kernels
-//  - work position by position: the H heads of a position share one row of cos/sin, which
-//    is converted to A once per position (Tables) instead of once per head;
-//  - run the forward's q and k rows of a position in one parallel region over positions;
-//  - compute the rstd of all rows of a position before any of their outputs, so the
-//    rows' reduction -> sqrt -> divide chains overlap instead of stalling each output pass;
-//  - keep the row's accumulators in registers (head_sumsq), where row_sumsq's generic
-//    blocked_row_sum goes through a stack array.
+// Head rows are short (D = 64..256), so a row's fixed costs and its conversions decide the
+// speed, not its loop. The forward
+//  - works position by position: the heads of a position share one row of cos/sin, which
+//    is converted to A once per position, with the weight folded in (FwdTables: one per
+//    q and k), instead of being loaded, converted and weighted again for every head;
+//  - runs the q and k rows of a position in one parallel region over positions;
+//  - takes a position's rows in groups of kGroup: the rstd of every row of the group
+//    first, so the rows' reduction -> sqrt -> divide chains overlap instead of stalling
+//    each output pass, keeping each row converted to A (head_sumsq_keep) for its output
+//    pass, which then converts nothing but its stores;
+//  - keeps the accumulators in registers, where row_sumsq's generic blocked_row_sum goes
+//    through a stack array.
 // The sum of squares follows row_sumsq's exact order (row_stats.h), so rstd equals
-// rms_norm's bit for bit (tests check this).
+// rms_norm's bit for bit (tests/test_qk_norm_rope.py checks this). The backward converts
+// cos/sin once per position too (Tables) and keeps du and vhat between its two passes.
 //
 // The rotation pairs element a with element b:
 //   rotate-half: a = j, b = j + D/2 (j < D/2): the loops walk the two halves in steps of
@@ -23,7 +27,8 @@
 // Tail steps (D/2 or D not a multiple of kStep) are zero-padded by RowIO (D is even, so
 // an interleaved pair never straddles a step).
 //
-// Forward, per row: r = rstd(v); u = (v * r) * w; y as above.
+// Forward, per row: r = rstd(v); u = (v * r) * w; y as above, computed as
+// (v * r) * (w c) -/+ (v * r)[b] * (w[b] s) with the position's FwdTables.
 // Backward, per row: du[a] = g[a] c[a] + g[b] s[b], du[b] = g[b] c[b] - g[a] s[a] (the
 // transpose of the rotation); pass 1 caches du and vhat = v * r in a scratch row and sums
 // m = mean(du * w * vhat); pass 2: dv = r * (du * w - vhat * m), and dw += du * vhat,
