@@ -94,3 +94,65 @@ def test_compile_fullgraph_and_opcheck():
     oq, ok, rq, rk = ops.qk_norm_rope_fwd(qd, k, qw, kw, cos, sin, 1e-6, True)
     torch.library.opcheck(ops.qk_norm_rope_bwd, (torch.randn_like(oq), torch.randn_like(ok), qd,
                                                  k, qw, kw, cos, sin, rq, rk, True, True))
+
+
+# ------------------------------------------------ the CPU kernels' position-major paths
+# (csrc/cpu/qk_norm_rope_cpu.cpp): tails of the half-row / row steps, odd and single head
+# counts, cos/sin converted per position (Tables), interleaved lane swaps, rstd in
+# row_sumsq's order.
+
+from test_qk_norm_rope_kernels import (  # noqa: E402
+    DTYPES, EPS, OPS, _check, _make, _param_combos)
+
+
+@pytest.mark.parametrize("D", [6, 40, 72, 136])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("il", [False, True], ids=["rotate_half", "interleaved"])
+def test_step_tails_and_odd_heads(il, dtype, D):
+    """D / 2 (rotate-half) or D (interleaved) not a multiple of the vector step, 3 query
+    heads and 1 key head (a table reused by several rows, and by one), both table layouts,
+    every weight / cos-sin dtype combination; forward and backward against float64."""
+    for per_batch in (False, True):
+        for wdtype, csdtype in _param_combos(dtype):
+            what = f"il={il} {dtype} D={D} per_batch={per_batch} w={wdtype} cs={csdtype}"
+            args = _make((2,), 5, 3, 1, D, dtype, wdtype, csdtype, il, per_batch, seed=D)
+            _check(*args, il, what)
+
+
+@pytest.mark.parametrize("D", [40, 128, 136, 2048])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rstd_is_rms_norms_bit_for_bit(dtype, D):
+    """The kernels' own sum of squares follows row_sumsq's order (accumulators, blocks of
+    32 steps -- D = 2048 spans several -- and the final reduction): rstd equals
+    rms_norm_fwd's bit for bit, for q and k, rotate-half and interleaved."""
+    q, k, qw, kw, cos, sin, _, _ = _make((1,), 3, 5, 2, D, dtype, dtype, None, False, False,
+                                         seed=11)
+    for il in (False, True):
+        _, _, rq, rk = OPS.qk_norm_rope_fwd(q, k, qw, kw, cos, sin, EPS, il)
+        for x, r in ((q, rq), (k, rk)):
+            _, r2 = OPS.rms_norm_fwd(x, [D], None, EPS, 0.0)
+            assert torch.equal(r, r2), f"il={il} {dtype} D={D}"
+
+
+@pytest.mark.parametrize("il", [False, True], ids=["rotate_half", "interleaved"])
+def test_positions_split_across_threads(il):
+    """An odd number of positions (37) over several threads, with per-batch tables: each
+    thread's first position converts its own tables; the outputs and input gradients do
+    not depend on the thread count."""
+    args = _make((1,), 37, 3, 1, 64, torch.bfloat16, torch.float32, torch.bfloat16, il, True,
+                 seed=12)
+    q, k, qw, kw, cos, sin, gq, gk = args
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            f = OPS.qk_norm_rope_fwd(q, k, qw, kw, cos, sin, EPS, il)
+            b = OPS.qk_norm_rope_bwd(gq, gk, q, k, qw, kw, cos, sin, f[2], f[3], il, False)
+            outs.append(list(f) + list(b[:2]))
+    finally:
+        torch.set_num_threads(old)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+    _check(*args, il, "37 positions")
