@@ -10,7 +10,7 @@
 //  - runs the q and k rows of a position in one parallel region over positions;
 //  - takes a position's rows in groups of kGroup: the rstd of every row of the group
 //    first, so the rows' reduction -> sqrt -> divide chains overlap instead of stalling
-//    each output pass, keeping each row converted to A (head_sumsq_keep) for its output
+//    each output pass, keeping each row converted to A (head_sumsq<T, true>) for its output
 //    pass, which then converts nothing but its stores;
 //  - keeps the accumulators in registers, where row_sumsq's generic blocked_row_sum goes
 //    through a stack array.
@@ -75,11 +75,14 @@ inline Vectorized<A> swap_pairs(const Vectorized<A>& v) {
 
 // sum(x^2) of a row in row_sumsq's exact order (four accumulators over steps of two
 // RowIO steps, restarted every 32 such steps and added into running totals, then
-// (t0 + t1) + (t2 + t3)), with the accumulators in registers.
-template <typename T>
-inline acc_t<T> head_sumsq(const T* x, int64_t N) {
+// (t0 + t1) + (t2 + t3)), with the accumulators in registers. Keep: also stores the row
+// converted to A in xc (padded(N) elements), so the forward's output pass reads fp32
+// instead of converting the row a second time.
+template <typename T, bool Keep = false>
+inline acc_t<T> head_sumsq(const T* x, int64_t N, acc_t<T>* xc = nullptr) {
   using IO = RowIO<T>;
   using A = acc_t<T>;
+  using AIO = RowIO<A>;
   using V = typename IO::V;
   constexpr int64_t S = IO::kStep;
   constexpr int64_t kBlock = 32 * 2 * S;  // blocked_row_sum's kBlockSteps steps of 2 * S
@@ -91,6 +94,10 @@ inline acc_t<T> head_sumsq(const T* x, int64_t N) {
     for (; j + 2 * S <= end; j += 2 * S) {
       IO::load(x + j, a, b);
       IO::load(x + j + S, c, d);
+      if constexpr (Keep) {
+        AIO::store(xc + j, a, b);
+        AIO::store(xc + j + S, c, d);
+      }
       p0 = at::vec::fmadd(a, a, p0);
       p1 = at::vec::fmadd(b, b, p1);
       p2 = at::vec::fmadd(c, c, p2);
@@ -98,6 +105,10 @@ inline acc_t<T> head_sumsq(const T* x, int64_t N) {
     }
     if (j < end) {
       IO::load2_n(x + j, end - j, a, b, c, d);
+      if constexpr (Keep) {
+        AIO::store(xc + j, a, b);
+        if (end - j > S) AIO::store(xc + j + S, c, d);
+      }
       p0 = at::vec::fmadd(a, a, p0);
       p1 = at::vec::fmadd(b, b, p1);
       p2 = at::vec::fmadd(c, c, p2);
@@ -172,48 +183,6 @@ class Tables {
 
 // ---------------------------------------------------------------------------------------
 // Forward
-
-// head_sumsq that also keeps the row converted to A in xc (padded(N) elements), so the
-// output pass reads fp32 instead of converting the row a second time. Same order.
-template <typename T>
-inline acc_t<T> head_sumsq_keep(const T* x, int64_t N, acc_t<T>* xc) {
-  using IO = RowIO<T>;
-  using A = acc_t<T>;
-  using AIO = RowIO<A>;
-  using V = typename IO::V;
-  constexpr int64_t S = IO::kStep;
-  constexpr int64_t kBlock = 32 * 2 * S;  // as head_sumsq
-  V t0(A(0)), t1(A(0)), t2(A(0)), t3(A(0));
-  for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
-    const int64_t end = std::min(N, j0 + kBlock);
-    V p0(A(0)), p1(A(0)), p2(A(0)), p3(A(0)), a, b, c, d;
-    int64_t j = j0;
-    for (; j + 2 * S <= end; j += 2 * S) {
-      IO::load(x + j, a, b);
-      IO::load(x + j + S, c, d);
-      AIO::store(xc + j, a, b);
-      AIO::store(xc + j + S, c, d);
-      p0 = at::vec::fmadd(a, a, p0);
-      p1 = at::vec::fmadd(b, b, p1);
-      p2 = at::vec::fmadd(c, c, p2);
-      p3 = at::vec::fmadd(d, d, p3);
-    }
-    if (j < end) {
-      IO::load2_n(x + j, end - j, a, b, c, d);
-      AIO::store(xc + j, a, b);
-      if (end - j > S) AIO::store(xc + j + S, c, d);
-      p0 = at::vec::fmadd(a, a, p0);
-      p1 = at::vec::fmadd(b, b, p1);
-      p2 = at::vec::fmadd(c, c, p2);
-      p3 = at::vec::fmadd(d, d, p3);
-    }
-    t0 = t0 + p0;
-    t1 = t1 + p1;
-    t2 = t2 + p2;
-    t3 = t3 + p3;
-  }
-  return reduce_add((t0 + t1) + (t2 + t3));
-}
 
 // The forward's tables of one position for one of q and k: its weight folded into cos and
 // sin, tc[e] = w[e] c[e] and ts[e] = w[partner(e)] s[e] (interleaved: negated at even e),
@@ -367,7 +336,7 @@ void fwd(const QkNormRopeFwdParams& p, const FwdSide<T>& q, const FwdSide<T>& k)
           const int64_t ge = std::min((pos + 1) * sd.H, g + kGroup);
           for (int64_t i = g; i < ge; ++i) {
             const T* xr = sd.x + i * D;
-            const A ss = kKeep ? head_sumsq_keep(xr, D, keep.data() + (i - g) * Dp)
+            const A ss = kKeep ? head_sumsq<T, true>(xr, D, keep.data() + (i - g) * Dp)
                                : head_sumsq(xr, D);
             sd.rstd[i] = rstd_from(ss, D, p.eps);
           }
