@@ -276,7 +276,7 @@ def fresh_huge(like: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def copy_floor(nbytes: int, device: torch.device) -> Callable[[], object]:
+def clone_reference(nbytes: int, device: torch.device) -> Callable[[], object]:
     """A clone moving ``nbytes`` (reads nbytes/2, writes nbytes/2 into a new tensor): what
     torch's default allocation path costs an out-of-place op. Above glibc's mmap threshold
     its new pages fault on first write, so it is a reference, not a floor."""

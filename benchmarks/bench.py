@@ -487,7 +487,7 @@ def run_case(case: Case, cfg: Config, progress: tqdm, skipped: List[dict],
         runners = {"copy": _common.warm_copy_floor(nbytes, cfg.device)}
         if cfg.device.type == "cpu" and nbytes // 2 >= FRESH_MIN_BYTES:
             runners["fresh"] = _common.fresh_copy_floor(nbytes)
-            runners["clone"] = _common.copy_floor(nbytes, cfg.device)
+            runners["clone"] = _common.clone_reference(nbytes, cfg.device)
         for impl, fn in fns.items():
             if fn is None:
                 continue

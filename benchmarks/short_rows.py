@@ -9,8 +9,6 @@ ConvNeXt [32, 96, 56, 56] activation). Ratios are medians over rounds of the per
 time / floor (benchmarks/_timer.py); the machine check is benchmarks/_machine.py's.
 """
 import argparse
-import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 import _common
 import _machine
 import _timer
-from cpu_floor import fresh_huge
+from _common import fresh_huge
 
 import rmsnorm_ext as R
 
@@ -33,7 +31,7 @@ def main(argv=None):
     p.add_argument("--sample-ms", type=float, default=60.0)
     p.add_argument("--fwdbwd", action="store_true", help="also forward+backward")
     p.add_argument("--out", type=Path)
-    p.add_argument("--allow-busy", action="store_true")
+    _common.add_busy_arg(p)
     a = p.parse_args(argv)
     guard = _machine.Guard("cpu", a.allow_busy)
     report = {"machine": _common.machine_info(torch.device("cpu")), "cases": {},
@@ -60,24 +58,20 @@ def main(argv=None):
                 fns["native rms fb"] = fb(lambda: F.rms_norm(xg, s, wg), (xg, wg))
                 fns["ours ln fb"] = fb(lambda: R.layer_norm(xg, s, wg, bg), (xg, wg, bg))
                 fns["native ln fb"] = fb(lambda: F.layer_norm(xg, s, wg, bg), (xg, wg, bg))
-            before = guard.begin()
-            st = _timer.interleaved(fns, rounds=a.rounds, target_sample_s=a.sample_ms / 1e3)
-            busy = guard.end(before, f"{dname} [{m}, {n}]")
-            fl = st["floor"]
-            row = {}
-            for k, v in st.items():
-                if k == "floor":
-                    continue
-                r = statistics.median(t / f for t, f in zip(v.samples, fl.samples))
-                row[k] = {"ms": v.median * 1e3, "spread": v.spread, "x_floor": r}
             name = f"{dname} [{m}, {n}]"
+            st, busy = guard.interleaved(name, fns, rounds=a.rounds,
+                                         target_sample_s=a.sample_ms / 1e3)
+            fl = st["floor"]
+            row = {k: {"ms": v.median * 1e3, "spread": v.spread,
+                       "x_floor": _timer.per_round_ratio(v, fl)}
+                   for k, v in st.items() if k != "floor"}
             report["cases"][name] = {"floor_ms": fl.median * 1e3, "busy": busy, **row}
             cols = "  ".join(f"{k} {v['ms']:.2f}ms {v['x_floor']:.2f}x (±{v['spread']:.0%})"
                              for k, v in row.items())
             print(f"{name:26s} floor {fl.median * 1e3:.2f}ms  {cols}" + (" BUSY" if busy else ""),
                   flush=True)
     if a.out:
-        a.out.write_text(json.dumps(report, indent=1))
+        _common.write_json(a.out, report)
 
 
 if __name__ == "__main__":

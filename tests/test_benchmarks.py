@@ -804,3 +804,17 @@ def test_bench_large_cpu_rows_have_all_three_floors(tmp_path):
         float(big["time_us"]) / float(big["clone_us"]), rel=1e-6)
     md = (tmp_path / "results.md").read_text()
     assert "fresh×" in md and "clone×" in md and "warm" in md
+
+
+def test_short_rows_runs(tmp_path):
+    """benchmarks/short_rows.py runs and writes one case per (dtype, N) with each
+    candidate's time and ratio to the same-run floor."""
+    out = tmp_path / "short.json"
+    _run("short_rows.py", "--elements", "20000", "--ns", "96,1024", "--dtypes", "float32",
+         "--rounds", "3", "--sample-ms", "2", "--allow-busy", "--out", str(out))
+    cases = json.loads(out.read_text())["cases"]
+    assert set(cases) == {"float32 [208, 96]", "float32 [19, 1024]"}, set(cases)
+    for case in cases.values():
+        assert case["floor_ms"] > 0
+        for name in ("ours rms", "native rms", "ours ln", "native ln"):
+            assert case[name]["ms"] > 0 and case[name]["x_floor"] > 0, (name, case)
