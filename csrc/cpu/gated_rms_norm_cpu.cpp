@@ -21,6 +21,7 @@
 #include "prefault.h"
 #include "row_stats.h"
 #include "vec_io.h"
+#include "vec_math.h"
 
 #include <ATen/Parallel.h>
 
@@ -33,22 +34,27 @@ namespace {
 // The gate activation and its derivative, elementwise. sigmoid(g) and 1 - sigmoid(g) both
 // come from e = exp(-|g|) <= 1: for g >= 0, s = 1 / (1 + e) and 1 - s = e / (1 + e); for
 // g < 0 the two swap. Nothing overflows for any |g|, and 1 - s keeps its relative accuracy
-// where s rounds to 1. A NaN gate gives NaN.
-template <GateAct ACT, typename A>
+// where s rounds to 1. A NaN gate gives NaN. kFast (bfloat16 / float16 data): exp and the
+// reciprocal from vec_math.h, accurate far beyond the output's rounding; the larger of the
+// two is then 1 - q rather than the estimated reciprocal, so that it is exactly 1 where
+// e = 0 (a +-inf or large gate), as with the division.
+template <GateAct ACT, typename A, bool kFast>
 struct Gate {
   using V = Vectorized<A>;
 
-  static inline void sigmoid2(const V& g, V& s, V& sc) {
+  // Forced inline: as a call (GCC's choice) its vectors went through the stack every step.
+  C10_ALWAYS_INLINE static void sigmoid2(const V& g, V& s, V& sc) {
     const V one(A(1));
-    const V e = g.abs().neg().exp();
-    const V r = one / (one + e);
-    const V q = e * r;
+    const V e = exp_nonpos<kFast>(g.abs().neg());
+    const V r = recip_of<kFast>(one + e);
+    const V q = e * r;                      // min(s, 1 - s)
+    const V big = kFast ? one - q : r;      // max(s, 1 - s)
     const V pos = g >= V(A(0));  // all-ones lanes where g >= 0 (false for NaN)
-    s = V::blendv(q, r, pos);
-    sc = V::blendv(r, q, pos);
+    s = V::blendv(q, big, pos);
+    sc = V::blendv(big, q, pos);
   }
 
-  static inline V act(const V& g) {
+  C10_ALWAYS_INLINE static V act(const V& g) {
     V s, sc;
     sigmoid2(g, s, sc);
     if constexpr (ACT == GateAct::silu) {
@@ -59,7 +65,7 @@ struct Gate {
   }
 
   // a = act(g), da = act'(g): silu' = s (1 + g (1 - s)), sigmoid' = s (1 - s).
-  static inline void act_grad(const V& g, V& a, V& da) {
+  C10_ALWAYS_INLINE static void act_grad(const V& g, V& a, V& da) {
     V s, sc;
     sigmoid2(g, s, sc);
     if constexpr (ACT == GateAct::silu) {
@@ -72,21 +78,38 @@ struct Gate {
   }
 };
 
-// sum((x * act(g))^2) over n elements: row_sumsq's accumulation order with z for x. The
-// zero-padded tail lanes have x = 0, so z = 0 there.
-template <typename T, GateAct ACT>
-acc_t<T> gated_sumsq(const T* x, const T* g, int64_t n) {
+// Pass 1 of the forward over one group of n elements: the sum of squares that gives rstd and,
+// into s (n floats), what pass 2 needs of the gate: NBG: s = act(g) and the sum is over x
+// (row_sumsq's accumulation order, so rstd equals rms_norm's); gate first: s = z = x * act(g)
+// and the sum is over z. The activation, the longest chain of the op, is computed once per
+// element, in the pass whose other work (an FMA per vector) is short. The zero-padded tail
+// lanes have x = 0, so z = 0 there.
+template <typename T, GateAct ACT, bool NBG>
+acc_t<T> gated_pass1(const T* x, const T* g, int64_t n, acc_t<T>* s) {
   using IO = RowIO<T>;
+  using A = acc_t<T>;
+  using AIO = RowIO<A>;
   using V = typename IO::V;
-  using GA = Gate<ACT, acc_t<T>>;
-  const auto t = blocked_row_sum<4, V>(n, 2 * IO::kStep, [&](int64_t j, int64_t m, auto& p) {
+  using GA = Gate<ACT, A, kReducedPrecision<T>>;
+  constexpr int64_t S = IO::kStep;
+  const auto t = blocked_row_sum<4, V>(n, 2 * S, [&](int64_t j, int64_t m, auto& p) {
     V a, b, c, d, ga, gb, gc, gd;
     IO::load2_n(x + j, m, a, b, c, d);
     IO::load2_n(g + j, m, ga, gb, gc, gd);
-    a = a * GA::act(ga);
-    b = b * GA::act(gb);
-    c = c * GA::act(gc);
-    d = d * GA::act(gd);
+    ga = GA::act(ga);
+    gb = GA::act(gb);
+    gc = GA::act(gc);
+    gd = GA::act(gd);
+    if constexpr (!NBG) {
+      a = a * ga;
+      b = b * gb;
+      c = c * gc;
+      d = d * gd;
+    }
+    const V& sa = NBG ? ga : a;
+    const V& sb = NBG ? gb : b;
+    AIO::store_n(s + j, std::min(m, S), sa, sb);
+    if (m > S) AIO::store_n(s + j + S, m - S, NBG ? gc : c, NBG ? gd : d);
     p[0] = at::vec::fmadd(a, a, p[0]);
     p[1] = at::vec::fmadd(b, b, p[1]);
     p[2] = at::vec::fmadd(c, c, p[2]);
@@ -95,38 +118,37 @@ acc_t<T> gated_sumsq(const T* x, const T* g, int64_t n) {
   return reduce_add((t[0] + t[1]) + (t[2] + t[3]));
 }
 
-// y of one group of n elements (w: the group's weights, or null).
-template <typename T, GateAct ACT, bool NBG>
-void gated_group_out(const T* x, const T* g, const acc_t<T>* w, acc_t<T> r, int64_t n, T* y) {
+// Pass 2: y of one group of n elements from pass 1's s (w: the group's weights, or null).
+// NBG: y = ((x * r) * w) * act(g); gate first: y = (z * r) * w.
+template <typename T, bool NBG>
+void gated_group_out(const T* x, const acc_t<T>* s, const acc_t<T>* w, acc_t<T> r, int64_t n,
+                     T* y) {
   using IO = RowIO<T>;
   using A = acc_t<T>;
   using AIO = RowIO<A>;
   using V = typename IO::V;
-  using GA = Gate<ACT, A>;
   constexpr int64_t S = IO::kStep;
   const V vr(r);
   for (int64_t j = 0; j < n; j += S) {
     const int64_t m = std::min(S, n - j);
-    V xa, xb, ga, gb, wa, wb;
-    IO::load_n(x + j, m, xa, xb);
-    IO::load_n(g + j, m, ga, gb);
-    if (w) AIO::load_n(w + j, m, wa, wb);
+    V xa, xb, sa, sb, wa, wb;
+    AIO::load_n(s + j, m, sa, sb);
     if constexpr (NBG) {
+      IO::load_n(x + j, m, xa, xb);
       xa = xa * vr;
       xb = xb * vr;
-      if (w) {
-        xa = xa * wa;
-        xb = xb * wb;
-      }
-      xa = xa * GA::act(ga);
-      xb = xb * GA::act(gb);
     } else {
-      xa = (xa * GA::act(ga)) * vr;
-      xb = (xb * GA::act(gb)) * vr;
-      if (w) {
-        xa = xa * wa;
-        xb = xb * wb;
-      }
+      xa = sa * vr;
+      xb = sb * vr;
+    }
+    if (w) {
+      AIO::load_n(w + j, m, wa, wb);
+      xa = xa * wa;
+      xb = xb * wb;
+    }
+    if constexpr (NBG) {
+      xa = xa * sa;
+      xb = xb * sb;
     }
     IO::store_n(y + j, m, xa, xb);
   }
@@ -144,14 +166,15 @@ void gated_fwd_rows(const GatedRmsFwdParams& p, const acc_t<T>* w) {
   const int64_t groups = N / G;
   const OutputPrefault pf(y, p.M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, p.M, row_grain(N), [&](int64_t b, int64_t e) {
+    std::vector<A> s(static_cast<size_t>(G));  // pass 1 -> pass 2, one group at a time
     for (int64_t i = b; i < e; ++i) {
       pf.before_row(i, b, e);
       for (int64_t k = 0; k < groups; ++k) {
         const int64_t off = i * N + k * G;
-        const A ss = NBG ? row_sumsq(x + off, G) : gated_sumsq<T, ACT>(x + off, g + off, G);
+        const A ss = gated_pass1<T, ACT, NBG>(x + off, g + off, G, s.data());
         const A r = rstd_from(ss, G, p.eps);
         rstd[i * groups + k] = r;
-        gated_group_out<T, ACT, NBG>(x + off, g + off, w ? w + k * G : nullptr, r, G, y + off);
+        gated_group_out<T, NBG>(x + off, s.data(), w ? w + k * G : nullptr, r, G, y + off);
       }
     }
   });
@@ -166,7 +189,7 @@ void gated_group_bwd(const T* dy, const T* x, const T* g, const acc_t<T>* w, acc
   using A = acc_t<T>;
   using AIO = RowIO<A>;
   using V = typename IO::V;
-  using GA = Gate<ACT, A>;
+  using GA = Gate<ACT, A, kReducedPrecision<T>>;
   constexpr int64_t S = IO::kStep;
   V ya, yb, xa, xb, ga, gb, wa, wb;
   // dy * w (dy without a weight) of one step (m < S: a zero-padded tail) into ya, yb.
