@@ -181,10 +181,11 @@ void gated_fwd_rows(const GatedRmsFwdParams& p, const acc_t<T>* w) {
 }
 
 // The backward of one group of n elements: dx, dg and, when dwp is not null, dwp += the
-// group's weight-gradient terms. w: the group's weights, or null.
+// group's weight-gradient terms. w: the group's weights, or null. sa, sd: 2 x n floats of
+// scratch, where pass 1 leaves act(g) and act'(g) for pass 2 (computed once per element).
 template <typename T, GateAct ACT, bool NBG>
 void gated_group_bwd(const T* dy, const T* x, const T* g, const acc_t<T>* w, acc_t<T> r,
-                     int64_t n, T* dx, T* dg, acc_t<T>* dwp) {
+                     int64_t n, T* dx, T* dg, acc_t<T>* dwp, acc_t<T>* sa, acc_t<T>* sd) {
   using IO = RowIO<T>;
   using A = acc_t<T>;
   using AIO = RowIO<A>;
@@ -196,7 +197,6 @@ void gated_group_bwd(const T* dy, const T* x, const T* g, const acc_t<T>* w, acc
   auto load = [&](int64_t j, int64_t m) {
     IO::load_n(dy + j, m, ya, yb);
     IO::load_n(x + j, m, xa, xb);
-    IO::load_n(g + j, m, ga, gb);
     if (w) {
       AIO::load_n(w + j, m, wa, wb);
       ya = ya * wa;
@@ -206,8 +206,12 @@ void gated_group_bwd(const T* dy, const T* x, const T* g, const acc_t<T>* w, acc
   // Pass 1: sum(u * x) (NBG, u = dy * w * a) or sum(dy * w * z) (z = x * a).
   const auto t = blocked_row_sum<2, V>(n, S, [&](int64_t j, int64_t m, auto& p) {
     load(j, m);
-    const V aa = GA::act(ga);
-    const V ab = GA::act(gb);
+    IO::load_n(g + j, m, ga, gb);
+    V aa, ab, da, db;
+    GA::act_grad(ga, aa, da);
+    GA::act_grad(gb, ab, db);
+    AIO::store_n(sa + j, m, aa, ab);
+    AIO::store_n(sd + j, m, da, db);
     if constexpr (NBG) {
       p[0] = at::vec::fmadd(ya * aa, xa, p[0]);
       p[1] = at::vec::fmadd(yb * ab, xb, p[1]);
@@ -218,13 +222,13 @@ void gated_group_bwd(const T* dy, const T* x, const T* g, const acc_t<T>* w, acc
   });
   const A c = r * (reduce_add(t[0] + t[1]) / static_cast<A>(n));
   const V vr(r), vc(c);
-  // Pass 2: the same products as pass 1, then the outputs.
+  // Pass 2: the same products as pass 1 (act, act' from the scratch), then the outputs.
   for (int64_t j = 0; j < n; j += S) {
     const int64_t m = std::min(S, n - j);
     load(j, m);
     V aa, ab, da, db;
-    GA::act_grad(ga, aa, da);
-    GA::act_grad(gb, ab, db);
+    AIO::load_n(sa + j, m, aa, ab);
+    AIO::load_n(sd + j, m, da, db);
     V ox_a, ox_b, og_a, og_b, tw_a, tw_b;  // dx, dg, the dw term over dy
     if constexpr (NBG) {
       const V ha = xa * vr;  // xhat
@@ -276,6 +280,7 @@ void gated_bwd_rows(const GatedRmsBwdParams& p, const acc_t<T>* w, acc_t<T>* dwp
   const int64_t N = p.N;
   const int64_t G = p.group;
   const int64_t groups = N / G;
+  std::vector<A> scratch(2 * static_cast<size_t>(G));  // act(g), act'(g): pass 1 -> pass 2
   for (int64_t i = row_begin; i < row_end; ++i) {
     pf_dx.before_row(i, row_begin, row_end);
     pf_dg.before_row(i, row_begin, row_end);
@@ -283,7 +288,8 @@ void gated_bwd_rows(const GatedRmsBwdParams& p, const acc_t<T>* w, acc_t<T>* dwp
       const int64_t off = i * N + k * G;
       gated_group_bwd<T, ACT, NBG>(dy + off, x + off, g + off, w ? w + k * G : nullptr,
                                    rstd[i * groups + k], G, dx + off, dg + off,
-                                   dwp ? dwp + k * G : nullptr);
+                                   dwp ? dwp + k * G : nullptr, scratch.data(),
+                                   scratch.data() + G);
     }
   }
 }
