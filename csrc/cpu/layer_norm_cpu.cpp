@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <memory>
 
 namespace rmsnorm_ext::cpu {
 namespace {
@@ -32,8 +33,9 @@ inline void store_step(T* p, int64_t j, int64_t n, const V& a, const V& b) {
 // a row read soon, prefetched while this one is written (as rms_norm's row_scale). The whole
 // steps loop on their own and the partial last step goes through load_part / store_part
 // (row_group_stats.h): no call in the loop, so its vectors stay in registers.
-template <typename T>
-inline void ln_out_row(const T* xr, T* yr, acc_t<T> mean, acc_t<T> rstd, const acc_t<T>* w,
+// xr: the row as T, or as fp32 where ln_row_stats kept it so (X = float).
+template <typename X, typename T>
+inline void ln_out_row(const X* xr, T* yr, acc_t<T> mean, acc_t<T> rstd, const acc_t<T>* w,
                        const acc_t<T>* bias, int64_t N, const T* next) {
   using IO = RowIO<T>;
   using A = acc_t<T>;
@@ -90,13 +92,21 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
         }
       }
     }
+    // bfloat16 / float16 rows: converted to fp32 once, by the first pass (ln_row_stats).
+    constexpr bool kKeep = kKeepRowAsFloat<T>;
+    const std::unique_ptr<acc_t<T>[]> keep(kKeep && i < re ? new acc_t<T>[N] : nullptr);
     for (; i < re; ++i) {
       pf.before_row(i, rb, re);
       const T* xr = x + i * N;
-      const auto st = ln_row_stats<T>(xr, N, eps);
+      const T* next = i + 1 < re ? xr + N : nullptr;
+      const auto st = ln_row_stats<T, kKeep>(xr, N, eps, keep.get());
       mean_out[i] = st.mean;
       rstd_out[i] = st.rstd;
-      ln_out_row(xr, y + i * N, st.mean, st.rstd, w, bias, N, i + 1 < re ? xr + N : nullptr);
+      if constexpr (kKeep) {
+        ln_out_row(keep.get(), y + i * N, st.mean, st.rstd, w, bias, N, next);
+      } else {
+        ln_out_row(xr, y + i * N, st.mean, st.rstd, w, bias, N, next);
+      }
     }
   });
 }

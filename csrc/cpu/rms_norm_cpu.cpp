@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <memory>
 
 namespace rmsnorm_ext::cpu {
 namespace {
@@ -21,9 +22,10 @@ namespace {
 // y = x * rstd * w  (w == nullptr: no weight). x and y may alias. `next` (may be null):
 // the row the caller reads next, prefetched while this one is written, so its trip from
 // memory overlaps this row's arithmetic and stores instead of following them.
-template <typename T, typename Y>
+// x may be the row kept as fp32 (T = float) while next is a row of the op's type NT.
+template <typename T, typename Y, typename NT = T>
 void row_scale(const T* x, const acc_t<T>* w, acc_t<T> rstd, int64_t N, Y* y,
-               const void* next = nullptr) {
+               const NT* next = nullptr) {
   using IO = RowIO<T>;
   using OUT = RowIO<Y>;
   using A = acc_t<T>;
@@ -34,7 +36,7 @@ void row_scale(const T* x, const acc_t<T>* w, acc_t<T> rstd, int64_t N, Y* y,
   V a, b, wa, wb;
   int64_t j = 0;
   for (; j + IO::kStep <= N; j += IO::kStep) {
-    prefetch_step<T, IO::kStep>(next, j);
+    prefetch_step<NT, IO::kStep>(next, j);
     IO::load(x + j, a, b);
     a = a * r;
     b = b * r;
@@ -80,12 +82,20 @@ void rms_fwd_rows(const T* x, T* y, acc_t<T>* rstd, const acc_t<T>* w, int64_t M
         }
       }
     }
+    // bfloat16 / float16 rows: converted to fp32 once, by the first pass (row_stats.h).
+    constexpr bool kKeep = kKeepRowAsFloat<T>;
+    const std::unique_ptr<acc_t<T>[]> keep(kKeep && i < e ? new acc_t<T>[N] : nullptr);
     for (; i < e; ++i) {
       pf.before_row(i, b, e);
       const T* xr = x + i * N;
-      const auto r = rstd_from(row_sumsq(xr, N), N, eps);
+      const T* next = i + 1 < e ? xr + N : nullptr;
+      const auto r = rstd_from(row_sumsq<T, kKeep>(xr, N, keep.get()), N, eps);
       rstd[i] = r;
-      row_scale(xr, w, r, N, y + i * N, i + 1 < e ? xr + N : nullptr);
+      if constexpr (kKeep) {
+        row_scale(keep.get(), w, r, N, y + i * N, next);
+      } else {
+        row_scale(xr, w, r, N, y + i * N, next);
+      }
     }
   });
 }
