@@ -2,8 +2,8 @@
 // and LayerNorm (kernel_params.h, NormModulateParams), forward and backward.
 //
 // Forward: the row statistics exactly as the plain norms compute them (row_stats.h), then
-// one pass that normalizes, applies weight / bias, modulates and rounds once. Rows run in
-// parallel; row i reads scale / shift row i / S.
+// one pass that normalizes and applies weight, bias, scale and shift folded per sample
+// (fold_sample) and rounds once. Rows run in parallel; row i reads scale / shift row i / S.
 //
 // Backward: two passes per row (the row reductions, then dx and the sums), as the plain
 // norms' backward. Two kinds of sums over rows, both deterministic for a given thread count
@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 namespace rmsnorm_ext::cpu {
@@ -50,39 +51,90 @@ struct FwdRows {
   double eps;
 };
 
-// Row i: statistics, then y = (xhat * w + bias) * (1 + scale) + shift. `next`: the row the
-// caller computes next (prefetched while this one is written), or null.
+// Sample b's coefficients, folded: y = xhat * m + c with m = w * (1 + scale[b]) and
+// c = bias * (1 + scale[b]) + shift[b] (absent operands drop out); one step (n elements at j).
 template <bool LN, typename T, typename Sc>
-inline void mod_fwd_row(const FwdRows<T, Sc>& a, int64_t i, const void* next) {
-  using IO = RowIO<T>;
+C10_ALWAYS_INLINE void fold_step(const FwdRows<T, Sc>& a, int64_t b, int64_t j, int64_t n,
+                                 Vectorized<acc_t<T>>& ma, Vectorized<acc_t<T>>& mb,
+                                 Vectorized<acc_t<T>>& ca, Vectorized<acc_t<T>>& cb) {
   using SIO = RowIO<Sc>;
   using A = acc_t<T>;
   using AIO = RowIO<A>;
-  using V = typename IO::V;
-  static_assert(std::is_same_v<A, acc_t<Sc>>);
-  constexpr int64_t S = IO::kStep;
+  using V = Vectorized<A>;
+  const V one(A(1));
+  V sa, sb, pa, pb;
+  SIO::load_n(a.scale + b * a.N + j, n, sa, sb);
+  sa = sa + one;  // 1 + scale
+  sb = sb + one;
+  ma = sa;
+  mb = sb;
+  if (a.w) {
+    AIO::load_n(a.w + j, n, pa, pb);
+    ma = pa * sa;
+    mb = pb * sb;
+  }
+  ca = V(A(0));
+  cb = V(A(0));
+  if (a.shift) SIO::load_n(a.shift + b * a.N + j, n, ca, cb);
+  if (LN && a.bias) {
+    AIO::load_n(a.bias + j, n, pa, pb);
+    ca = at::vec::fmadd(pa, sa, ca);
+    cb = at::vec::fmadd(pb, sb, cb);
+  }
+}
+
+// Sample b's m and c as two fp32 rows, built once per sample and thread where its rows share
+// them (S > 1: each row used to convert scale and shift again and apply four operations; the
+// output pass is then one FMA per element after xhat).
+template <bool LN, typename T, typename Sc>
+void fold_sample(const FwdRows<T, Sc>& a, int64_t b, acc_t<T>* m, acc_t<T>* c) {
+  using AIO = RowIO<acc_t<T>>;
+  using V = typename AIO::V;
+  constexpr int64_t S = RowIO<T>::kStep;
+  for (int64_t j = 0; j < a.N; j += S) {
+    const int64_t n = std::min(S, a.N - j);
+    V ma, mb, ca, cb;
+    fold_step<LN>(a, b, j, n, ma, mb, ca, cb);
+    AIO::store_n(m + j, n, ma, mb);
+    AIO::store_n(c + j, n, ca, cb);
+  }
+}
+
+// Row i: statistics, then y = xhat * m + c, m and c from its sample's folded rows
+// (kFolded) or folded step by step here (S = 1: no other row shares them). `next`: the row
+// the caller computes next (prefetched while this one is written), or null. keep: N floats
+// of scratch for a bfloat16/float16 row converted once (row_stats.h), or null.
+template <bool LN, bool kFolded, typename T, typename Sc>
+inline void mod_fwd_row(const FwdRows<T, Sc>& a, int64_t i, const void* next, const acc_t<T>* m,
+                        const acc_t<T>* c, acc_t<T>* keep) {
+  using A = acc_t<T>;
+  using AIO = RowIO<A>;
+  using V = typename AIO::V;
+  constexpr bool kKeep = kKeepRowAsFloat<T>;
+  constexpr int64_t S = RowIO<T>::kStep;
   const int64_t N = a.N;
   const T* xr = a.x + i * N;
   T* yr = a.y + i * N;
-  const int64_t b = i / a.S;
-  const Sc* sr = a.scale + b * N;
-  const Sc* hr = a.shift ? a.shift + b * N : nullptr;
   A mean = A(0), rstd;
   if constexpr (LN) {
-    const auto st = ln_row_stats<T>(xr, N, a.eps);
+    const auto st = ln_row_stats<T, kKeep>(xr, N, a.eps, keep);
     mean = st.mean;
     rstd = st.rstd;
     a.mean[i] = mean;
   } else {
-    rstd = rstd_from(row_sumsq(xr, N), N, a.eps);
+    rstd = rstd_from(row_sumsq<T, kKeep>(xr, N, keep), N, a.eps);
   }
   a.rstd[i] = rstd;
-  const V vm(mean), vr(rstd), one(A(1));
-  V xa, xb, pa, pb;
+  const V vm(mean), vr(rstd);
+  V xa, xb, pa, pb, qa, qb;
   for (int64_t j = 0; j < N; j += S) {
     const int64_t n = std::min(S, N - j);
     prefetch_step<T, S>(next, j);
-    IO::load_n(xr + j, n, xa, xb);
+    if constexpr (kKeep) {
+      AIO::load_n(keep + j, n, xa, xb);
+    } else {
+      RowIO<T>::load_n(xr + j, n, xa, xb);
+    }
     if constexpr (LN) {
       xa = (xa - vm) * vr;
       xb = (xb - vm) * vr;
@@ -90,39 +142,39 @@ inline void mod_fwd_row(const FwdRows<T, Sc>& a, int64_t i, const void* next) {
       xa = xa * vr;
       xb = xb * vr;
     }
-    if (a.w) {
-      AIO::load_n(a.w + j, n, pa, pb);
-      xa = xa * pa;
-      xb = xb * pb;
-    }
-    if (LN && a.bias) {
-      AIO::load_n(a.bias + j, n, pa, pb);
-      xa = xa + pa;
-      xb = xb + pb;
-    }
-    SIO::load_n(sr + j, n, pa, pb);
-    pa = pa + one;  // m = 1 + scale
-    pb = pb + one;
-    if (hr) {
-      V ha, hb;
-      SIO::load_n(hr + j, n, ha, hb);
-      xa = at::vec::fmadd(xa, pa, ha);
-      xb = at::vec::fmadd(xb, pb, hb);
+    if constexpr (kFolded) {
+      AIO::load_n(m + j, n, pa, pb);
+      AIO::load_n(c + j, n, qa, qb);
     } else {
-      xa = xa * pa;
-      xb = xb * pb;
+      fold_step<LN>(a, i / a.S, j, n, pa, pb, qa, qb);
     }
-    IO::store_n(yr + j, n, xa, xb);
+    RowIO<T>::store_n(yr + j, n, at::vec::fmadd(xa, pa, qa), at::vec::fmadd(xb, pb, qb));
   }
 }
 
 template <bool LN, typename T, typename Sc>
 void mod_fwd(const FwdRows<T, Sc>& a, int64_t M) {
+  using A = acc_t<T>;
   const OutputPrefault pf(a.y, M, a.N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(a.N), [&](int64_t b, int64_t e) {
+    const int64_t N = a.N;
+    const std::unique_ptr<A[]> buf(new A[(kKeepRowAsFloat<T> ? 3 : 2) * N]);
+    A* m = buf.get();
+    A* c = m + N;
+    A* keep = kKeepRowAsFloat<T> ? c + N : nullptr;
+    int64_t folded = -1;
     for (int64_t i = b; i < e; ++i) {
       pf.before_row(i, b, e);
-      mod_fwd_row<LN>(a, i, i + 1 < e ? a.x + (i + 1) * a.N : nullptr);
+      const T* next = i + 1 < e ? a.x + (i + 1) * a.N : nullptr;
+      if (a.S == 1) {
+        mod_fwd_row<LN, false>(a, i, next, m, c, keep);
+        continue;
+      }
+      if (i / a.S != folded) {
+        folded = i / a.S;
+        fold_sample<LN>(a, folded, m, c);
+      }
+      mod_fwd_row<LN, true>(a, i, next, m, c, keep);
     }
   });
 }
