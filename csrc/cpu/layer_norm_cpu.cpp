@@ -75,26 +75,33 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
                  const acc_t<T>* bias, int64_t M, int64_t N, double eps) {
   const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t rb, int64_t re) {
+    // bfloat16 / float16 rows: converted to fp32 once, by the first pass (row_stats.h).
+    constexpr bool kKeep = kKeepRowAsFloat<T>;
+    constexpr int R = kGroupRows;
+    const bool grouped = N <= kGroupMaxN;
+    const std::unique_ptr<acc_t<T>[]> keep(kKeep ? new acc_t<T>[(grouped ? R : 1) * N]
+                                                 : nullptr);
     int64_t i = rb;
-    if (N <= kGroupMaxN) {
+    if (grouped) {
       // Short rows: the statistics of R rows at once (row_group_stats.h), then their
       // outputs; each output pass prefetches its row of the next group.
-      constexpr int R = kGroupRows;
       for (; i + R <= re; i += R) {
         const T* xg = x + i * N;
-        const auto st = ln_rows_stats<R>(xg, N, eps);
+        const auto st = ln_rows_stats<R, T, kKeep>(xg, N, eps, keep.get());
         for (int r = 0; r < R; ++r) {
           pf.before_row(i + r, rb, re);
           mean_out[i + r] = st[r].mean;
           rstd_out[i + r] = st[r].rstd;
-          ln_out_row(xg + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N,
-                     i + R + r < re ? xg + (R + r) * N : nullptr);
+          const T* next = i + R + r < re ? xg + (R + r) * N : nullptr;
+          if constexpr (kKeep) {
+            ln_out_row(keep.get() + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N,
+                       next);
+          } else {
+            ln_out_row(xg + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N, next);
+          }
         }
       }
     }
-    // bfloat16 / float16 rows: converted to fp32 once, by the first pass (ln_row_stats).
-    constexpr bool kKeep = kKeepRowAsFloat<T>;
-    const std::unique_ptr<acc_t<T>[]> keep(kKeep && i < re ? new acc_t<T>[N] : nullptr);
     for (; i < re; ++i) {
       pf.before_row(i, rb, re);
       const T* xr = x + i * N;

@@ -112,15 +112,26 @@ inline void blocked_rows_sum(int64_t N, Acc4<V> (&total)[R], F&& f) {
   }
 }
 
-// sum(x^2) of rows x, x + N, ..., x + (R - 1) * N (row_sumsq of each).
-template <int R, typename T>
-inline std::array<acc_t<T>, R> rows_sumsq(const T* x, int64_t N) {
+// The first pass's kept copy of a step (kKeep in row_stats.h): rows r of keep, N floats
+// apart, hold the rows converted to fp32 for the passes after the first.
+template <typename V, typename A>
+inline void keep_part(A* keep, int64_t n, const V& a, const V& b, const V& c, const V& d) {
+  constexpr int64_t S = RowIO<A>::kStep;
+  store_part(keep, std::min(n, S), a, b);
+  if (n > S) store_part(keep + S, n - S, c, d);
+}
+
+// sum(x^2) of rows x, x + N, ..., x + (R - 1) * N (row_sumsq of each); keep (kKeep): R * N
+// floats, the rows converted to fp32.
+template <int R, typename T, bool kKeep = false>
+inline std::array<acc_t<T>, R> rows_sumsq(const T* x, int64_t N, acc_t<T>* keep = nullptr) {
   using IO = RowIO<T>;
   using V = typename IO::V;
   Acc4<V> t[R];
   blocked_rows_sum<R, 2 * IO::kStep>(N, t, [&](int r, int64_t j, int64_t n, Acc4<V>& p) {
     V a, b, c, d;
     load2_part(x + r * N + j, n, a, b, c, d);
+    if constexpr (kKeep) keep_part(keep + r * N + j, n, a, b, c, d);
     p.p0 = at::vec::fmadd(a, a, p.p0);
     p.p1 = at::vec::fmadd(b, b, p.p1);
     p.p2 = at::vec::fmadd(c, c, p.p2);
@@ -132,9 +143,10 @@ inline std::array<acc_t<T>, R> rows_sumsq(const T* x, int64_t N) {
   return out;
 }
 
-// ln_row_stats of rows x, x + N, ..., x + (R - 1) * N.
-template <int R, typename T>
-inline std::array<LnStats<acc_t<T>>, R> ln_rows_stats(const T* x, int64_t N, double eps) {
+// ln_row_stats of rows x, x + N, ..., x + (R - 1) * N; keep as in rows_sumsq.
+template <int R, typename T, bool kKeep = false>
+inline std::array<LnStats<acc_t<T>>, R> ln_rows_stats(const T* x, int64_t N, double eps,
+                                                      acc_t<T>* keep = nullptr) {
   using IO = RowIO<T>;
   using A = acc_t<T>;
   using V = typename IO::V;
@@ -143,6 +155,7 @@ inline std::array<LnStats<acc_t<T>>, R> ln_rows_stats(const T* x, int64_t N, dou
   blocked_rows_sum<R, 2 * S>(N, ts, [&](int r, int64_t j, int64_t n, Acc4<V>& p) {
     V a, b, c, d;
     load2_part(x + r * N + j, n, a, b, c, d);
+    if constexpr (kKeep) keep_part(keep + r * N + j, n, a, b, c, d);
     p.p0 = p.p0 + a;
     p.p1 = p.p1 + b;
     p.p2 = p.p2 + c;
@@ -159,7 +172,11 @@ inline std::array<LnStats<acc_t<T>>, R> ln_rows_stats(const T* x, int64_t N, dou
   Acc4<V> tv[R];
   blocked_rows_sum<R, S>(N, tv, [&](int r, int64_t j, int64_t n, Acc4<V>& p) {
     V a, b;
-    load_part(x + r * N + j, n, a, b);
+    if constexpr (kKeep) {
+      load_part(keep + r * N + j, n, a, b);
+    } else {
+      load_part(x + r * N + j, n, a, b);
+    }
     a = a - vm0[r];
     b = b - vm0[r];
     if (n < S) zero_tail(a, b, n);
