@@ -54,6 +54,7 @@ template <typename T>
 inline void load_part(const T* p, int64_t n, typename RowIO<T>::V& a, typename RowIO<T>::V& b) {
   constexpr int64_t S = RowIO<T>::kStep;
   if (n == S) return RowIO<T>::load(p, a, b);
+  if (masked::load(p, n, a, b)) return;  // vec_io.h
   alignas(64) T buf[S];
   for (int64_t k = 0; k < S; ++k) buf[k] = k < n ? p[k] : T(0);
   RowIO<T>::load(buf, a, b);
@@ -64,6 +65,7 @@ inline void store_part(T* p, int64_t n, const typename RowIO<T>::V& a,
                        const typename RowIO<T>::V& b) {
   constexpr int64_t S = RowIO<T>::kStep;
   if (n == S) return RowIO<T>::store(p, a, b);
+  if (masked::store(p, n, a, b)) return;  // vec_io.h
   alignas(64) T buf[S];
   RowIO<T>::store(buf, a, b);
   for (int64_t k = 0; k < n; ++k) p[k] = buf[k];

@@ -13,7 +13,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 
 namespace rmsnorm_ext::cpu {
@@ -45,6 +47,103 @@ inline void prefetch_step(const void* next, int64_t j) {
     __builtin_prefetch(p + o, 0, kLocality);
   }
 }
+
+// Masked tail I/O: the first n (0 <= n < kStep) elements of a step as two fp32 vectors (the
+// rest zero), or stored from them, in a few vector instructions where the ISA has masked
+// loads and stores -- where the scalar loop over a zero-padded buffer cost more than the
+// row's arithmetic for short rows (a channels_last ConvNeXt-atto map, C = 40: 16 + 16 + 8).
+// Returns false where there is no masked path (default ISA, fp64): the caller falls back.
+namespace masked {
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline __mmask16 m16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+inline __mmask32 m32(int64_t n) {
+  return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256i m8(int64_t n) {  // int32 lanes < n all-ones
+  const int32_t k = static_cast<int32_t>(n < 0 ? 0 : n > 8 ? 8 : n);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
+template <typename T, typename V>
+inline bool load(const T* p, int64_t n, V& a, V& b) {
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    a = V(_mm512_maskz_loadu_ps(m16(n), p));
+    b = V(_mm512_maskz_loadu_ps(m16(n - 16), p + 16));
+    return true;
+#elif defined(CPU_CAPABILITY_AVX2)
+    a = V(_mm256_maskload_ps(p, m8(n)));
+    b = V(_mm256_maskload_ps(p + 8, m8(n - 8)));
+    return true;
+#endif
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i v = _mm512_maskz_loadu_epi16(m32(n), p);
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>(v));
+    return true;
+#elif defined(CPU_CAPABILITY_AVX2)
+    // Pairs of elements as int32 lanes, then an odd last element on its own.
+    __m256i v = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), m8(n / 2));
+    if (n % 2) {
+      uint16_t last;
+      std::memcpy(&last, p + n - 1, sizeof(last));
+      const __m256i lane = _mm256_cmpeq_epi32(_mm256_set1_epi32(static_cast<int32_t>(n / 2)),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      v = _mm256_or_si256(v, _mm256_and_si256(lane, _mm256_set1_epi32(last)));
+    }
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>(v));
+    return true;
+#endif
+  }
+  return false;
+}
+
+template <typename T, typename V>
+inline bool store(T* p, int64_t n, const V& a, const V& b) {
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_mask_storeu_ps(p, m16(n), a);
+    _mm512_mask_storeu_ps(p + 16, m16(n - 16), b);
+    return true;
+#elif defined(CPU_CAPABILITY_AVX2)
+    _mm256_maskstore_ps(p, m8(n), a);
+    _mm256_maskstore_ps(p + 8, m8(n - 8), b);
+    return true;
+#endif
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    Vectorized<T> v;
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      v = Vectorized<T>((__m512i)_mm512_cvtne2ps_pbh(b, a));  // as RowIO::store
+    } else {
+      v = at::vec::convert_from_float<T>(a, b);
+    }
+#else
+    v = at::vec::convert_from_float<T>(a, b);
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_mask_storeu_epi16(p, m32(n), v);
+#else
+    _mm256_maskstore_epi32(reinterpret_cast<int*>(p), m8(n / 2), v);
+    if (n % 2) {
+      alignas(32) T buf[16];
+      v.store(buf);
+      p[n - 1] = buf[n - 1];
+    }
+#endif
+    return true;
+#endif
+  }
+  return false;
+}
+
+}  // namespace masked
 
 template <typename T>
 struct RowIO {
@@ -83,6 +182,7 @@ struct RowIO {
 
   // n < kStep elements; the missing lanes read as zero.
   static inline void load_tail(const T* p, int64_t n, V& a, V& b) {
+    if (masked::load(p, n, a, b)) return;
     alignas(64) T buf[kStep];
     std::memset(static_cast<void*>(buf), 0, sizeof(buf));
     std::memcpy(static_cast<void*>(buf), p, n * sizeof(T));
@@ -90,6 +190,7 @@ struct RowIO {
   }
 
   static inline void store_tail(T* p, int64_t n, const V& a, const V& b) {
+    if (masked::store(p, n, a, b)) return;
     alignas(64) T buf[kStep];
     store(buf, a, b);
     std::memcpy(static_cast<void*>(p), buf, n * sizeof(T));
