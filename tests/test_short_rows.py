@@ -106,3 +106,27 @@ def test_layer_norm_2d_channels_last_short_rows(dtype, shape):
     ref = ln_ref(xr, (c,), w, b, 1e-6).permute(0, 3, 1, 2)
     native = F.layer_norm(xr, (c,), w, b, 1e-6).permute(0, 3, 1, 2)
     assert_accurate(y, ref, native, what=f"layer_norm_2d {shape}")
+
+
+# Long bfloat16/float16 rows: up to kKeepMaxN (csrc/cpu/row_stats.h, 65536) the first pass
+# keeps the row converted to fp32 for the later passes; past it the later passes convert the
+# row again. Both paths, with odd tails, against the float64 reference.
+@pytest.mark.parametrize("n", [65536 - 40, 65536, 65536 + 1, 70001])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_long_rows_either_side_of_the_keep_limit(n, dtype):
+    from reference import modulate_reference
+    x = _rows(3, n, dtype, 0.5)
+    w = (torch.rand(n) + 0.5).to(dtype)
+    b = torch.randn(n).to(dtype)
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    assert_accurate(R.rms_norm(x, (n,), w, 1e-6), rms_ref(x64, (n,), w64, 1e-6),
+                    F.rms_norm(x, (n,), w, 1e-6), what=f"rms {n}")
+    assert_accurate(R.layer_norm(x, (n,), w, b, 1e-6), ln_ref(x64, (n,), w64, b64, 1e-6),
+                    F.layer_norm(x, (n,), w, b, 1e-6), what=f"ln {n}")
+    x3 = x.view(1, 3, n)
+    sc, sh = torch.randn(1, n).to(dtype), torch.randn(1, n).to(dtype)
+    for kind, f, bias in (("layer", R.layer_norm_modulate, b), ("rms", R.rms_norm_modulate, None)):
+        args = (x3, (n,), sc, sh, w) + ((bias,) if bias is not None else ())
+        ref = modulate_reference(x3, sc, sh, w, bias, 1e-6, kind)
+        base = modulate_reference(x3, sc, sh, w, bias, 1e-6, kind, dtype=dtype)
+        assert_accurate(f(*args, eps=1e-6), ref, base, what=f"{kind} modulate {n}")

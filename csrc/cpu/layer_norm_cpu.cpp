@@ -70,13 +70,13 @@ inline void ln_out_row(const X* xr, T* yr, acc_t<T> mean, acc_t<T> rstd, const a
   }
 }
 
-template <typename T>
+// kKeep: bfloat16 / float16 rows converted to fp32 once, by the first pass (with_keep,
+// row_stats.h).
+template <typename T, bool kKeep>
 void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const acc_t<T>* w,
                  const acc_t<T>* bias, int64_t M, int64_t N, double eps) {
   const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t rb, int64_t re) {
-    // bfloat16 / float16 rows: converted to fp32 once, by the first pass (row_stats.h).
-    constexpr bool kKeep = kKeepRowAsFloat<T>;
     constexpr int R = kGroupRows;
     const bool grouped = N <= kGroupMaxN;
     const std::unique_ptr<acc_t<T>[]> keep(kKeep ? new acc_t<T>[(grouped ? R : 1) * N]
@@ -197,8 +197,11 @@ void ln_fwd(const LnFwdParams& p, const Launch& l) {
     using A = acc_t<T>;
     EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, 0.0);
     EffectiveParam<A> bp(static_cast<const W*>(p.bias), p.N, 0.0);
-    ln_fwd_rows<T>(static_cast<const T*>(p.x), static_cast<T*>(p.y), static_cast<A*>(p.mean),
-                   static_cast<A*>(p.rstd), wp.get(), bp.get(), p.M, p.N, p.eps);
+    with_keep<T>(p.N, [&](auto keep) {
+      ln_fwd_rows<T, decltype(keep)::value>(static_cast<const T*>(p.x), static_cast<T*>(p.y),
+                                            static_cast<A*>(p.mean), static_cast<A*>(p.rstd),
+                                            wp.get(), bp.get(), p.M, p.N, p.eps);
+    });
   });
 }
 

@@ -101,16 +101,15 @@ void fold_sample(const FwdRows<T, Sc>& a, int64_t b, acc_t<T>* m, acc_t<T>* c) {
 }
 
 // Row i: statistics, then y = xhat * m + c, m and c from its sample's folded rows
-// (kFolded) or folded step by step here (S = 1: no other row shares them). `next`: the row
+// (kFolded) or folded step by step here (S = 1: no other row shares them; or very long rows). `next`: the row
 // the caller computes next (prefetched while this one is written), or null. keep: N floats
 // of scratch for a bfloat16/float16 row converted once (row_stats.h), or null.
-template <bool LN, bool kFolded, typename T, typename Sc>
+template <bool LN, bool kFolded, bool kKeep, typename T, typename Sc>
 inline void mod_fwd_row(const FwdRows<T, Sc>& a, int64_t i, const void* next, const acc_t<T>* m,
                         const acc_t<T>* c, acc_t<T>* keep) {
   using A = acc_t<T>;
   using AIO = RowIO<A>;
   using V = typename AIO::V;
-  constexpr bool kKeep = kKeepRowAsFloat<T>;
   constexpr int64_t S = RowIO<T>::kStep;
   const int64_t N = a.N;
   const T* xr = a.x + i * N;
@@ -152,29 +151,33 @@ inline void mod_fwd_row(const FwdRows<T, Sc>& a, int64_t i, const void* next, co
   }
 }
 
-template <bool LN, typename T, typename Sc>
+// kKeep: bfloat16 / float16 rows converted to fp32 once (with_keep, row_stats.h).
+template <bool LN, bool kKeep, typename T, typename Sc>
 void mod_fwd(const FwdRows<T, Sc>& a, int64_t M) {
   using A = acc_t<T>;
   const OutputPrefault pf(a.y, M, a.N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(a.N), [&](int64_t b, int64_t e) {
     const int64_t N = a.N;
-    const std::unique_ptr<A[]> buf(new A[(kKeepRowAsFloat<T> ? 3 : 2) * N]);
-    A* m = buf.get();
-    A* c = m + N;
-    A* keep = kKeepRowAsFloat<T> ? c + N : nullptr;
+    // Folded rows where a sample's rows share them and they stay small (per-thread buffers).
+    const bool fold = a.S > 1 && N <= kKeepMaxN;
+    const int64_t rows = (fold ? 2 : 0) + (kKeep ? 1 : 0);
+    const std::unique_ptr<A[]> buf(rows ? new A[rows * N] : nullptr);
+    A* m = fold ? buf.get() : nullptr;
+    A* c = fold ? m + N : nullptr;
+    A* keep = kKeep ? buf.get() + (fold ? 2 * N : 0) : nullptr;
     int64_t folded = -1;
     for (int64_t i = b; i < e; ++i) {
       pf.before_row(i, b, e);
       const T* next = i + 1 < e ? a.x + (i + 1) * a.N : nullptr;
-      if (a.S == 1) {
-        mod_fwd_row<LN, false>(a, i, next, m, c, keep);
+      if (!fold) {
+        mod_fwd_row<LN, false, kKeep>(a, i, next, m, c, keep);
         continue;
       }
       if (i / a.S != folded) {
         folded = i / a.S;
         fold_sample<LN>(a, folded, m, c);
       }
-      mod_fwd_row<LN, true>(a, i, next, m, c, keep);
+      mod_fwd_row<LN, true, kKeep>(a, i, next, m, c, keep);
     }
   });
 }
@@ -481,7 +484,11 @@ void norm_modulate_fwd(const NormModulateParams& p, const Launch&) {
       a.N = p.N;
       a.S = p.S;
       a.eps = p.eps;
-      dispatch_kind(p.kind, [&](auto ln) { mod_fwd<decltype(ln)::value>(a, p.M); });
+      dispatch_kind(p.kind, [&](auto ln) {
+        with_keep<T>(p.N, [&](auto keep) {
+          mod_fwd<decltype(ln)::value, decltype(keep)::value>(a, p.M);
+        });
+      });
     });
   });
 }

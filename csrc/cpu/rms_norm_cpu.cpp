@@ -60,13 +60,13 @@ void row_scale(const T* x, const acc_t<T>* w, acc_t<T> rstd, int64_t N, Y* y,
   }
 }
 
-template <typename T>
+// kKeep: bfloat16 / float16 rows converted to fp32 once, by the first pass (with_keep,
+// row_stats.h).
+template <typename T, bool kKeep>
 void rms_fwd_rows(const T* x, T* y, acc_t<T>* rstd, const acc_t<T>* w, int64_t M, int64_t N,
                   double eps) {
   const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
-    // bfloat16 / float16 rows: converted to fp32 once, by the first pass (row_stats.h).
-    constexpr bool kKeep = kKeepRowAsFloat<T>;
     constexpr int R = kGroupRows;
     const bool grouped = N <= kGroupMaxN;
     const std::unique_ptr<acc_t<T>[]> keep(kKeep ? new acc_t<T>[(grouped ? R : 1) * N]
@@ -219,8 +219,10 @@ void rms_fwd(const RmsFwdParams& p, const Launch& l) {
     using W = typename decltype(w_tag)::type;
     using A = acc_t<T>;
     EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, p.offset);
-    rms_fwd_rows<T>(static_cast<const T*>(p.x), static_cast<T*>(p.y), static_cast<A*>(p.rstd),
-                    wp.get(), p.M, p.N, p.eps);
+    with_keep<T>(p.N, [&](auto keep) {
+      rms_fwd_rows<T, decltype(keep)::value>(static_cast<const T*>(p.x), static_cast<T*>(p.y),
+                                             static_cast<A*>(p.rstd), wp.get(), p.M, p.N, p.eps);
+    });
   });
 }
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 namespace rmsnorm_ext::cpu {
 
@@ -134,5 +135,18 @@ LnStats<acc_t<T>> ln_row_stats(const T* xr, int64_t N, double eps, acc_t<T>* kee
 // Whether a row of T is worth keeping in fp32 between passes (kKeep above): reduced types.
 template <typename T>
 inline constexpr bool kKeepRowAsFloat = !std::is_same_v<T, acc_t<T>>;
+
+// Rows longer than this are not kept: the scratch is per thread (the rows in flight times N
+// floats), and a row this long no longer sits in L1/L2 between passes anyway.
+inline constexpr int64_t kKeepMaxN = 65536;
+
+// Calls f(std::bool_constant<kKeep>{}): whether the kernel keeps rows of N elements of T.
+template <typename T, typename F>
+inline void with_keep(int64_t N, F&& f) {
+  if constexpr (kKeepRowAsFloat<T>) {
+    if (N <= kKeepMaxN) return f(std::true_type{});
+  }
+  f(std::false_type{});
+}
 
 }  // namespace rmsnorm_ext::cpu
