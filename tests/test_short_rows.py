@@ -13,8 +13,10 @@ import rmsnorm_ext as R
 from reference import assert_accurate, ln_ref, poison_allocator, rms_ref
 
 OPS = torch.ops.rmsnorm_ext
-# Tails of 8/16/32-element steps, the ConvNeXt/ViT widths, the group threshold 1024.
-NS = [1, 3, 8, 15, 16, 17, 31, 33, 40, 96, 100, 192, 255, 384, 768, 1023, 1024, 1025]
+# Tails of 8/16/32-element steps, the ConvNeXt/ViT widths, the 4-row group threshold 64, the
+# group threshold 1024.
+NS = [1, 3, 8, 15, 16, 17, 31, 33, 40, 63, 64, 65, 96, 100, 192, 255, 384, 768, 1023, 1024,
+      1025]
 DT_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64),
             (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
             (torch.float16, torch.float16), (torch.float16, torch.float32)]

@@ -77,29 +77,37 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
                  const acc_t<T>* bias, int64_t M, int64_t N, double eps) {
   const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t rb, int64_t re) {
-    constexpr int R = kGroupRows;
     const bool grouped = N <= kGroupMaxN;
-    const std::unique_ptr<acc_t<T>[]> keep(kKeep ? new acc_t<T>[(grouped ? R : 1) * N]
-                                                 : nullptr);
+    const int64_t kept_rows = grouped ? kTinyGroupRows : 1;  // the most rows in flight
+    const std::unique_ptr<acc_t<T>[]> keep(kKeep ? new acc_t<T>[kept_rows * N] : nullptr);
     int64_t i = rb;
     if (grouped) {
       // Short rows: the statistics of R rows at once (row_group_stats.h), then their
       // outputs; each output pass prefetches its row of the next group.
-      for (; i + R <= re; i += R) {
-        const T* xg = x + i * N;
-        const auto st = ln_rows_stats<R, T, kKeep>(xg, N, eps, keep.get());
-        for (int r = 0; r < R; ++r) {
-          pf.before_row(i + r, rb, re);
-          mean_out[i + r] = st[r].mean;
-          rstd_out[i + r] = st[r].rstd;
-          const T* next = i + R + r < re ? xg + (R + r) * N : nullptr;
-          if constexpr (kKeep) {
-            ln_out_row(keep.get() + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N,
-                       next);
-          } else {
-            ln_out_row(xg + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N, next);
+      auto groups = [&](auto rows) {
+        constexpr int R = decltype(rows)::value;
+        for (; i + R <= re; i += R) {
+          const T* xg = x + i * N;
+          const auto st = ln_rows_stats<R, T, kKeep>(xg, N, eps, keep.get());
+          for (int r = 0; r < R; ++r) {
+            pf.before_row(i + r, rb, re);
+            mean_out[i + r] = st[r].mean;
+            rstd_out[i + r] = st[r].rstd;
+            const T* next = i + R + r < re ? xg + (R + r) * N : nullptr;
+            if constexpr (kKeep) {
+              ln_out_row(keep.get() + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N,
+                         next);
+            } else {
+              ln_out_row(xg + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N, next);
+            }
           }
         }
+      };
+      // Rows this short are mostly their chains: more rows at once overlap more of them.
+      if (N <= kTinyN) {
+        groups(std::integral_constant<int, kTinyGroupRows>{});
+      } else {
+        groups(std::integral_constant<int, kGroupRows>{});
       }
     }
     for (; i < re; ++i) {

@@ -67,28 +67,36 @@ void rms_fwd_rows(const T* x, T* y, acc_t<T>* rstd, const acc_t<T>* w, int64_t M
                   double eps) {
   const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
-    constexpr int R = kGroupRows;
     const bool grouped = N <= kGroupMaxN;
-    const std::unique_ptr<acc_t<T>[]> keep(kKeep ? new acc_t<T>[(grouped ? R : 1) * N]
-                                                 : nullptr);
+    const int64_t kept_rows = grouped ? kTinyGroupRows : 1;  // the most rows in flight
+    const std::unique_ptr<acc_t<T>[]> keep(kKeep ? new acc_t<T>[kept_rows * N] : nullptr);
     int64_t i = b;
     if (grouped) {
       // Short rows: the sums of squares of R rows at once (row_group_stats.h), then their
       // outputs; each output pass prefetches its row of the next group.
-      for (; i + R <= e; i += R) {
-        const T* xg = x + i * N;
-        const auto ss = rows_sumsq<R, T, kKeep>(xg, N, keep.get());
-        for (int r = 0; r < R; ++r) {
-          pf.before_row(i + r, b, e);
-          const auto rs = rstd_from(ss[r], N, eps);
-          rstd[i + r] = rs;
-          const T* next = i + R + r < e ? xg + (R + r) * N : nullptr;
-          if constexpr (kKeep) {
-            row_scale(keep.get() + r * N, w, rs, N, y + (i + r) * N, next);
-          } else {
-            row_scale(xg + r * N, w, rs, N, y + (i + r) * N, next);
+      auto groups = [&](auto rows) {
+        constexpr int R = decltype(rows)::value;
+        for (; i + R <= e; i += R) {
+          const T* xg = x + i * N;
+          const auto ss = rows_sumsq<R, T, kKeep>(xg, N, keep.get());
+          for (int r = 0; r < R; ++r) {
+            pf.before_row(i + r, b, e);
+            const auto rs = rstd_from(ss[r], N, eps);
+            rstd[i + r] = rs;
+            const T* next = i + R + r < e ? xg + (R + r) * N : nullptr;
+            if constexpr (kKeep) {
+              row_scale(keep.get() + r * N, w, rs, N, y + (i + r) * N, next);
+            } else {
+              row_scale(xg + r * N, w, rs, N, y + (i + r) * N, next);
+            }
           }
         }
+      };
+      // Rows this short are mostly their chains: more rows at once overlap more of them.
+      if (N <= kTinyN) {
+        groups(std::integral_constant<int, kTinyGroupRows>{});
+      } else {
+        groups(std::integral_constant<int, kGroupRows>{});
       }
     }
     for (; i < e; ++i) {
