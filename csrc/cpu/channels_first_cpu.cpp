@@ -230,7 +230,7 @@ struct FwdArgs {
 };
 
 // The statistics of a group of G windows: rstd, and for LayerNorm the mean (as
-// ln_row_stats, row_stats.h, lane-wise: the mean, then the corrected two-pass variance
+// ln_row_stats, row_group_stats.h, lane-wise: the mean, then the corrected two-pass variance
 // sum(d^2) - sum(d)^2 / C with d = x - mean0). Stored, and returned for the output pass.
 template <typename T, bool kLayer, int G, int64_t kStep>
 void fwd_group_stats(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t, const T* x,

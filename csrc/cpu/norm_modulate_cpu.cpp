@@ -1,7 +1,7 @@
 // CPU kernels of the adaLN modulation: y = norm(x) * (1 + scale[b]) + shift[b] for RMSNorm
 // and LayerNorm (kernel_params.h, NormModulateParams), forward and backward.
 //
-// Forward: the row statistics exactly as the plain norms compute them (row_stats.h), then
+// Forward: the row statistics exactly as the plain norms compute them (row_group_stats.h), then
 // one pass that normalizes and applies weight, bias, scale and shift folded per sample
 // (fold_sample) and rounds once. Rows run in parallel; row i reads scale / shift row i / S.
 //
@@ -19,6 +19,7 @@
 #include "kernels.h"
 #include "param_rows.h"
 #include "prefault.h"
+#include "row_group_stats.h"
 #include "row_stats.h"
 #include "vec_io.h"
 

@@ -1,7 +1,7 @@
 // CPU kernel of the norm + quantize ops: RMSNorm (optionally after the fused residual add)
 // or LayerNorm, then y / s converted to float8_e4m3fn, float8_e5m2 or int8.
 //
-// Per row: the statistics (row_stats.h, exactly as the unquantized ops compute them), then
+// Per row: the statistics (row_group_stats.h, exactly as the unquantized ops compute them), then
 // per group of `group` elements (the whole row for per-token and static scales):
 //  - static scale: one pass that computes y, scales it and converts it;
 //  - dynamic scales: one pass that computes y into a small fp32 buffer (a group, L1/L2
@@ -16,6 +16,7 @@
 #include "kernels.h"
 #include "param_rows.h"
 #include "prefault.h"
+#include "row_group_stats.h"
 #include "row_stats.h"
 #include "vec_io.h"
 

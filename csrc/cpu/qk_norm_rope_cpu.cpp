@@ -14,7 +14,7 @@
 //    pass, which then converts nothing but its stores;
 //  - keeps the accumulators in registers, where row_sumsq's generic blocked_row_sum goes
 //    through a stack array.
-// The sum of squares follows row_sumsq's exact order (row_stats.h), so rstd equals
+// The sum of squares follows row_sumsq's exact order (row_group_stats.h), so rstd equals
 // rms_norm's bit for bit (tests/test_qk_norm_rope.py checks this). The backward converts
 // cos/sin once per position too (Tables) and keeps du and vhat between its two passes.
 //

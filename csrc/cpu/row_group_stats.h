@@ -1,5 +1,5 @@
 // Forward statistics of a group of R rows at once, for short rows (vision widths, N <=
-// kGroupMaxN).
+// kGroupMaxN), and of one row (R = 1: row_sumsq, ln_row_stats, at the bottom).
 //
 // A short row's forward is bound by latency, not bandwidth: its statistics are a chain of
 // a few vector adds, a horizontal reduction, a divide and a square root (LayerNorm: twice),
@@ -7,10 +7,10 @@
 // most of the row's time, and the out-of-order window is too small to overlap it with the
 // next row's. Computing R rows' statistics in one loop interleaves R independent chains.
 //
-// Each row's arithmetic is exactly the sequence of row_sumsq / ln_row_stats (row_stats.h):
-// the same steps, accumulators, blocks and reduction order, so a row's statistics are
-// bitwise the same whether it is computed in a group or alone (tests/test_short_rows.py
-// checks this against single-row calls).
+// A row's arithmetic is the same whatever R -- the same steps, accumulators, blocks and
+// reduction order, and the one-row functions are R = 1 -- so a row's statistics are bitwise
+// the same whether it is computed in a group or alone (tests/test_short_rows.py checks this
+// against single-row calls).
 #pragma once
 
 #include "row_stats.h"
@@ -204,6 +204,20 @@ inline std::array<LnStats<acc_t<T>>, R> ln_rows_stats(const T* x, int64_t N, dou
     out[r] = {mean, A(1) / std::sqrt(var + static_cast<A>(eps))};
   }
   return out;
+}
+
+// One row: sum(x^2) and LayerNorm's mean / rstd (the corrected two-pass variance), the R = 1
+// case of the above (its accumulators in registers, no call in the row loop). keep (kKeep):
+// N floats, the row converted to fp32 (row_stats.h).
+template <typename T, bool kKeep = false>
+inline acc_t<T> row_sumsq(const T* x, int64_t N, acc_t<T>* keep = nullptr) {
+  return rows_sumsq<1, T, kKeep>(x, N, keep)[0];
+}
+
+template <typename T, bool kKeep = false>
+inline LnStats<acc_t<T>> ln_row_stats(const T* x, int64_t N, double eps,
+                                      acc_t<T>* keep = nullptr) {
+  return ln_rows_stats<1, T, kKeep>(x, N, eps, keep)[0];
 }
 
 }  // namespace rmsnorm_ext::cpu
