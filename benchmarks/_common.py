@@ -206,6 +206,15 @@ def add_busy_arg(parser, marks: str = "every result is then marked") -> None:
                              f"stops with the reason); {marks} {_machine.BANNER!r}")
 
 
+def cpu_report(allow_busy: bool, **fields):
+    """A CPU benchmark's busy-machine guard and the head of its JSON report: the machine,
+    `fields` in order, and the guard's machine check."""
+    guard = _machine.Guard("cpu", allow_busy)
+    report = {"machine": machine_info(torch.device("cpu")), **fields,
+              "machine_check": guard.check}
+    return guard, report
+
+
 # ------------------------------------------------------------------ tables and files
 def table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str,
           markdown: bool = False) -> str:

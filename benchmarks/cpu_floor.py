@@ -88,10 +88,8 @@ def main(argv=None):
     _common.add_busy_arg(p)
     a = p.parse_args(argv)
     m, n = (int(v) for v in a.shape.split("x"))
-    guard = _machine.Guard("cpu", a.allow_busy)
-    report = {"machine": _common.machine_info(torch.device("cpu")), "shape": [m, n],
-              "rounds": a.rounds, "ratios": {}, "ratio_spread": {}, "latency_us": {},
-              "machine_check": guard.check}
+    guard, report = _common.cpu_report(a.allow_busy, shape=[m, n], rounds=a.rounds, ratios={},
+                                       ratio_spread={}, latency_us={})
     busy = {}  # block -> why it was busy
     for dname in a.dtypes.split(","):
         dtype = getattr(torch, dname)

@@ -103,9 +103,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path)
     _common.add_busy_arg(p)
     a = p.parse_args(argv)
-    guard = _machine.Guard("cpu", a.allow_busy)
-    report = {"machine": _common.machine_info(torch.device("cpu")), "cases": {},
-              "machine_check": guard.check}
+    guard, report = _common.cpu_report(a.allow_busy, cases={})
     makers = []
     if a.set in ("fused", "all"):
         makers += [_case_gated, _case_modulate, _case_qk]

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 import _common
-import _machine
 import _timer
 from _common import fresh_huge
 
@@ -33,9 +32,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path)
     _common.add_busy_arg(p)
     a = p.parse_args(argv)
-    guard = _machine.Guard("cpu", a.allow_busy)
-    report = {"machine": _common.machine_info(torch.device("cpu")), "cases": {},
-              "machine_check": guard.check}
+    guard, report = _common.cpu_report(a.allow_busy, cases={})
     for dname in a.dtypes.split(","):
         dtype = getattr(torch, dname)
         for n in (int(v) for v in a.ns.split(",")):
