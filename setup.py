@@ -202,7 +202,34 @@ def _shared_cxx_runtime():
 STDCXX_FIRST = _shared_cxx_runtime()
 
 
+def _emulation_extension(cxx, ldflags):
+    """RMSNORM_EXT_CUDA_EMULATION=1: a test build whose CPU tensors run the CUDA kernels on a CPU
+    emulator (csrc/cuda/emulation; .ci/cuda_emulation.sh builds it in a scratch copy). The .cu
+    files are rewritten to C++ into build/cuda_emulation/ and compiled by the host compiler;
+    the CPU kernels are not built."""
+    if not _cuda_home:
+        sys.exit("rmsnorm_ext: RMSNORM_EXT_CUDA_EMULATION=1 needs the CUDA headers (CUDA_HOME)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = os.path.join(here, "build", "cuda_emulation")
+    subprocess.run([sys.executable, "csrc/cuda/emulation/rewrite.py", "csrc/cuda", out], check=True)
+    sources = [f for d in ("library", "host", "autograd", "python")
+               for f in sorted(glob.glob(f"csrc/{d}/*.cpp"))]
+    sources += [f for f in sorted(glob.glob(os.path.join(out, "*.cpp")))
+                if os.path.basename(f) != "build_info.cpp"]
+    sources.append("csrc/cuda/emulation/cuda_emulation.cpp")
+    flags = ["-DRMSNORM_EXT_CUDA_EMULATION", "-I" + os.path.join(here, "csrc", "cuda"), f"-I{_cuda_home}/include",
+             "-Wno-unused-variable", "-Wno-unused-but-set-variable"]
+    return CppExtension("rmsnorm_ext._C", sources, libraries=list(STDCXX_FIRST),
+                        extra_compile_args={"cxx": [f for f in cxx if f != "-O3"] + ["-O1"] + flags},
+                        extra_link_args=ldflags)
+
+
 def _extension():
+    if os.environ.get("RMSNORM_EXT_CUDA_EMULATION", "") == "1":
+        isa, isa_flags = _cpu_flags()
+        return _emulation_extension(
+            ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", f'-DRMSNORM_EXT_CPU_ISA="{isa}"'],
+            ["-fopenmp"])
     use_cuda = _want_cuda()
     isa, isa_flags = _cpu_flags()
     sanitize = os.environ.get("RMSNORM_EXT_SANITIZE", "") == "1"

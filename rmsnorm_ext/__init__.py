@@ -41,7 +41,8 @@ def build_info() -> dict:
     must be; "static copy": see the import-time warning). Now: ``gpu_visible`` (torch.cuda.is_available()), ``gpu`` (its
     name), ``num_threads`` (torch's CPU threads). ``kernels``: each kernel's name (the tags
     of csrc/kernel_params.h) and the devices this binary has it for, e.g.
-    {"RmsFwd": ["cpu", "cuda"], ...}."""
+    {"RmsFwd": ["cpu", "cuda"], ...}. ``cuda_emulation``: True only in the test build whose CPU
+    tensors run the CUDA kernels on an emulator (.ci/cuda_emulation.sh)."""
     import torch
 
     raw = dict(_C.build_info())
@@ -69,6 +70,7 @@ def build_info() -> dict:
         "gpu": torch.cuda.get_device_name() if gpu_visible else None,
         "num_threads": torch.get_num_threads(),
         "kernels": _kernel_devices(raw.get("kernels", [])),
+        "cuda_emulation": bool(raw.get("cuda_emulation", False)),
     }
 
 

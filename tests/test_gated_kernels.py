@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import rmsnorm_ext  # noqa: F401  (loads the ops)
-from reference import assert_accurate, gated_rms_norm_reference, poison_allocator
+from reference import (assert_accurate, assert_same_kernel_result, gated_rms_norm_reference,
+                       poison_allocator)
 
 OPS = torch.ops.rmsnorm_ext
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -225,10 +226,12 @@ def test_unit_sigmoid_gate_is_rms_norm(dtype):
     g = torch.full_like(x, float("inf"))
     y, rstd = _fwd(x, g, ns, w, 300, True, "sigmoid")
     y_rms, rstd_rms = OPS.rms_norm_fwd(x, list(ns), w, EPS, 0.0)
-    assert torch.equal(y, y_rms) and torch.equal(rstd.squeeze(-1), rstd_rms)
+    assert_same_kernel_result(y, y_rms)
+    assert_same_kernel_result(rstd.squeeze(-1), rstd_rms)
     dx, dg, dw = _bwd(dy, x, g, rstd, w, ns, 300, True, "sigmoid")
     dx_rms, dw_rms = OPS.rms_norm_bwd(dy, x, rstd_rms, w, list(ns), 0.0, None, True)
-    assert torch.equal(dx, dx_rms) and torch.equal(dw, dw_rms)
+    assert_same_kernel_result(dx, dx_rms)
+    assert_same_kernel_result(dw, dw_rms, ulps=64)  # 37 rows summed in another order
     assert torch.equal(dg, torch.zeros_like(dg))
 
 

@@ -261,7 +261,8 @@ __global__ void __launch_bounds__(kQMaxThreads) norm_quant_kernel(const QArgs<T,
       if (has_b) y = y + to_acc<A>(bv.v[j]);
     } else {
       y = to_acc<A>(v.v[j]) * rstd;
-      if (has_w) y = y * (a.offset + to_acc<A>(wv.v[j]));
+      // offset 0 uses w itself: 0 + (-0) would turn a -0 weight's -0 output into +0.
+      if (has_w) y = y * (a.offset != A(0) ? a.offset + to_acc<A>(wv.v[j]) : to_acc<A>(wv.v[j]));
     }
     return y;
   };
@@ -364,7 +365,10 @@ cudaError_t launch_norm_quant(const NormQuantParams& p, cudaStream_t stream) {
   a.mode = p.scale != nullptr ? Mode::static_scale
                               : (p.group == p.N ? Mode::per_row : Mode::per_group);
 
-  constexpr int V = 16 / sizeof(T);
+  // The fused form's statistics are those of h (dtype R): packs of h's width give it the
+  // same thread layout and summation order as the unfused kernel run on h, so that
+  // fused_add_rms_norm_quant(x, r) is bitwise rms_norm_quant(h) (tests/test_quant.py).
+  constexpr int V = 16 / (KIND == NormKind::fused_add_rms && sizeof(R) > sizeof(T) ? sizeof(R) : sizeof(T));
   bool vec = a.N % V == 0 && is_aligned(a.x, V * sizeof(T)) && is_aligned(a.w, V * sizeof(W)) &&
              is_aligned(a.b, V * sizeof(W)) && is_aligned(a.out, V) &&
              (a.mode != Mode::per_group || a.group % V == 0);

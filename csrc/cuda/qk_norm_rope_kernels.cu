@@ -262,7 +262,7 @@ struct QkDwTerm {
     const A g = to_acc<A>(gr[cp]);
     const A gp = to_acc<A>(gr[partner]);
     const A c = to_acc<A>(a.cos[crow * N + cp]);
-    const A sp = to_acc<A>(a.sin[crow * N + (is_a ? partner : cp)]);
+    const A sp = to_acc<A>(a.sin[crow * N + partner]);  // s[b] for a, s[a] for b
     // du[a] = g[a] c[a] + g[b] s[b]; du[b] = g[b] c[b] - g[a] s[a].
     Row<VEC> r;
     r.du = is_a ? mul_rn(g, c) + mul_rn(gp, sp) : mul_rn(g, c) - mul_rn(gp, sp);

@@ -69,7 +69,9 @@ struct RmsFwdRow {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const A n = to_acc<A>(s.v[j]) * rstd;
-      o.v[j] = from_acc<T>(has_w ? n * (offset + to_acc<A>(wp.v[j])) : n);
+      // offset 0 uses w itself: 0 + (-0) would give +0 where x * rstd * w is -0.
+      const A wf = to_acc<A>(wp.v[j]);
+      o.v[j] = from_acc<T>(has_w ? n * (offset != A(0) ? offset + wf : wf) : n);
     }
     return o;
   }

@@ -16,8 +16,13 @@
 #include "checks.h"
 #include "../kernel_params.h"
 #include "../kernel_registry.h"
-#ifdef RMSNORM_EXT_WITH_CUDA
+#if defined(RMSNORM_EXT_WITH_CUDA) || defined(RMSNORM_EXT_CUDA_EMULATION)
 #include "../cuda/launch.h"
+#endif
+#ifdef RMSNORM_EXT_CUDA_EMULATION
+namespace rmsnorm_ext::cuda_emulation {
+int sm_count();  // csrc/cuda/emulation/cuda_emulation.cpp
+}
 #endif
 
 namespace rmsnorm_ext {
@@ -116,6 +121,22 @@ void run_kernel(typename Kernel::Params p, const Tensor& like, WorkspaceHolder& 
   }
 #endif
   TORCH_CHECK(like.is_cpu(), "rmsnorm_ext: no kernels for device ", like.device());
+#ifdef RMSNORM_EXT_CUDA_EMULATION
+  // The CUDA emulation build (csrc/cuda/emulation, .ci/cuda_emulation.sh): CPU tensors run
+  // the CUDA kernels, emulated on the CPU, so the CPU test suite tests the CUDA code.
+  {
+    using Slot = KernelSlot<Kernel>;
+    TORCH_CHECK(Slot::cuda_fn != nullptr, "rmsnorm_ext: this build has no CUDA kernel ",
+                Kernel::name);
+    if constexpr (cuda::has_sm_count<typename Kernel::Params>::value) {
+      p.sm_count = cuda_emulation::sm_count();
+    }
+    const int err = Slot::cuda_fn(p, l.ws, nullptr);
+    TORCH_CHECK(err == 0, "rmsnorm_ext (CUDA emulation): ", Kernel::name,
+                " failed to launch: cudaError_t ", err);
+    return;
+  }
+#endif
   const auto fn = KernelSlot<Kernel>::cpu_fn;
   TORCH_CHECK(fn != nullptr, "rmsnorm_ext: this build has no CPU kernel ", Kernel::name);
   fn(p, l);

@@ -57,6 +57,10 @@ PyObject* build_info(PyObject*, PyObject*) {
   put("cuda_info", PyUnicode_FromString(""));
   put("cuda_arch_list", PyUnicode_FromString(""));
 #endif
+#ifdef RMSNORM_EXT_CUDA_EMULATION
+  // CPU tensors run the CUDA kernels on an emulator (csrc/cuda/emulation): a test build.
+  put("cuda_emulation", Py_NewRef(Py_True));
+#endif
   // "<kernel>:<device>" for every kernel slot a kernel file filled (kernel_registry.h).
   const auto& names = rmsnorm_ext::registered_kernels();
   PyObject* kernels = PyList_New(static_cast<Py_ssize_t>(names.size()));

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Test the CUDA kernels without a GPU: build the emulation variant of the extension (CPU
+# tensors run csrc/cuda's kernels on the CPU emulator of csrc/cuda/emulation: one fiber per
+# CUDA thread, real barriers, shuffles and shared memory) in a scratch copy of the working
+# tree, and run the kernel tests on it -- the same float64 references and accuracy rule the
+# CPU kernels meet. The emulator also aborts on threads of a block waiting at different
+# __syncthreads, a full-mask shuffle with a lane missing, and deadlocks.
+#
+# It does not replace a GPU run (no timing, no memory-model races, exact instead of fast-math
+# intrinsics), but every index, tail, launch shape, reduction tree and workspace of the CUDA
+# code runs here.
+#
+# Usage: .ci/cuda_emulation.sh [pytest args]     (default: the kernel test files below)
+# Env:   RMSNORM_EXT_EMU_DIR    scratch directory (default: fresh mktemp -d, removed on success)
+#        RMSNORM_EXT_EMU_ORDER  "reverse": run blocks and threads in reverse order
+#        RMSNORM_EXT_EMU_SMS    the SM count the launches see (default 4)
+# Budget: ~2 min build + a few minutes of tests on 2 cores.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python}
+if [[ -n "${RMSNORM_EXT_EMU_DIR:-}" ]]; then
+  WORK=$RMSNORM_EXT_EMU_DIR
+  mkdir -p "$WORK"
+  KEEP=1
+else
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/rmsnorm_ext_cuda_emu.XXXXXX")
+  KEEP=0
+fi
+WORK=$(cd "$WORK" && pwd -P)
+
+say() { printf '[cuda-emulation] %s\n' "$*"; }
+fail() { printf '[cuda-emulation] FAIL: %s\n' "$*" >&2; say "scratch dir kept: $WORK"; exit 1; }
+
+say "copying $ROOT -> $WORK"
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard) |
+  (cd "$ROOT" && xargs -0 -r sh -c 'for f; do [ -f "$f" ] && printf "%s\0" "$f"; done' sh) |
+  (cd "$ROOT" && tar --null -T - -cf -) | tar -xf - -C "$WORK"
+rm -rf "$WORK"/rmsnorm_ext/_C*.so "$WORK/rmsnorm_ext/_build_config.py"
+
+say "building with RMSNORM_EXT_CUDA_EMULATION=1"
+t0=$SECONDS
+(
+  cd "$WORK"
+  unset RMSNORM_EXT_CUDA RMSNORM_EXT_SANITIZE
+  export RMSNORM_EXT_CUDA_EMULATION=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  "$PY" setup.py -q build_ext --inplace >"$WORK/build.log" 2>&1
+) || { tail -n 60 "$WORK/build.log" >&2; fail "emulation build failed (log: $WORK/build.log)"; }
+say "built in $((SECONDS - t0)) s"
+
+cd "$WORK"
+export PYTHONPATH=$WORK${PYTHONPATH:+:$PYTHONPATH} RMSNORM_EXT_EMU_ROOT=$WORK
+export RMSNORM_EXT_FUZZ=${RMSNORM_EXT_FUZZ:-sanitize}
+"$PY" - <<'EOF' || fail "the imported rmsnorm_ext is not the emulation build of the copy"
+import os, sys
+import rmsnorm_ext
+f = os.path.realpath(rmsnorm_ext._C.__file__)
+info = rmsnorm_ext.build_info()
+print("[cuda-emulation] rmsnorm_ext._C:", f)
+sys.exit(0 if f.startswith(os.environ["RMSNORM_EXT_EMU_ROOT"] + os.sep) and info["cuda_emulation"] else 1)
+EOF
+
+if [[ $# -eq 0 ]]; then
+  set -- -m "not slow and not cuda" -k "not compile and not Compile" \
+    tests/test_ops.py tests/test_numerics.py tests/test_fuzz.py tests/test_gated_kernels.py \
+    tests/test_modulate_kernels.py tests/test_qk_norm_rope_kernels.py \
+    tests/test_norm_2d_kernels.py tests/test_quant.py tests/test_short_rows.py \
+    tests/test_param_grads.py tests/test_bad_inputs.py tests/test_double_backward.py
+fi
+t0=$SECONDS
+set +e
+"$PY" -m pytest -q -p no:cacheprovider -rfE "$@"
+rc=$?
+set -e
+say "tests took $((SECONDS - t0)) s (pytest exit $rc)"
+[[ $rc -eq 0 ]] || fail "pytest exited with $rc"
+say "clean"
+[[ $KEEP -eq 1 ]] || rm -rf "$WORK"
