@@ -9,10 +9,11 @@
 //   dweight = sum over all rows of dyn * xhat,              dbias = sum of dyn
 //
 // T: x / y / dy / dx dtype; W: weight / bias (and dweight / dbias); Sc: scale / shift (and
-// dscale / dshift). Math in acc_t<T>. Deliberately plain: element-wise (unvectorized)
-// loads, one group of tpr threads per row re-reading the row for each pass (mostly from
-// L1/L2), the same row statistics as the plain norms (the LayerNorm mean and variance with
-// the corrected two-pass formula of layer_norm_fwd_kernels.cu).
+// dscale / dshift). Math in acc_t<T>. The forward is the plain norms' row kernels
+// (norm_fwd_rows.cuh) with the modulation as their output's operands: the same statistics,
+// packed loads, the row in registers. The backward's dx kernel is deliberately plain:
+// element-wise loads, one group of tpr threads per row re-reading the row for each pass
+// (mostly from L1/L2).
 //
 // The sums over rows are column-parallel (as col_partials_kernel, col_reduce.cuh): a block
 // of 32 columns x 8 row threads covers a split of a segment's rows, each row thread summing
@@ -24,6 +25,8 @@
 // bitwise reproducible.
 #include "col_reduce.cuh"
 #include "cuda_utils.cuh"
+#include "layer_norm_fwd_kernels.cuh"
+#include "rms_norm_fwd_kernels.cuh"
 
 namespace rmsnorm_ext {
 namespace cuda {
@@ -32,116 +35,66 @@ namespace {
 constexpr int kModMaxThreads = 512;
 
 // ---------------------------------------------------------------------------------------
-// Forward
+// Forward: the row kernels of norm_fwd_rows.cuh with the plain norm's policy, and the
+// modulation as the output's own operands: scale and shift of the row's sample, loaded a
+// pack at a time beside the weight.
 
-template <typename T, typename W, typename Sc>
-struct ModFwdArgs {
-  const T* x;
-  const W* w;       // nullptr: no weight
-  const W* b;       // LayerNorm only; nullptr: no bias
+template <typename Sc>
+struct ModOperands {
   const Sc* scale;  // Bs x N
   const Sc* shift;  // Bs x N; nullptr: no shift
-  T* y;
-  acc_t<T>* mean;   // LayerNorm only
-  acc_t<T>* rstd;
-  int64_t M;
+  int64_t S;        // rows per sample
   int64_t N;
-  int64_t S;
-  acc_t<T> eps;
-  int tpr;
-  int rpb;
+  template <int VEC>
+  struct Extra {
+    Pack<Sc, VEC> scale, shift;
+    bool has_shift;
+  };
+  template <int VEC, typename I>
+  static __device__ __forceinline__ Extra<VEC> extra(const ModOperands& o, int64_t row, I pi) {
+    const int64_t sb = (row / o.S) * o.N;  // the sample's scale / shift row
+    Extra<VEC> e;
+    e.scale = load_pack<Sc, VEC>(o.scale + sb, pi);
+    e.has_shift = o.shift != nullptr;
+    if (e.has_shift) e.shift = load_pack<Sc, VEC>(o.shift + sb, pi);
+    return e;
+  }
+  static bool aligned(const ModOperands& o, size_t vec) {
+    return is_aligned(o.scale, vec * sizeof(Sc)) && is_aligned(o.shift, vec * sizeof(Sc));
+  }
 };
 
-template <typename T, typename W, typename Sc, bool LN>
-__global__ void __launch_bounds__(kModMaxThreads) mod_fwd_kernel(const ModFwdArgs<T, W, Sc> a) {
-  using A = acc_t<T>;
-  __shared__ A red1[32];
-
-  const int tpr = a.tpr;
-  const int group = threadIdx.x / tpr;
-  const int t = threadIdx.x - group * tpr;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * a.rpb + group;
-  const bool valid = row < a.M;
-  const int64_t N = a.N;
-  const T* xr = a.x + (valid ? row * N : 0);
-
-  A mean = A(0), rstd;
-  if constexpr (LN) {
-    A s1[1] = {A(0)};
-    if (valid) {
-      for (int64_t j = t; j < N; j += tpr) s1[0] += to_acc<A>(xr[j]);
-    }
-    group_sum<A, 1>(s1, tpr, red1);
-    const A mean0 = s1[0] / static_cast<A>(N);
-    __shared__ A red2[2 * 32];  // a second buffer: group_sum's consecutive calls alternate
-    A s2[2] = {A(0), A(0)};  // sum(d^2), sum(d) with d = x - mean0
-    if (valid) {
-      for (int64_t j = t; j < N; j += tpr) {
-        const A d = to_acc<A>(xr[j]) - mean0;
-        s2[0] += d * d;
-        s2[1] += d;
-      }
-    }
-    group_sum<A, 2>(s2, tpr, red2);
-    const A inv_n = A(1) / static_cast<A>(N);
-    mean = mean0 + s2[1] * inv_n;
-    const A var_raw = (s2[0] - s2[1] * s2[1] * inv_n) * inv_n;
-    const A var = var_raw < A(0) ? A(0) : var_raw;  // keeps NaN
-    rstd = A(1) / sqrt(var + a.eps);
-  } else {
-    A ss[1] = {A(0)};
-    if (valid) {
-      for (int64_t j = t; j < N; j += tpr) {
-        const A f = to_acc<A>(xr[j]);
-        ss[0] += f * f;
-      }
-    }
-    group_sum<A, 1>(ss, tpr, red1);
-    rstd = A(1) / sqrt(ss[0] / static_cast<A>(N) + a.eps);
+// y = yn * (1 + scale) + shift, yn the plain norm's output (Base: RmsFwdNorm, LnFwdNorm).
+template <class Base, typename Sc>
+struct ModFwdNorm : Base {
+  using Ops = ModOperands<Sc>;
+  template <typename A, typename W, int VEC, class Ex>
+  static __device__ __forceinline__ A out(A f, const Pack<W, VEC>& wp, const Pack<W, VEC>& bp,
+                                          const Ex& e, int j, bool has_w, bool has_b,
+                                          const FwdStats<A>& st, A offset) {
+    const A v = Base::out(f, wp, bp, e, j, has_w, has_b, st, offset);
+    const A m = A(1) + to_acc<A>(e.scale.v[j]);
+    return e.has_shift ? v * m + to_acc<A>(e.shift.v[j]) : v * m;
   }
-  if (!valid) return;  // no block-wide sync below
-  if (t == 0) {
-    if constexpr (LN) a.mean[row] = mean;
-    a.rstd[row] = rstd;
-  }
-
-  const int64_t sb = (row / a.S) * N;
-  T* yr = a.y + row * N;
-  for (int64_t j = t; j < N; j += tpr) {
-    A v = LN ? (to_acc<A>(xr[j]) - mean) * rstd : to_acc<A>(xr[j]) * rstd;
-    if (a.w != nullptr) v = v * to_acc<A>(a.w[j]);
-    if (LN && a.b != nullptr) v = v + to_acc<A>(a.b[j]);
-    const A m = A(1) + to_acc<A>(a.scale[sb + j]);
-    v = a.shift != nullptr ? v * m + to_acc<A>(a.shift[sb + j]) : v * m;
-    yr[j] = from_acc<T>(v);
-  }
-}
+};
 
 template <typename T, typename W, typename Sc, bool LN>
 cudaError_t launch_fwd(const NormModulateParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  ModFwdArgs<T, W, Sc> a{};
+  using Norm = ModFwdNorm<std::conditional_t<LN, LnFwdNorm, RmsFwdNorm>, Sc>;
+  NormFwdArgs<T, W, T, ModOperands<Sc>> a{};
   a.x = static_cast<const T*>(p.x);
   a.w = static_cast<const W*>(p.weight);
-  a.b = static_cast<const W*>(p.bias);
-  a.scale = static_cast<const Sc*>(p.scale);
-  a.shift = static_cast<const Sc*>(p.shift);
+  a.b = LN ? static_cast<const W*>(p.bias) : nullptr;
   a.y = static_cast<T*>(p.y);
   a.mean = static_cast<A*>(p.mean);
   a.rstd = static_cast<A*>(p.rstd);
   a.M = p.M;
   a.N = p.N;
-  a.S = p.S;
   a.eps = static_cast<A>(p.eps);
-  const RowConfig c = pick_row_config(a.N, kModMaxThreads, 4, false);
-  a.tpr = c.tpr;
-  a.rpb = c.rpb;
-  const int64_t blocks = ceil_div(a.M, c.rpb);
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  mod_fwd_kernel<T, W, Sc, LN><<<static_cast<unsigned>(blocks), c.threads(), 0, stream>>>(a);
-  cudaError_t err = cudaSuccess;
-  RMSNORM_EXT_LAUNCH_CHECK(err);
-  return err;
+  a.offset = A(0);
+  a.ops = {static_cast<const Sc*>(p.scale), static_cast<const Sc*>(p.shift), p.S, p.N};
+  return launch_norm_fwd<Norm, T, W, T, false>(a, stream);
 }
 
 // ---------------------------------------------------------------------------------------
