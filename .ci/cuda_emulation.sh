@@ -38,6 +38,24 @@ say "copying $ROOT -> $WORK"
   (cd "$ROOT" && tar --null -T - -cf -) | tar -xf - -C "$WORK"
 rm -rf "$WORK"/rmsnorm_ext/_C*.so "$WORK/rmsnorm_ext/_build_config.py"
 
+say "emulator selftest (csrc/cuda/emulation/selftest.cu)"
+# The toolkit root as setup.py finds it (its _find_cuda_home, run on its own).
+CUDA_INC=$(cd "$ROOT" && "$PY" - <<'EOF'
+import ast
+tree = ast.parse(open("setup.py").read())
+fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_find_cuda_home")
+ns = {}
+exec("import glob, os, re, shutil\n" + ast.unparse(fn), ns)
+print(ns["_find_cuda_home"]() or "")
+EOF
+)
+[[ -n "$CUDA_INC" && -e "$CUDA_INC/include/cuda_runtime.h" ]] || fail "no CUDA headers (CUDA_HOME)"
+"$PY" "$ROOT/csrc/cuda/emulation/rewrite.py" "$ROOT/csrc/cuda/emulation/selftest.cu" "$WORK/selftest.cpp"
+${CXX:-g++} -std=c++20 -O1 -Wall -Wno-unknown-pragmas -I"$CUDA_INC/include" -I"$ROOT/csrc/cuda/emulation" \
+  "$WORK/selftest.cpp" "$ROOT/csrc/cuda/emulation/cuda_emulation.cpp" -o "$WORK/emu_selftest" ||
+  fail "the emulator selftest does not compile"
+"$WORK/emu_selftest" || fail "emulator selftest"
+
 say "building with RMSNORM_EXT_CUDA_EMULATION=1"
 t0=$SECONDS
 (

@@ -8,6 +8,7 @@ Two constructs have no C++ spelling that a macro could produce:
 Everything else compiles as it is, with the header's macros.
 
 Usage: python rewrite.py SRC_DIR OUT_DIR   (every .cu -> .cpp, .cuh/.h copied rewritten)
+       python rewrite.py FILE.cu OUT.cpp
 The build compiles OUT_DIR's files with -I SRC_DIR, so their `../x.h` includes still resolve.
 """
 import pathlib
@@ -31,6 +32,9 @@ def rewrite(text: str) -> str:
 
 
 def main(src: str, out: str) -> None:
+    if src.endswith(".cu"):  # one file (the emulator's selftest.cu) -> OUT (a .cpp path)
+        pathlib.Path(out).write_text('#include "cuda_emulation.h"\n' + rewrite(pathlib.Path(src).read_text()))
+        return
     src_dir, out_dir = pathlib.Path(src), pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in sorted(src_dir.iterdir()):
