@@ -17,6 +17,7 @@ namespace cuda {
 
 struct LnFwdNorm {
   using Ops = NoOperands;
+  static constexpr bool kCustomEpilogue = false;
   static constexpr bool kTwoPass = true;
   template <typename A, typename S, int VEC>
   static __device__ __forceinline__ void first(A& run, const Pack<S, VEC>& p) {

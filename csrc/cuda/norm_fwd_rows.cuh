@@ -11,7 +11,14 @@
 //   Ops, Extra<VEC>, extra<VEC>(ops, row, pi), aligned(ops, bytes)
 //                          the norm's own operands of the output (NoOperands for the plain
 //                          norms; adaLN modulation: per-sample scale and shift), loaded a
-//                          pack at a time beside the weight, and whether they allow packs
+//                          pack at a time beside the weight, whether they allow packs, and
+//                          prepare(ops, rpb): the launch's dynamic shared memory
+//   kCustomEpilogue, epilogue(a, row, valid, t, tpr, st, for_packs)
+//                          a policy whose output is more than y (norm + quantize: absmax
+//                          passes, then the conversion) takes over after the statistics,
+//                          called by every thread of the block; for_packs(f) runs
+//                          f(pack, pack index) over the thread's packs of the row (from the
+//                          registers, or re-read)
 //
 //   fused (FUSED, RMSNorm only):  h = round_R(x + r); y = norm(h), statistics from h
 //
@@ -42,6 +49,7 @@ struct NoOperands {
     return {};
   }
   static bool aligned(const NoOperands&, size_t) { return true; }
+  static size_t prepare(NoOperands&, int) { return 0; }
 };
 
 // A policy with operands of its own streams two or more more packs per output pack: the
@@ -178,6 +186,16 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reg_kernel(const Norm
     }
     st = finish_two_pass<A>(st.mean, s2, tpr, red + 32, a.N, a.eps);
   }
+  if constexpr (Norm::kCustomEpilogue) {
+    Norm::epilogue(a, row, valid, t, tpr, st, [&](auto&& f) {
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int pi = t + i * tpr;
+        if (pi < P) f(s[i], static_cast<int64_t>(pi));
+      }
+    });
+    return;
+  }
   if (!valid) return;  // no block-wide sync below
   if (t == 0) {
     if constexpr (Norm::kTwoPass) a.mean[row] = st.mean;
@@ -303,6 +321,24 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const N
     }
     st = finish_two_pass<A>(st.mean, s2, tpr, red + 32, a.N, a.eps);
   }
+  if constexpr (Norm::kCustomEpilogue) {
+    Norm::epilogue(a, row, valid, t, tpr, st, [&](auto&& f) {
+      for (int64_t base = t; base < P; base += step) {
+        Pack<S, VEC> sv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t pi = base + static_cast<int64_t>(u) * tpr;
+          if (pi < P) sv[u] = load_pack<S, VEC>(src, pi);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t pi = base + static_cast<int64_t>(u) * tpr;
+          if (pi < P) f(sv[u], pi);
+        }
+      }
+    });
+    return;
+  }
   if (!valid) return;
   if (t == 0) {
     if constexpr (Norm::kTwoPass) a.mean[row] = st.mean;
@@ -346,10 +382,12 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const N
 // The fused form with an fp32 residual under bf16/fp16 stops at ITEMS=4 (the h it keeps
 // is twice as wide), and so do policies with operands of their own. Longer rows, and rows that are not 16-byte aligned or whose length
 // is not a multiple of the pack, use the re-reading kernel.
-template <class Norm, typename T, typename W, typename R, bool FUSED>
+// VT: the type whose 16-byte packs set VEC (T; norm + quantize's fused form: h's R, so that
+// it sums h in the same order as the unfused op run on h).
+template <class Norm, typename T, typename W, typename R, bool FUSED, typename VT = T>
 cudaError_t launch_norm_fwd(const NormFwdArgs<T, W, R, typename Norm::Ops>& args, cudaStream_t stream) {
   auto a = args;
-  constexpr int V = 16 / sizeof(T);
+  constexpr int V = 16 / sizeof(VT);
   bool vec = a.N % V == 0 && is_aligned(a.x, V * sizeof(T)) && is_aligned(a.y, V * sizeof(T)) &&
              is_aligned(a.w, V * sizeof(W)) && is_aligned(a.b, V * sizeof(W)) &&
              Norm::Ops::aligned(a.ops, V);
@@ -361,20 +399,21 @@ cudaError_t launch_norm_fwd(const NormFwdArgs<T, W, R, typename Norm::Ops>& args
   const RowConfig c = pick_row_config(P, kFwdMaxThreads, max_items, vec);
   a.tpr = c.tpr;
   a.rpb = c.rpb;
+  const size_t smem = Norm::Ops::prepare(a.ops, c.rpb);
   const int64_t blocks = ceil_div(a.M, c.rpb);
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks));
   const dim3 block(c.threads());
   if (!vec) {
-    norm_fwd_reread_kernel<Norm, T, W, R, FUSED, 1><<<grid, block, 0, stream>>>(a);
+    norm_fwd_reread_kernel<Norm, T, W, R, FUSED, 1><<<grid, block, smem, stream>>>(a);
   } else if (c.items == 4) {
-    norm_fwd_reg_kernel<Norm, T, W, R, FUSED, V, 4><<<grid, block, 0, stream>>>(a);
+    norm_fwd_reg_kernel<Norm, T, W, R, FUSED, V, 4><<<grid, block, smem, stream>>>(a);
   } else if (c.items == 8) {
     if constexpr (max_items >= 8) {
-      norm_fwd_reg_kernel<Norm, T, W, R, FUSED, V, 8><<<grid, block, 0, stream>>>(a);
+      norm_fwd_reg_kernel<Norm, T, W, R, FUSED, V, 8><<<grid, block, smem, stream>>>(a);
     }
   } else {
-    norm_fwd_reread_kernel<Norm, T, W, R, FUSED, V><<<grid, block, 0, stream>>>(a);
+    norm_fwd_reread_kernel<Norm, T, W, R, FUSED, V><<<grid, block, smem, stream>>>(a);
   }
   cudaError_t err = cudaSuccess;
   RMSNORM_EXT_LAUNCH_CHECK(err);

@@ -62,6 +62,7 @@ struct ModOperands {
   static bool aligned(const ModOperands& o, size_t vec) {
     return is_aligned(o.scale, vec * sizeof(Sc)) && is_aligned(o.shift, vec * sizeof(Sc));
   }
+  static size_t prepare(ModOperands&, int) { return 0; }
 };
 
 // y = yn * (1 + scale) + shift, yn the plain norm's output (Base: RmsFwdNorm, LnFwdNorm).

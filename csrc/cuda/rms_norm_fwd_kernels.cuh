@@ -12,6 +12,7 @@ namespace cuda {
 
 struct RmsFwdNorm {
   using Ops = NoOperands;
+  static constexpr bool kCustomEpilogue = false;
   static constexpr bool kTwoPass = false;
   // Squares in acc_t: fp16 values near 65504 do not overflow. A pack's squares are summed
   // on their own, then added to the running sum.

@@ -189,6 +189,19 @@ inline int __float2int_rn(float f) {
   if (f <= -2147483648.0f) return static_cast<int>(-2147483647 - 1);
   return static_cast<int>(std::nearbyint(f));
 }
+// CUDA's math library overloads every function for float: unqualified sqrt(x) on a float is
+// the float square root on a GPU, while the C library's ::sqrt alone would compute in double
+// and round twice (rstd off by an ulp now and then).
+using std::ceil;
+using std::exp;
+using std::fabs;
+using std::floor;
+using std::fma;
+using std::fmax;
+using std::fmin;
+using std::log;
+using std::sqrt;
+
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
