@@ -2,7 +2,8 @@
 // ../kernel_params.h). A group of G elements of a row is normalized on its own, and the
 // groups are contiguous: the tensors are M * (N / G) "segments" of G elements, segment s
 // being group s % groups of row s / groups (its weights start at (s % groups) * G) with
-// statistic rstd[s]. One segment per thread group (cuda_utils.cuh's group_sum, launch shape
+// statistic rstd[s]. Forward: the shared row kernels (norm_fwd_rows.cuh) with segments as
+// rows. Backward: one segment per thread group (cuda_utils.cuh's group_sum, launch shape
 // from pick_row_config's re-reading configuration): pass 1 reduces over the segment, pass 2
 // re-reads it (mostly from L1/L2) and writes the outputs. Math in acc_t<T>.
 //
@@ -18,6 +19,7 @@
 // (mul_rn), so that neither pass contracts them into an FMA and both use the same values.
 #include "col_reduce.cuh"
 #include "cuda_utils.cuh"
+#include "rms_norm_fwd_kernels.cuh"
 
 namespace rmsnorm_ext {
 namespace cuda {
@@ -86,114 +88,90 @@ __device__ __forceinline__ Segment segment_of(int tpr, int rpb, int64_t S, int64
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward
+// Forward: the row kernels of norm_fwd_rows.cuh over segments (a row of G elements each,
+// M * groups of them) with RMSNorm's statistics; the weight of a segment's group and the
+// gate are this policy's operands. Gate first: the kept row is z = x * act(g) (acc_t),
+// formed as it is loaded (and again in the re-reading kernel's output pass).
 
-template <typename T, typename W>
-struct GatedFwdArgs {
-  const T* x;
+template <typename T, typename W, bool NBG>
+struct GatedOperands {
   const T* g;
-  const W* w;  // nullptr: no weight
-  T* y;
-  acc_t<T>* rstd;
-  int64_t S;       // segments: M * groups
-  int64_t G;       // elements per segment
-  int64_t groups;  // segments per row
-  acc_t<T> eps;
-  int tpr;
-  int rpb;
+  const W* w;       // nullptr: no weight
+  int64_t G;        // elements per segment
+  int64_t groups;   // segments per row
+  template <int VEC>
+  struct Extra {
+    Pack<T, VEC> g;  // norm first only (gate first has it in z)
+    Pack<W, VEC> w;
+    bool has_w;
+  };
+  template <int VEC, typename I>
+  static __device__ __forceinline__ Extra<VEC> extra(const GatedOperands& o, int64_t seg, I pi) {
+    Extra<VEC> e;
+    if constexpr (NBG) e.g = load_pack<T, VEC>(o.g + seg * o.G, pi);
+    e.has_w = o.w != nullptr;
+    if (e.has_w) e.w = load_pack<W, VEC>(o.w + (seg % o.groups) * o.G, pi);
+    return e;
+  }
+  static bool aligned(const GatedOperands& o, size_t vec) {
+    return is_aligned(o.g, vec * sizeof(T)) && is_aligned(o.w, vec * sizeof(W));
+  }
+  static size_t prepare(GatedOperands&, int) { return 0; }
 };
 
-template <typename T, typename W, GateAct ACT, bool NBG, int VEC>
-__global__ void __launch_bounds__(kGatedMaxThreads)
-    gated_fwd_kernel(const GatedFwdArgs<T, W> a) {
-  using A = acc_t<T>;
-  __shared__ A red[32];
-  const Segment sg = segment_of(a.tpr, a.rpb, a.S, a.G, a.groups);
-  const int64_t P = a.G / VEC;
-  const T* xs = a.x + sg.off;
-  const T* gs = a.g + sg.off;
-
-  A ss = A(0);
-  if (sg.valid) {
-    for (int64_t pi = sg.t; pi < P; pi += a.tpr) {
-      const Pack<T, VEC> xv = load_pack<T, VEC>(xs, pi);
-      Pack<T, VEC> gv;
-      if constexpr (!NBG) gv = load_pack<T, VEC>(gs, pi);
+// y = xhat * w * act(g) (NBG), or zhat * w with z = x * act(g): RMSNorm's statistics (of x,
+// or of z) and output, the group's weight and the gate applied here.
+template <typename T, typename W, GateAct ACT, bool NBG>
+struct GatedFwdNorm : RmsFwdNorm {
+  using Ops = GatedOperands<T, W, NBG>;
+  template <typename T2, typename R, bool FUSED>
+  using Kept = std::conditional_t<NBG, T2, acc_t<T2>>;
+  // Gate first: z = x * act(g), in acc_t, for the statistics and the output.
+  template <int VEC, class Args>
+  static __device__ __forceinline__ auto load(const Args& a, int64_t off, int64_t pi) {
+    if constexpr (NBG) {
+      return load_pack<T, VEC>(a.x + off, pi);
+    } else {
+      using A = acc_t<T>;
+      const Pack<T, VEC> xv = load_pack<T, VEC>(a.x + off, pi);
+      const Pack<T, VEC> gv = load_pack<T, VEC>(a.ops.g + off, pi);
+      Pack<A, VEC> z;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        A z = to_acc<A>(xv.v[j]);
-        if constexpr (!NBG) z = z * gate_act<ACT>(to_acc<A>(gv.v[j]));
-        ss += z * z;
-      }
+      for (int j = 0; j < VEC; ++j) z.v[j] = to_acc<A>(xv.v[j]) * gate_act<ACT>(to_acc<A>(gv.v[j]));
+      return z;
     }
   }
-  A v[1] = {ss};
-  group_sum<A, 1>(v, a.tpr, red);  // every thread of the block, once
-  const A rstd = A(1) / sqrt(v[0] / static_cast<A>(a.G) + a.eps);
-  if (!sg.valid) return;
-  if (sg.t == 0) a.rstd[sg.seg] = rstd;
-
-  const W* ws = a.w != nullptr ? a.w + sg.woff : nullptr;
-  T* ys = a.y + sg.off;
-  for (int64_t pi = sg.t; pi < P; pi += a.tpr) {
-    const Pack<T, VEC> xv = load_pack<T, VEC>(xs, pi);
-    const Pack<T, VEC> gv = load_pack<T, VEC>(gs, pi);
-    Pack<W, VEC> wv;
-    if (ws != nullptr) wv = load_pack<W, VEC>(ws, pi);
-    Pack<T, VEC> o;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const A xf = to_acc<A>(xv.v[j]);
-      const A act = gate_act<ACT>(to_acc<A>(gv.v[j]));
-      A out;
-      if constexpr (NBG) {
-        out = xf * rstd;
-        if (ws != nullptr) out = out * to_acc<A>(wv.v[j]);
-        out = out * act;
-      } else {
-        out = (xf * act) * rstd;
-        if (ws != nullptr) out = out * to_acc<A>(wv.v[j]);
-      }
-      o.v[j] = from_acc<T>(out);
+  template <int VEC, class Args, typename S>
+  static __device__ __forceinline__ Pack<S, VEC> reload(const Args& a, int64_t off, const S* src, int64_t pi) {
+    if constexpr (NBG) {
+      return load_pack<S, VEC>(src, pi);
+    } else {
+      return load<VEC>(a, off, pi);
     }
-    store_pack<T, VEC>(ys, pi, o);
   }
-}
+  template <typename A, typename W2, int VEC, class Ex>
+  static __device__ __forceinline__ A out(A f, const Pack<W2, VEC>& wp, const Pack<W2, VEC>& bp,
+                                          const Ex& e, int j, bool, bool, const FwdStats<A>& st, A) {
+    A v = RmsFwdNorm::out(f, wp, bp, e, j, false, false, st, A(0));  // x (or z) * rstd
+    if (e.has_w) v = v * to_acc<A>(e.w.v[j]);
+    if constexpr (NBG) v = v * gate_act<ACT>(to_acc<A>(e.g.v[j]));
+    return v;
+  }
+};
 
-// Packs of 16 bytes where every segment and its weights are aligned to them (G a multiple
-// of the pack), else one element at a time.
 template <typename T, typename W, GateAct ACT, bool NBG>
 cudaError_t launch_fwd(const GatedRmsFwdParams& p, cudaStream_t stream) {
   using A = acc_t<T>;
-  GatedFwdArgs<T, W> a{};
+  NormFwdArgs<T, W, T, GatedOperands<T, W, NBG>> a{};
+  const int64_t groups = p.N / p.group;
   a.x = static_cast<const T*>(p.x);
-  a.g = static_cast<const T*>(p.gate);
-  a.w = static_cast<const W*>(p.weight);
   a.y = static_cast<T*>(p.y);
   a.rstd = static_cast<A*>(p.rstd);
-  a.groups = p.N / p.group;
-  a.S = p.M * a.groups;
-  a.G = p.group;
+  a.M = p.M * groups;  // segments
+  a.N = p.group;
   a.eps = static_cast<A>(p.eps);
-
-  constexpr int V = 16 / sizeof(T);
-  const bool vec = a.G % V == 0 && is_aligned(a.x, V * sizeof(T)) &&
-                   is_aligned(a.g, V * sizeof(T)) && is_aligned(a.y, V * sizeof(T)) &&
-                   is_aligned(a.w, V * sizeof(W));
-  const RowConfig c = pick_row_config(vec ? a.G / V : a.G, kGatedMaxThreads, 4, false);
-  a.tpr = c.tpr;
-  a.rpb = c.rpb;
-  const int64_t blocks = ceil_div(a.S, c.rpb);
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(blocks));
-  if (vec) {
-    gated_fwd_kernel<T, W, ACT, NBG, V><<<grid, c.threads(), 0, stream>>>(a);
-  } else {
-    gated_fwd_kernel<T, W, ACT, NBG, 1><<<grid, c.threads(), 0, stream>>>(a);
-  }
-  cudaError_t err = cudaSuccess;
-  RMSNORM_EXT_LAUNCH_CHECK(err);
-  return err;
+  a.ops = {static_cast<const T*>(p.gate), static_cast<const W*>(p.weight), p.group, groups};
+  return launch_norm_fwd<GatedFwdNorm<T, W, ACT, NBG>, T, W, T, false>(a, stream);
 }
 
 // ---------------------------------------------------------------------------------------

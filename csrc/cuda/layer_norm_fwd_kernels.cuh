@@ -15,7 +15,7 @@
 namespace rmsnorm_ext {
 namespace cuda {
 
-struct LnFwdNorm {
+struct LnFwdNorm : PlainRow {
   using Ops = NoOperands;
   static constexpr bool kCustomEpilogue = false;
   static constexpr bool kTwoPass = true;

@@ -13,6 +13,11 @@
 //                          norms; adaLN modulation: per-sample scale and shift), loaded a
 //                          pack at a time beside the weight, whether they allow packs, and
 //                          prepare(ops, rpb): the launch's dynamic shared memory
+//   Kept<T, R, FUSED>, load<VEC>(a, off, pi), reload<VEC>(a, off, src, pi)
+//                          what the kernels keep of a row and how a pack of it is formed
+//                          (PlainRow: x, or h for the fused add; gated RMSNorm with the
+//                          gate first: z = x * act(gate) in acc_t) in the first pass and in
+//                          the re-reading kernel's later passes (src: x, or h as stored)
 //   kCustomEpilogue, epilogue(a, row, valid, t, tpr, st, for_packs)
 //                          a policy whose output is more than y (norm + quantize: absmax
 //                          passes, then the conversion) takes over after the statistics,
@@ -50,6 +55,20 @@ struct NoOperands {
   }
   static bool aligned(const NoOperands&, size_t) { return true; }
   static size_t prepare(NoOperands&, int) { return 0; }
+};
+
+// The row as the plain norms keep it: x, or h (dtype R) for the fused add.
+struct PlainRow {
+  template <typename T, typename R, bool FUSED>
+  using Kept = std::conditional_t<FUSED, R, T>;
+  template <int VEC, class Args>
+  static __device__ __forceinline__ auto load(const Args& a, int64_t off, int64_t pi) {
+    return load_pack<std::remove_cv_t<std::remove_pointer_t<decltype(a.x)>>, VEC>(a.x + off, pi);
+  }
+  template <int VEC, class Args, typename S>
+  static __device__ __forceinline__ Pack<S, VEC> reload(const Args&, int64_t, const S* src, int64_t pi) {
+    return load_pack<S, VEC>(src, pi);
+  }
 };
 
 // A policy with operands of its own streams two or more more packs per output pack: the
@@ -118,7 +137,7 @@ __device__ __forceinline__ FwdStats<A> finish_two_pass(A mean0, A (&s2)[2], int 
 template <class Norm, typename T, typename W, typename R, bool FUSED, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reg_kernel(const NormFwdArgs<T, W, R, typename Norm::Ops> a) {
   using A = acc_t<T>;
-  using S = std::conditional_t<FUSED, R, T>;  // what the kernel keeps of the row: x, or h
+  using S = typename Norm::template Kept<T, R, FUSED>;  // what the kernel keeps of the row
   __shared__ A red[Norm::kTwoPass ? 32 + 2 * 32 : 32];
 
   const int tpr = a.tpr;
@@ -162,7 +181,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reg_kernel(const Norm
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         const int pi = t + i * tpr;
-        if (pi < P) s[i] = load_pack<T, VEC>(xr, pi);
+        if (pi < P) s[i] = Norm::template load<VEC>(a, off, pi);
       }
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
@@ -243,7 +262,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reg_kernel(const Norm
 template <class Norm, typename T, typename W, typename R, bool FUSED, int VEC>
 __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const NormFwdArgs<T, W, R, typename Norm::Ops> a) {
   using A = acc_t<T>;
-  using S = std::conditional_t<FUSED, R, T>;
+  using S = typename Norm::template Kept<T, R, FUSED>;
   constexpr int U = has_operands_v<Norm> ? 2 : 4;  // packs in flight per thread
   __shared__ A red[Norm::kTwoPass ? 32 + 2 * 32 : 32];
 
@@ -257,7 +276,8 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const N
   const int64_t off = valid ? row * a.N : 0;
   const bool has_w = a.w != nullptr;
   const bool has_b = a.b != nullptr;
-  // What the later passes read: x, or (fused) h, already rounded to R, as written in pass 1.
+  // What the later passes read: x, or (fused) h, already rounded to R, as written in pass 1
+  // (a policy that keeps something else forms it again in reload).
   const S* src = FUSED ? reinterpret_cast<const S*>(a.h + off) : reinterpret_cast<const S*>(a.x + off);
 
   A s1 = A(0);
@@ -284,11 +304,11 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const N
           }
         }
       } else {
-        Pack<T, VEC> xv[U];
+        Pack<S, VEC> xv[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int64_t pi = base + static_cast<int64_t>(u) * tpr;
-          if (pi < P) xv[u] = load_pack<T, VEC>(a.x + off, pi);
+          if (pi < P) xv[u] = Norm::template load<VEC>(a, off, pi);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -310,7 +330,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const N
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int64_t pi = base + static_cast<int64_t>(u) * tpr;
-          if (pi < P) sv[u] = load_pack<S, VEC>(src, pi);
+          if (pi < P) sv[u] = Norm::template reload<VEC>(a, off, src, pi);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -328,7 +348,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const N
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int64_t pi = base + static_cast<int64_t>(u) * tpr;
-          if (pi < P) sv[u] = load_pack<S, VEC>(src, pi);
+          if (pi < P) sv[u] = Norm::template reload<VEC>(a, off, src, pi);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -355,7 +375,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const N
     for (int u = 0; u < U; ++u) {
       const int64_t pi = base + static_cast<int64_t>(u) * tpr;
       if (pi < P) {
-        sv[u] = load_pack<S, VEC>(src, pi);
+        sv[u] = Norm::template reload<VEC>(a, off, src, pi);
         if (has_w) wv[u] = load_pack<W, VEC>(a.w, pi);
         if (has_b) bv[u] = load_pack<W, VEC>(a.b, pi);
         ex[u] = Norm::Ops::template extra<VEC>(a.ops, row, pi);

@@ -10,7 +10,7 @@
 namespace rmsnorm_ext {
 namespace cuda {
 
-struct RmsFwdNorm {
+struct RmsFwdNorm : PlainRow {
   using Ops = NoOperands;
   static constexpr bool kCustomEpilogue = false;
   static constexpr bool kTwoPass = false;
