@@ -80,6 +80,23 @@ __device__ __forceinline__ const X* gres_row(const NormBwdArgs<X, G, W>& a, int6
   return nullptr;
 }
 
+// One pack of dx (+ grad_residual where has_r), from x, dy and the weight.
+template <class Norm, typename X, typename G, typename W, typename A, int VEC, class Coef>
+__device__ __forceinline__ Pack<X, VEC> dx_pack(const Pack<X, VEC>& xv, const Pack<G, VEC>& gv,
+                                                const Pack<W, VEC>& wv, const Pack<X, VEC>& rv,
+                                                bool has_r, const Coef& c, const RowStats<A>& st,
+                                                A offset) {
+  Pack<X, VEC> o;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const A g = mul_rn(to_acc<A>(gv.v[j]), Norm::weight(to_acc<A>(wv.v[j]), offset));
+    A d = Norm::dx(to_acc<A>(xv.v[j]), g, c, st);
+    if (has_r) d += to_acc<A>(rv.v[j]);
+    o.v[j] = from_acc<X>(d);
+  }
+  return o;
+}
+
 template <class Norm, typename X, typename G, typename W, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kBwdMaxThreads) norm_bwd_reg_kernel(const NormBwdArgs<X, G, W> a) {
   using A = acc_t<X>;
@@ -193,15 +210,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) norm_bwd_reg_kernel(const Norm
           const int i = c0 + k;
           const int pi = t + i * tpr;
           if (pi < P) {
-            Pack<X, VEC> o;
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              const A g = mul_rn(to_acc<A>(gv[i].v[j]), Norm::weight(to_acc<A>(wv[k].v[j]), a.offset));
-              A d = Norm::dx(to_acc<A>(xv[i].v[j]), g, c, st);
-              if (rr != nullptr) d += to_acc<A>(rv[k].v[j]);
-              o.v[j] = from_acc<X>(d);
-            }
-            store_pack<X, VEC>(dxr, pi, o);
+            store_pack<X, VEC>(dxr, pi, dx_pack<Norm>(xv[i], gv[i], wv[k], rv[k], rr != nullptr, c, st, a.offset));
           }
         }
       }
@@ -297,15 +306,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
       for (int u = 0; u < U; ++u) {
         const int64_t pi = b + static_cast<int64_t>(u) * tpr;
         if (pi < P) {
-          Pack<X, VEC> o;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const A g = mul_rn(to_acc<A>(gv[u].v[j]), Norm::weight(to_acc<A>(wv[u].v[j]), a.offset));
-            A d = Norm::dx(to_acc<A>(xv[u].v[j]), g, c, st);
-            if (rr != nullptr) d += to_acc<A>(rv[u].v[j]);
-            o.v[j] = from_acc<X>(d);
-          }
-          store_pack<X, VEC>(dxr, pi, o);
+          store_pack<X, VEC>(dxr, pi, dx_pack<Norm>(xv[u], gv[u], wv[u], rv[u], rr != nullptr, c, st, a.offset));
         }
       }
     }

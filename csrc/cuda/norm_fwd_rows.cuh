@@ -132,6 +132,18 @@ __device__ __forceinline__ FwdStats<A> finish_two_pass(A mean0, A (&s2)[2], int 
   return st;
 }
 
+// One pack of y from a kept pack, the parameters and the policy's operands.
+template <class Norm, typename T, typename S, typename W, typename A, int VEC, class Ex>
+__device__ __forceinline__ Pack<T, VEC> out_pack(const Pack<S, VEC>& s, const Pack<W, VEC>& wv,
+                                                 const Pack<W, VEC>& bv, const Ex& ex, bool has_w,
+                                                 bool has_b, const FwdStats<A>& st, A offset) {
+  Pack<T, VEC> o;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    o.v[j] = from_acc<T>(Norm::out(to_acc<A>(s.v[j]), wv, bv, ex, j, has_w, has_b, st, offset));
+  return o;
+}
+
 // Register kernel: the row stays in registers between the reduction and the output.
 // Pack indices are 32-bit here (a row has at most kFwdMaxThreads * 8 packs).
 template <class Norm, typename T, typename W, typename R, bool FUSED, int VEC, int ITEMS>
@@ -244,12 +256,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reg_kernel(const Norm
     for (int k = 0; k < CH; ++k) {
       const int pi = t + (c + k) * tpr;
       if (pi < P) {
-        Pack<T, VEC> o;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j)
-          o.v[j] = from_acc<T>(
-              Norm::out(to_acc<A>(s[c + k].v[j]), wv[k], bv[k], ex[k], j, has_w, has_b, st, a.offset));
-        store_pack<T, VEC>(yr, pi, o);
+        store_pack<T, VEC>(yr, pi, out_pack<Norm, T>(s[c + k], wv[k], bv[k], ex[k], has_w, has_b, st, a.offset));
       }
     }
   }
@@ -385,12 +392,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const N
     for (int u = 0; u < U; ++u) {
       const int64_t pi = base + static_cast<int64_t>(u) * tpr;
       if (pi < P) {
-        Pack<T, VEC> o;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j)
-          o.v[j] = from_acc<T>(
-              Norm::out(to_acc<A>(sv[u].v[j]), wv[u], bv[u], ex[u], j, has_w, has_b, st, a.offset));
-        store_pack<T, VEC>(a.y + off, pi, o);
+        store_pack<T, VEC>(a.y + off, pi, out_pack<Norm, T>(sv[u], wv[u], bv[u], ex[u], has_w, has_b, st, a.offset));
       }
     }
   }
