@@ -10,7 +10,9 @@
 # intrinsics), but every index, tail, launch shape, reduction tree and workspace of the CUDA
 # code runs here.
 #
-# Usage: .ci/cuda_emulation.sh [pytest args]     (default: the kernel test files below)
+# Usage: .ci/cuda_emulation.sh [pytest args]     (default: the kernel test files below, and
+#        tests/test_cuda_paths.py: its cpu case runs tests/cuda_paths.py's shapes, chosen to hit
+#        every CUDA launch path, on the emulated kernels)
 # Env:   RMSNORM_EXT_EMU_DIR    scratch directory (default: fresh mktemp -d, removed on success)
 #        RMSNORM_EXT_EMU_ORDER  "reverse": run blocks and threads in reverse order
 #        RMSNORM_EXT_EMU_SMS    the SM count the launches see (default 4)
@@ -83,7 +85,8 @@ if [[ $# -eq 0 ]]; then
     tests/test_ops.py tests/test_numerics.py tests/test_fuzz.py tests/test_gated_kernels.py \
     tests/test_modulate_kernels.py tests/test_qk_norm_rope_kernels.py \
     tests/test_norm_2d_kernels.py tests/test_quant.py tests/test_short_rows.py \
-    tests/test_param_grads.py tests/test_bad_inputs.py tests/test_double_backward.py
+    tests/test_param_grads.py tests/test_bad_inputs.py tests/test_double_backward.py \
+    tests/test_cuda_paths.py
 fi
 t0=$SECONDS
 set +e
