@@ -113,14 +113,15 @@ bg=()
 if want sanitize; then
   # memcheck over every kernel path; the slower tools over a subset, all in parallel with the
   # tests (the GPU and 16 cores have room; these are correctness runs, not timings).
-  run_san() {  # tool families
-    local tool=$1 fam=$2
+  run_san() {  # tool families [label]
+    local tool=$1 fam=$2 label=${3:-$1}
     timeout -k 15 "${SAN_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      python3 tests/cuda_paths.py --quick --family "$fam" > "$WORK/sanitize_$tool.txt" 2>&1
-    echo $? > "$WORK/sanitize_$tool.rc"
+      python3 tests/cuda_paths.py --quick --family "$fam" > "$WORK/sanitize_$label.txt" 2>&1
+    echo $? > "$WORK/sanitize_$label.rc"
   }
   stage "compute-sanitizer (background): memcheck all; racecheck/initcheck/synccheck subsets"
   run_san memcheck rms,fused,ln,quant,norm2d & bg+=($!)
+  run_san memcheck gated,modulate memcheck_fused_ops & bg+=($!)
   run_san racecheck rms,ln,norm2d & bg+=($!)
   run_san initcheck rms,fused,quant,norm2d & bg+=($!)
   run_san synccheck ln,quant & bg+=($!)
@@ -153,7 +154,7 @@ fi
 if [ ${#bg[@]} -gt 0 ]; then
   stage "waiting for the sanitizers"
   wait "${bg[@]}"
-  for tool in memcheck racecheck initcheck synccheck; do
+  for tool in memcheck memcheck_fused_ops racecheck initcheck synccheck; do
     f=$WORK/sanitize_$tool.txt
     [ -f "$f" ] || continue
     rc=$(cat "$WORK/sanitize_$tool.rc" 2>/dev/null || echo '?')

@@ -239,6 +239,55 @@ def check_quant(M, N, dt, kind, qdt, mode, aligned=True):
         failures.append(f"{name}: outputs {err:.3g} quantization steps apart")
 
 
+# ------------------------------------------- gated RMSNorm, adaLN modulation (row kernels)
+
+def _grads_vs_ref(name, fn, ref_fn, inputs, dt, tol_scale=4):
+    """Forward and input / parameter gradients of fn against ref_fn run on float64 copies."""
+    ins = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
+    y = fn(*ins)
+    ref_ins = [t.detach().double().requires_grad_(True) if t is not None else None for t in inputs]
+    y_ref = ref_fn(*ref_ins)
+    check(name + " y", y, y_ref, dt)
+    dy = make(*y.shape, dt) if y.dim() == 2 else make(y.numel(), 1, dt).reshape(y.shape)
+    live = [i for i, t in enumerate(ins) if t is not None]
+    grads = torch.autograd.grad(y, [ins[i] for i in live], dy)
+    grads_ref = torch.autograd.grad(y_ref, [ref_ins[i] for i in live], dy.double())
+    for i, g, gr in zip(live, grads, grads_ref):
+        check(f"{name} d{i}", g, gr, inputs[i].dtype, tol_scale=tol_scale)
+
+
+def check_gated(M, N, dt, wdt, group, nbg, act, aligned=True):
+    """gated_rms_norm: the row kernels over segments of `group` (register bucket, re-reading,
+    scalar), gate first or norm first."""
+    from reference import gated_rms_norm_reference
+    name = f"gated M={M} N={N} G={group} {tag(dt)} w={tag(wdt) if wdt else None} nbg={nbg} {act} al={aligned}"
+    x, g = make(M, N, dt, aligned), make(M, N, dt, aligned, scale=2.0)
+    w = param(N, wdt, 1.0) if wdt else None
+    _grads_vs_ref(name,
+                  lambda x, g, w: rmsnorm_ext.gated_rms_norm(x, g, N, w, 1e-6, group_size=group,
+                                                             norm_before_gate=nbg, activation=act),
+                  lambda x, g, w: gated_rms_norm_reference(x, g, (N,), w, 1e-6, group, nbg, act),
+                  [x, g, w], dt)
+
+
+def check_modulate(B, S, N, dt, sdt, kind, aligned=True, shift=True):
+    """rms_norm_modulate / layer_norm_modulate: per-sample scale and shift as the row kernels'
+    operands (register bucket, re-reading, scalar)."""
+    from reference import modulate_reference
+    name = f"modulate-{kind} B={B} S={S} N={N} {tag(dt)} s={tag(sdt)} al={aligned}"
+    x = make(B * S, N, dt, aligned).reshape(B, S, N)
+    sc, sh = param(B * N, sdt).reshape(B, N), (param(B * N, sdt).reshape(B, N) if shift else None)
+    w = param(N, dt, 1.0)
+    b = param(N, dt) if kind == "layer" else None
+    if kind == "layer":
+        fn = lambda x, sc, sh, w, b: rmsnorm_ext.layer_norm_modulate(x, N, sc, sh, w, b, 1e-6)  # noqa: E731
+    else:
+        fn = lambda x, sc, sh, w, b: rmsnorm_ext.rms_norm_modulate(x, N, sc, sh, w, 1e-6)  # noqa: E731
+    _grads_vs_ref(name, fn,
+                  lambda x, sc, sh, w, b: modulate_reference(x, sc, sh, w, b, 1e-6, kind),
+                  [x, sc, sh, w, b], dt, tol_scale=8)
+
+
 # ------------------------------------------------- channels-first norms (rms/layer_norm_2d)
 
 def check_norm2d(kind, shape, dt, wdt, aligned=True, channels_last=False, has_w=True,
@@ -318,10 +367,10 @@ def check_empty():
         ops.fused_add_rms_norm_inplace(x, x.clone(), [64], w, 1e-6, 0.0)
 
 
-FAMILIES = ("rms", "fused", "ln", "quant", "norm2d")
+FAMILIES = ("rms", "fused", "ln", "quant", "norm2d", "gated", "modulate")
 # The channels-first kernels of rms_norm_2d / layer_norm_2d exist on CUDA so far; the CPU
 # ones read a contiguous [B, C, *S] input as rows (wrong) until they land.
-CPU_FAMILIES = ("rms", "fused", "ln", "quant")
+CPU_FAMILIES = ("rms", "fused", "ln", "quant", "gated", "modulate")
 
 
 def run_all(device="cuda", quick=False, verbose_=False, families=None):
@@ -341,7 +390,7 @@ def run_all(device="cuda", quick=False, verbose_=False, families=None):
                                                    (f32, f32), (f64, f64))
     singles = (bf, f32) if quick else (bf, hf, f32, f64)
 
-    rms, fused, ln, quant, norm2d = (f in families for f in FAMILIES)
+    rms, fused, ln, quant, norm2d, gated, modulate = (f in families for f in FAMILIES)
     # RMSNorm fwd + bwd: every dtype (+ fp32 weights for bf16/fp16), every size bucket.
     # bf16 (8 per pack): N=8 (1 pack, 256 rows/block), 64 (sub-warp rows), 1024 (warp per
     # row), 4096 (block per row, ITEMS=4), 24576 (fwd ITEMS=8; bwd re-reading),
@@ -432,6 +481,33 @@ def run_all(device="cuda", quick=False, verbose_=False, families=None):
             check_norm2d(kind, (4, 1024, 24, 24) if quick else (8, 1024, 32, 32), bf, bf)
             if not quick:
                 check_norm2d(kind, (32, 96, 56, 56), bf, bf)          # ConvNeXt stage 1
+
+    # Gated RMSNorm (csrc/cuda/norm_fwd_rows.cuh over segments of G): bf16 G = 1024 (register,
+    # ITEMS=4), G = 64 of N = 1024 (sub-warp segments), G = 40960 (re-reading), odd G and a
+    # misaligned pointer (scalar); gate first keeps z in fp32.
+    if gated:
+        for nbg in (True, False):
+            for act in (("silu",) if quick else ("silu", "sigmoid")):
+                check_gated(9, 1024, bf, f32, 1024, nbg, act)
+                check_gated(9, 1024, bf, bf, 64, nbg, act)
+                check_gated(2, 40960, bf, None, 40960, nbg, act)
+                check_gated(5, 1003, f32, f32, 1003, nbg, act)
+                check_gated(5, 1024, hf, hf, 256, nbg, act, aligned=False)
+                if not quick:
+                    check_gated(5, 512, f64, f64, 128, nbg, act)
+
+    # adaLN modulation (the row kernels with scale / shift of each sample as operands):
+    # register rows, re-reading rows (bf16 N > 8192 with operands), scalar (odd N,
+    # misaligned), fp32 scale next to bf16 data, no shift.
+    if modulate:
+        for kind in ("rms", "layer"):
+            check_modulate(2, 7, 1024, bf, f32, kind)
+            check_modulate(2, 3, 1024, f32, f32, kind, shift=False)
+            check_modulate(2, 2, 12288, bf, bf, kind)
+            check_modulate(3, 5, 1003, f32, f32, kind)
+            check_modulate(2, 4, 512, hf, f32, kind, aligned=False)
+            if not quick:
+                check_modulate(2, 3, 256, f64, f64, kind)
 
     check_empty()
     if DEV == "cuda":

@@ -52,8 +52,8 @@ def test_sanitizer_families_exist():
     # `run_san <tool> <families>`: a family cuda_paths.py does not know would stop that
     # sanitizer run on the GPU machine with a usage error.
     import cuda_paths
-    runs = re.findall(r"^\s*run_san (\w+) (\S+) &", SCRIPT.read_text(), re.M)
-    assert runs
+    runs = re.findall(r"^\s*run_san (\w+) (\S+)(?: \w+)? &", SCRIPT.read_text(), re.M)
+    assert len(runs) == SCRIPT.read_text().count("\n  run_san "), runs  # every call parsed
     for tool, fams in runs:
         unknown = set(fams.split(",")) - set(cuda_paths.FAMILIES)
         assert not unknown, f"gpu_check.sh runs {tool} on unknown families {unknown}"
