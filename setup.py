@@ -216,7 +216,7 @@ def _emulation_extension(cxx, ldflags):
                for f in sorted(glob.glob(f"csrc/{d}/*.cpp"))]
     sources += [f for f in sorted(glob.glob(os.path.join(out, "*.cpp")))
                 if os.path.basename(f) != "build_info.cpp"]
-    sources.append("csrc/cuda/emulation/cuda_emulation.cpp")
+    sources += ["csrc/cuda/emulation/cuda_emulation.cpp", "csrc/cuda/emulation/launch_emulated.cpp"]
     flags = ["-DRMSNORM_EXT_CUDA_EMULATION", "-I" + os.path.join(here, "csrc", "cuda"), f"-I{_cuda_home}/include",
              "-Wno-unused-variable", "-Wno-unused-but-set-variable"]
     return CppExtension("rmsnorm_ext._C", sources, libraries=list(STDCXX_FIRST),

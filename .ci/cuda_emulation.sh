@@ -21,24 +21,14 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python}
-if [[ -n "${RMSNORM_EXT_EMU_DIR:-}" ]]; then
-  WORK=$RMSNORM_EXT_EMU_DIR
-  mkdir -p "$WORK"
-  KEEP=1
-else
-  WORK=$(mktemp -d "${TMPDIR:-/tmp}/rmsnorm_ext_cuda_emu.XXXXXX")
-  KEEP=0
-fi
-WORK=$(cd "$WORK" && pwd -P)
+source "$ROOT/.ci/scratch.sh"
+scratch_dir "${RMSNORM_EXT_EMU_DIR:-}" rmsnorm_ext_cuda_emu
 
 say() { printf '[cuda-emulation] %s\n' "$*"; }
 fail() { printf '[cuda-emulation] FAIL: %s\n' "$*" >&2; say "scratch dir kept: $WORK"; exit 1; }
 
 say "copying $ROOT -> $WORK"
-(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard) |
-  (cd "$ROOT" && xargs -0 -r sh -c 'for f; do [ -f "$f" ] && printf "%s\0" "$f"; done' sh) |
-  (cd "$ROOT" && tar --null -T - -cf -) | tar -xf - -C "$WORK"
-rm -rf "$WORK"/rmsnorm_ext/_C*.so "$WORK/rmsnorm_ext/_build_config.py"
+copy_tree "$ROOT" "$WORK"
 
 say "emulator selftest (csrc/cuda/emulation/selftest.cu)"
 # The toolkit root as setup.py finds it (its _find_cuda_home, run on its own).

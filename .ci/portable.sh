@@ -12,6 +12,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python}
+source "$ROOT/.ci/scratch.sh"
 native=$("$PY" -c "import rmsnorm_ext; print(rmsnorm_ext.build_info()['cpu_isa'])")
 levels=("$@")
 if [[ ${#levels[@]} -eq 0 ]]; then
@@ -37,10 +38,9 @@ for p in include_paths() + [sysconfig.get_paths()['include']]: print('-I' + p)")
   exit 0
 fi
 for isa in "${levels[@]}"; do
-  WORK=$(mktemp -d "${TMPDIR:-/tmp}/rmsnorm_ext_$isa.XXXXXX")
-  (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard) |
-    (cd "$ROOT" && tar --null -T - -cf -) | tar -xf - -C "$WORK"
-  rm -rf "$WORK/build" "$WORK"/rmsnorm_ext/_C*.so "$WORK/rmsnorm_ext/_build_config.py"
+  scratch_dir "" "rmsnorm_ext_$isa"
+  copy_tree "$ROOT" "$WORK"
+  rm -rf "$WORK/build"
   echo "[portable] building RMSNORM_EXT_CPU_ISA=$isa (native here: $native)"
   (cd "$WORK" && RMSNORM_EXT_CUDA=0 RMSNORM_EXT_CPU_ISA=$isa "$PY" setup.py -q build_ext --inplace \
      >"$WORK/build.log" 2>&1) || { tail -n 40 "$WORK/build.log"; exit 1; }

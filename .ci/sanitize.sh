@@ -25,15 +25,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python}
-if [[ -n "${RMSNORM_EXT_SANITIZE_DIR:-}" ]]; then
-  WORK=$RMSNORM_EXT_SANITIZE_DIR
-  mkdir -p "$WORK"
-  KEEP=1
-else
-  WORK=$(mktemp -d "${TMPDIR:-/tmp}/rmsnorm_ext_sanitize.XXXXXX")
-  KEEP=0
-fi
-WORK=$(cd "$WORK" && pwd -P)
+source "$ROOT/.ci/scratch.sh"
+scratch_dir "${RMSNORM_EXT_SANITIZE_DIR:-}" rmsnorm_ext_sanitize
 LOGDIR=$WORK/sanitizer-logs
 
 say() { printf '[sanitize] %s\n' "$*"; }
@@ -41,11 +34,8 @@ fail() { printf '[sanitize] FAIL: %s\n' "$*" >&2; say "scratch dir kept: $WORK";
 
 # --- 1. copy the working tree -------------------------------------------------------------
 say "copying $ROOT -> $WORK"
-(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard) |
-  (cd "$ROOT" && xargs -0 -r sh -c 'for f; do [ -f "$f" ] && printf "%s\0" "$f"; done' sh) |
-  (cd "$ROOT" && tar --null -T - -cf -) | tar -xf - -C "$WORK"
-# Never let a stale, unsanitized binary or build config into the copy.
-rm -rf "$WORK/build" "$WORK"/rmsnorm_ext/_C*.so "$WORK/rmsnorm_ext/_build_config.py"
+copy_tree "$ROOT" "$WORK"  # never a stale, unsanitized binary or build config
+rm -rf "$WORK/build"
 
 # --- 2. build -----------------------------------------------------------------------------
 say "building with RMSNORM_EXT_SANITIZE=1"

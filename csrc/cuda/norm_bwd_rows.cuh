@@ -80,6 +80,12 @@ __device__ __forceinline__ const X* gres_row(const NormBwdArgs<X, G, W>& a, int6
   return nullptr;
 }
 
+// g = dy * weight of element j, rounded on its own: the one formula both passes use.
+template <class Norm, typename A, typename G, typename W, int VEC>
+__device__ __forceinline__ A g_at(const Pack<G, VEC>& gv, const Pack<W, VEC>& wv, int j, A offset) {
+  return mul_rn(to_acc<A>(gv.v[j]), Norm::weight(to_acc<A>(wv.v[j]), offset));
+}
+
 // One pack of dx (+ grad_residual where has_r), from x, dy and the weight.
 template <class Norm, typename X, typename G, typename W, typename A, int VEC, class Coef>
 __device__ __forceinline__ Pack<X, VEC> dx_pack(const Pack<X, VEC>& xv, const Pack<G, VEC>& gv,
@@ -89,8 +95,7 @@ __device__ __forceinline__ Pack<X, VEC> dx_pack(const Pack<X, VEC>& xv, const Pa
   Pack<X, VEC> o;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    const A g = mul_rn(to_acc<A>(gv.v[j]), Norm::weight(to_acc<A>(wv.v[j]), offset));
-    A d = Norm::dx(to_acc<A>(xv.v[j]), g, c, st);
+    A d = Norm::dx(to_acc<A>(xv.v[j]), g_at<Norm>(gv, wv, j, offset), c, st);
     if (has_r) d += to_acc<A>(rv.v[j]);
     o.v[j] = from_acc<X>(d);
   }
@@ -170,7 +175,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) norm_bwd_reg_kernel(const Norm
           for (int j = 0; j < VEC; ++j) {
             const A xf = to_acc<A>(xv[i].v[j]);
             const A dyf = to_acc<A>(gv[i].v[j]);
-            Norm::row_sums(sums, xf, mul_rn(dyf, Norm::weight(to_acc<A>(wv[i].v[j]), a.offset)), st);
+            Norm::row_sums(sums, xf, g_at<Norm>(gv[i], wv[i], j, a.offset), st);
             if (want) {
               A terms[PL];
               Norm::param_terms(terms, xf, dyf, st);
@@ -274,8 +279,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads)
           if (pi < P) {
 #pragma unroll
             for (int j = 0; j < VEC; ++j)
-              Norm::row_sums(sums, to_acc<A>(xv[u].v[j]),
-                             mul_rn(to_acc<A>(gv[u].v[j]), Norm::weight(to_acc<A>(wv[u].v[j]), a.offset)), st);
+              Norm::row_sums(sums, to_acc<A>(xv[u].v[j]), g_at<Norm>(gv[u], wv[u], j, a.offset), st);
           }
         }
       }

@@ -1,6 +1,7 @@
 // The forward of a row norm, written once for RMSNorm (plain and with the fused residual
 // add) and LayerNorm: the register kernel, the re-reading kernel and the launch choice. A
-// norm supplies a policy (rms_norm_fwd_kernels.cuh, layer_norm_fwd_kernels.cu):
+// norm supplies a policy (rms_norm_fwd_kernels.cuh, layer_norm_fwd_kernels.cuh, and on them
+// norm_modulate_kernels.cu, gated_rms_norm_kernels.cu, norm_quant_kernels.cu):
 //
 //   kTwoPass               LayerNorm's second pass over the row (the corrected two-pass
 //                          variance, cuda_utils.cuh corrected_stats: d = x - mean0)
@@ -71,7 +72,7 @@ struct PlainRow {
   }
 };
 
-// A policy with operands of its own streams two or more more packs per output pack: the
+// A policy with operands of its own streams two or more packs more per output pack: the
 // kernels keep fewer packs in flight for it (ptxas spilled the full-size buckets).
 template <class Norm>
 inline constexpr bool has_operands_v = !std::is_same_v<typename Norm::Ops, NoOperands>;
@@ -165,6 +166,14 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reg_kernel(const Norm
   const bool has_b = a.b != nullptr;
 
   Pack<S, VEC> s[ITEMS];
+  // Runs f(pack, pack index) over this thread's packs of the row, from the registers.
+  auto for_kept = [&](auto&& f) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int pi = t + i * tpr;
+      if (pi < P) f(s[i], static_cast<int64_t>(pi));
+    }
+  };
   A s1 = A(0);
   if (valid) {
     if constexpr (FUSED) {
@@ -195,11 +204,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reg_kernel(const Norm
         const int pi = t + i * tpr;
         if (pi < P) s[i] = Norm::template load<VEC>(a, off, pi);
       }
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int pi = t + i * tpr;
-        if (pi < P) Norm::first(s1, s[i]);
-      }
+      for_kept([&](const Pack<S, VEC>& p, int64_t) { Norm::first(s1, p); });
     }
   }
 
@@ -208,23 +213,11 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reg_kernel(const Norm
   FwdStats<A> st = Norm::after_first(v[0], a.N, a.eps);
   if constexpr (Norm::kTwoPass) {
     A s2[2] = {A(0), A(0)};
-    if (valid) {
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int pi = t + i * tpr;
-        if (pi < P) centered_sums<A>(s[i], st.mean, s2);
-      }
-    }
+    if (valid) for_kept([&](const Pack<S, VEC>& p, int64_t) { centered_sums<A>(p, st.mean, s2); });
     st = finish_two_pass<A>(st.mean, s2, tpr, red + 32, a.N, a.eps);
   }
   if constexpr (Norm::kCustomEpilogue) {
-    Norm::epilogue(a, row, valid, t, tpr, st, [&](auto&& f) {
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int pi = t + i * tpr;
-        if (pi < P) f(s[i], static_cast<int64_t>(pi));
-      }
-    });
+    Norm::epilogue(a, row, valid, t, tpr, st, for_kept);
     return;
   }
   if (!valid) return;  // no block-wide sync below
@@ -286,6 +279,23 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const N
   // What the later passes read: x, or (fused) h, already rounded to R, as written in pass 1
   // (a policy that keeps something else forms it again in reload).
   const S* src = FUSED ? reinterpret_cast<const S*>(a.h + off) : reinterpret_cast<const S*>(a.x + off);
+  // Runs f(pack, pack index) over this thread's packs of the row, re-read U at a time (the
+  // passes after the first).
+  auto for_reread = [&](auto&& f) {
+    for (int64_t base = t; base < P; base += step) {
+      Pack<S, VEC> sv[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t pi = base + static_cast<int64_t>(u) * tpr;
+        if (pi < P) sv[u] = Norm::template reload<VEC>(a, off, src, pi);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t pi = base + static_cast<int64_t>(u) * tpr;
+        if (pi < P) f(sv[u], pi);
+      }
+    }
+  };
 
   A s1 = A(0);
   if (valid) {
@@ -331,39 +341,11 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const N
   FwdStats<A> st = Norm::after_first(v[0], a.N, a.eps);
   if constexpr (Norm::kTwoPass) {
     A s2[2] = {A(0), A(0)};
-    if (valid) {
-      for (int64_t base = t; base < P; base += step) {
-        Pack<S, VEC> sv[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t pi = base + static_cast<int64_t>(u) * tpr;
-          if (pi < P) sv[u] = Norm::template reload<VEC>(a, off, src, pi);
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t pi = base + static_cast<int64_t>(u) * tpr;
-          if (pi < P) centered_sums<A>(sv[u], st.mean, s2);
-        }
-      }
-    }
+    if (valid) for_reread([&](const Pack<S, VEC>& p, int64_t) { centered_sums<A>(p, st.mean, s2); });
     st = finish_two_pass<A>(st.mean, s2, tpr, red + 32, a.N, a.eps);
   }
   if constexpr (Norm::kCustomEpilogue) {
-    Norm::epilogue(a, row, valid, t, tpr, st, [&](auto&& f) {
-      for (int64_t base = t; base < P; base += step) {
-        Pack<S, VEC> sv[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t pi = base + static_cast<int64_t>(u) * tpr;
-          if (pi < P) sv[u] = Norm::template reload<VEC>(a, off, src, pi);
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t pi = base + static_cast<int64_t>(u) * tpr;
-          if (pi < P) f(sv[u], pi);
-        }
-      }
-    });
+    Norm::epilogue(a, row, valid, t, tpr, st, for_reread);
     return;
   }
   if (!valid) return;
@@ -402,8 +384,9 @@ __global__ void __launch_bounds__(kFwdMaxThreads) norm_fwd_reread_kernel(const N
 // Register buckets (rows of P packs, tpr <= 512): ITEMS=4 for P <= 2048, ITEMS=8 for
 // P <= 4096, i.e. bf16/fp16 N <= 16384 / 32768, fp32 8192 / 16384, fp64 4096 / 8192.
 // The fused form with an fp32 residual under bf16/fp16 stops at ITEMS=4 (the h it keeps
-// is twice as wide), and so do policies with operands of their own. Longer rows, and rows that are not 16-byte aligned or whose length
-// is not a multiple of the pack, use the re-reading kernel.
+// is twice as wide), and so do policies with operands of their own. Longer rows, and rows
+// that are not 16-byte aligned or whose length is not a multiple of the pack, use the
+// re-reading kernel.
 // VT: the type whose 16-byte packs set VEC (T; norm + quantize's fused form: h's R, so that
 // it sums h in the same order as the unfused op run on h).
 template <class Norm, typename T, typename W, typename R, bool FUSED, typename VT = T>

@@ -19,11 +19,6 @@
 #if defined(RMSNORM_EXT_WITH_CUDA) || defined(RMSNORM_EXT_CUDA_EMULATION)
 #include "../cuda/launch.h"
 #endif
-#ifdef RMSNORM_EXT_CUDA_EMULATION
-namespace rmsnorm_ext::cuda_emulation {
-int sm_count();  // csrc/cuda/emulation/cuda_emulation.cpp
-}
-#endif
 
 namespace rmsnorm_ext {
 
@@ -95,11 +90,22 @@ inline void* mut_ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr(
 // stream, with the SM count set for the kernels whose parameters carry one, and the launch
 // error raised. Ops are registered only for the dispatch keys of the devices this build has
 // kernels for, so no other device reaches here.
+// Whether `like` runs the CUDA kernels: CUDA tensors; in the CUDA emulation build
+// (csrc/cuda/emulation, .ci/cuda_emulation.sh) CPU tensors, on the emulator, so that the CPU
+// test suite tests the CUDA code (its launch.h functions are emulation/launch_emulated.cpp).
+inline bool runs_cuda_kernels(const Tensor& like) {
+#if defined(RMSNORM_EXT_CUDA_EMULATION)
+  return like.is_cpu();
+#else
+  return like.is_cuda();
+#endif
+}
+
 template <class Kernel>
 void run_kernel(typename Kernel::Params p, const Tensor& like, WorkspaceHolder& ws) {
   const Launch l = ws.launch(like);
-#ifdef RMSNORM_EXT_WITH_CUDA
-  if (like.is_cuda()) {
+#if defined(RMSNORM_EXT_WITH_CUDA) || defined(RMSNORM_EXT_CUDA_EMULATION)
+  if (runs_cuda_kernels(like)) {
     using Slot = KernelSlot<Kernel>;
     TORCH_CHECK(Slot::cuda_fn != nullptr, "rmsnorm_ext: this build has no CUDA kernel ",
                 Kernel::name);
@@ -121,22 +127,6 @@ void run_kernel(typename Kernel::Params p, const Tensor& like, WorkspaceHolder& 
   }
 #endif
   TORCH_CHECK(like.is_cpu(), "rmsnorm_ext: no kernels for device ", like.device());
-#ifdef RMSNORM_EXT_CUDA_EMULATION
-  // The CUDA emulation build (csrc/cuda/emulation, .ci/cuda_emulation.sh): CPU tensors run
-  // the CUDA kernels, emulated on the CPU, so the CPU test suite tests the CUDA code.
-  {
-    using Slot = KernelSlot<Kernel>;
-    TORCH_CHECK(Slot::cuda_fn != nullptr, "rmsnorm_ext: this build has no CUDA kernel ",
-                Kernel::name);
-    if constexpr (cuda::has_sm_count<typename Kernel::Params>::value) {
-      p.sm_count = cuda_emulation::sm_count();
-    }
-    const int err = Slot::cuda_fn(p, l.ws, nullptr);
-    TORCH_CHECK(err == 0, "rmsnorm_ext (CUDA emulation): ", Kernel::name,
-                " failed to launch: cudaError_t ", err);
-    return;
-  }
-#endif
   const auto fn = KernelSlot<Kernel>::cpu_fn;
   TORCH_CHECK(fn != nullptr, "rmsnorm_ext: this build has no CPU kernel ", Kernel::name);
   fn(p, l);

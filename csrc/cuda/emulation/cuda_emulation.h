@@ -109,7 +109,8 @@ T* dynamic_smem() {
 }
 
 // The runtime calls the kernel files make.
-cudaError_t get_last_error();
+cudaError_t get_last_error();   // returns and clears the sticky error
+cudaError_t peek_last_error();  // returns it
 cudaError_t get_device(int* d);
 cudaError_t device_get_attribute(int* v, cudaDeviceAttr attr, int device);
 cudaError_t func_get_attributes(cudaFuncAttributes* a, const void* kernel);
@@ -143,7 +144,7 @@ cudaError_t func_set_attribute_any(K k, cudaFuncAttribute attr, int value) {
 #define RMSNORM_EXT_EMU_STR(x) RMSNORM_EXT_EMU_STR2(x)
 
 #define cudaGetLastError ::cuda_emu::get_last_error
-#define cudaPeekAtLastError ::cuda_emu::get_last_error
+#define cudaPeekAtLastError ::cuda_emu::peek_last_error
 #define cudaGetDevice ::cuda_emu::get_device
 #define cudaDeviceGetAttribute ::cuda_emu::device_get_attribute
 #define cudaFuncGetAttributes ::cuda_emu::func_get_attributes_any
