@@ -1,5 +1,5 @@
-"""Short rows on CPU (vision widths): the forward kernels compute the statistics of short
-rows (N <= 1024) in groups of rows (csrc/cpu/row_group_stats.h). A grouped row must give
+"""Short rows on CPU (vision widths): the forward and backward kernels reduce short rows
+(N <= 1024) in groups of rows (csrc/cpu/row_group_stats.h). A grouped row must give
 bitwise the result of the same row computed alone (a [1, N] call never groups), be accurate
 against the float64 reference, and leave no row unwritten: row lengths around the
 threshold and the vector widths (8/16/32 lanes), odd and large row counts (several
@@ -55,6 +55,29 @@ def test_grouped_rows_equal_single_rows(pair, n):
         _same(yl[i:i + 1], yl1, f"ln y row {i}")
         _same(mean[i:i + 1], m1, f"ln mean row {i}")
         _same(lrstd[i:i + 1], lr1, f"ln rstd row {i}")
+
+
+@pytest.mark.parametrize("pair", DT_PAIRS, ids=_ids)
+@pytest.mark.parametrize("n", [1, 15, 17, 40, 96, 192, 255, 384, 768, 1024, 1025])
+def test_grouped_backward_rows_equal_single_rows(pair, n):
+    """The backward kernels reduce short rows in groups too: a row's input gradient is
+    bitwise the one it gets alone (m = 19: groups of 8, 4 or 2 and a remainder)."""
+    dtype, wdtype = pair
+    m = 19
+    x = _rows(m, n, dtype, 1.0)
+    dy = torch.randn(m, n).to(dtype)
+    w = torch.randn(n).to(wdtype)
+    _, rstd = OPS.rms_norm_fwd(x, [n], w, 1e-6, 0.0)
+    _, mean, lrstd = OPS.layer_norm_fwd(x, [n], w, None, 1e-5)
+    dx, _ = OPS.rms_norm_bwd(dy, x, rstd, w, [n], 0.0, None, True)
+    dxl, _, _ = OPS.layer_norm_bwd(dy, x, mean, lrstd, w, [n], True, True)
+    for i in range(m):
+        one = slice(i, i + 1)
+        dx1, _ = OPS.rms_norm_bwd(dy[one], x[one], rstd[one], w, [n], 0.0, None, False)
+        _same(dx[one], dx1, f"rms dx row {i}")
+        dxl1, _, _ = OPS.layer_norm_bwd(dy[one], x[one], mean[one], lrstd[one], w, [n], False,
+                                        False)
+        _same(dxl[one], dxl1, f"ln dx row {i}")
 
 
 @pytest.mark.parametrize("pair", DT_PAIRS, ids=_ids)

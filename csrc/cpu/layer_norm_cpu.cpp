@@ -77,52 +77,27 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
                  const acc_t<T>* bias, int64_t M, int64_t N, double eps) {
   const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t rb, int64_t re) {
-    const bool grouped = N <= kGroupMaxN;
-    const int64_t kept_rows = grouped ? kTinyGroupRows : 1;  // the most rows in flight
+    // Short rows: the statistics of a group of rows at once (row_group_stats.h), then
+    // their outputs; each output pass prefetches its row of the next group.
+    const int64_t kept_rows = N <= kGroupMaxN ? kStatsRows<T> : 1;  // the most in flight
     const std::unique_ptr<acc_t<T>[]> keep(kKeep ? new acc_t<T>[kept_rows * N] : nullptr);
-    int64_t i = rb;
-    if (grouped) {
-      // Short rows: the statistics of R rows at once (row_group_stats.h), then their
-      // outputs; each output pass prefetches its row of the next group.
-      auto groups = [&](auto rows) {
-        constexpr int R = decltype(rows)::value;
-        for (; i + R <= re; i += R) {
-          const T* xg = x + i * N;
-          const auto st = ln_rows_stats<R, T, kKeep>(xg, N, eps, keep.get());
-          for (int r = 0; r < R; ++r) {
-            pf.before_row(i + r, rb, re);
-            mean_out[i + r] = st[r].mean;
-            rstd_out[i + r] = st[r].rstd;
-            const T* next = i + R + r < re ? xg + (R + r) * N : nullptr;
-            if constexpr (kKeep) {
-              ln_out_row(keep.get() + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N,
-                         next);
-            } else {
-              ln_out_row(xg + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N, next);
-            }
-          }
+    for_row_groups<T>(rb, re, N, [&](int64_t i, auto rows) {
+      constexpr int R = decltype(rows)::value;
+      const T* xg = x + i * N;
+      const auto st = ln_rows_stats<R, T, kKeep>(xg, N, eps, keep.get());
+      for (int r = 0; r < R; ++r) {
+        pf.before_row(i + r, rb, re);
+        mean_out[i + r] = st[r].mean;
+        rstd_out[i + r] = st[r].rstd;
+        const T* next = i + R + r < re ? xg + (R + r) * N : nullptr;
+        if constexpr (kKeep) {
+          ln_out_row(keep.get() + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N,
+                     next);
+        } else {
+          ln_out_row(xg + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N, next);
         }
-      };
-      // Rows this short are mostly their chains: more rows at once overlap more of them.
-      if (N <= kTinyN) {
-        groups(std::integral_constant<int, kTinyGroupRows>{});
-      } else {
-        groups(std::integral_constant<int, kGroupRows>{});
       }
-    }
-    for (; i < re; ++i) {
-      pf.before_row(i, rb, re);
-      const T* xr = x + i * N;
-      const T* next = i + 1 < re ? xr + N : nullptr;
-      const auto st = ln_row_stats<T, kKeep>(xr, N, eps, keep.get());
-      mean_out[i] = st.mean;
-      rstd_out[i] = st.rstd;
-      if constexpr (kKeep) {
-        ln_out_row(keep.get(), y + i * N, st.mean, st.rstd, w, bias, N, next);
-      } else {
-        ln_out_row(xr, y + i * N, st.mean, st.rstd, w, bias, N, next);
-      }
-    }
+    });
   });
 }
 
@@ -139,57 +114,77 @@ void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* 
   using A = acc_t<T>;
   using V = typename IO::V;
   constexpr int64_t S = IO::kStep;
-  for (int64_t i = row_begin; i < row_end; ++i) {
-    pf.before_row(i, row_begin, row_end);
-    const T* dyr = dy + i * N;
-    const T* xr = x + i * N;
-    const V vm(mean[i]), vr(rstd[i]);
-    V ga, gb, xa, xb, wa, wb;
-    // Padded tail lanes: dy = 0 there, so g = 0 and every product below is 0.
-    const auto t = blocked_row_sum<4, V>(N, S, [&](int64_t j, int64_t n, auto& p) {
-      load_step(dyr, j, n, ga, gb);
-      load_step(xr, j, n, xa, xb);
-      if (w) {
-        load_step(w, j, n, wa, wb);
-        ga = ga * wa;
-        gb = gb * wb;
-      }
-      p[0] = p[0] + ga;
-      p[1] = p[1] + gb;
-      p[2] = at::vec::fmadd(ga, (xa - vm) * vr, p[2]);
-      p[3] = at::vec::fmadd(gb, (xb - vm) * vr, p[3]);
-    });
-    const A inv_n = A(1) / static_cast<A>(N);
-    const V c1(reduce_add(t[0] + t[1]) * inv_n), c2(reduce_add(t[2] + t[3]) * inv_n);
-    const bool pf_next = i + 1 < prefetch_end;  // the next row, into L2 (as rms_bwd_rows)
-    for (int64_t j = 0; j < N; j += S) {
-      const int64_t n = std::min(S, N - j);
-      if (pf_next) {
-        prefetch_step<T, S, 2>(dyr + N, j);
-        prefetch_step<T, S, 2>(xr + N, j);
-      }
-      load_step(dyr, j, n, ga, gb);
-      load_step(xr, j, n, xa, xb);
-      xa = (xa - vm) * vr;  // xhat
-      xb = (xb - vm) * vr;
-      if (dwp) {
-        V pa, pb;
-        RowIO<A>::load(dwp + j, pa, pb);
-        RowIO<A>::store(dwp + j, at::vec::fmadd(ga, xa, pa), at::vec::fmadd(gb, xb, pb));
-      }
-      if (dbp) {
-        V pa, pb;
-        RowIO<A>::load(dbp + j, pa, pb);
-        RowIO<A>::store(dbp + j, pa + ga, pb + gb);
-      }
-      if (w) {
-        load_step(w, j, n, wa, wb);
-        ga = ga * wa;
-        gb = gb * wb;
-      }
-      store_step(dx + i * N, j, n, (ga - c1 - xa * c2) * vr, (gb - c1 - xb * c2) * vr);
+  const A inv_n = A(1) / static_cast<A>(N);
+  // Short rows in groups (row_group_stats.h): every row's sums, then their horizontal
+  // reductions at once, then every row's dx; a row's arithmetic is the same in a group.
+  for_row_groups<T>(row_begin, row_end, N, [&](int64_t i0, auto rows) {
+    constexpr int R = decltype(rows)::value;
+    RowVecs<V, R> sg, sgx;  // per row: sum(g), sum(g * xhat) lane-wise
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = i0 + r;
+      const T* dyr = dy + i * N;
+      const T* xr = x + i * N;
+      const V vm(mean[i]), vr(rstd[i]);
+      Acc4<V> t[1];
+      // Padded tail lanes: dy = 0 there, so g = 0 and every product below is 0.
+      blocked_rows_sum<1, S>(N, t, [&](int, int64_t j, int64_t n, Acc4<V>& p) {
+        V ga, gb, xa, xb, wa, wb;
+        load_step(dyr, j, n, ga, gb);
+        load_step(xr, j, n, xa, xb);
+        if (w) {
+          load_step(w, j, n, wa, wb);
+          ga = ga * wa;
+          gb = gb * wb;
+        }
+        p.p0 = p.p0 + ga;
+        p.p1 = p.p1 + gb;
+        p.p2 = at::vec::fmadd(ga, (xa - vm) * vr, p.p2);
+        p.p3 = at::vec::fmadd(gb, (xb - vm) * vr, p.p3);
+      });
+      sg.set(r, t[0].p0 + t[0].p1);
+      sgx.set(r, t[0].p2 + t[0].p3);
     }
-  }
+    alignas(64) A c1s[V::size()], c2s[V::size()];
+    (hsum_rows<R>(sg) * V(inv_n)).store(c1s);
+    (hsum_rows<R>(sgx) * V(inv_n)).store(c2s);
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = i0 + r;
+      pf.before_row(i, row_begin, row_end);
+      const T* dyr = dy + i * N;
+      const T* xr = x + i * N;
+      const V vm(mean[i]), vr(rstd[i]), c1(c1s[r]), c2(c2s[r]);
+      // The row a pass R rows on reads, into L2 (as rms_bwd_rows).
+      const bool pf_next = i + R < prefetch_end;
+      for (int64_t j = 0; j < N; j += S) {
+        const int64_t n = std::min(S, N - j);
+        if (pf_next) {
+          prefetch_step<T, S, 2>(dyr + R * N, j);
+          prefetch_step<T, S, 2>(xr + R * N, j);
+        }
+        V ga, gb, xa, xb, wa, wb;
+        load_step(dyr, j, n, ga, gb);
+        load_step(xr, j, n, xa, xb);
+        xa = (xa - vm) * vr;  // xhat
+        xb = (xb - vm) * vr;
+        if (dwp) {
+          V pa, pb;
+          RowIO<A>::load(dwp + j, pa, pb);
+          RowIO<A>::store(dwp + j, at::vec::fmadd(ga, xa, pa), at::vec::fmadd(gb, xb, pb));
+        }
+        if (dbp) {
+          V pa, pb;
+          RowIO<A>::load(dbp + j, pa, pb);
+          RowIO<A>::store(dbp + j, pa + ga, pb + gb);
+        }
+        if (w) {
+          load_step(w, j, n, wa, wb);
+          ga = ga * wa;
+          gb = gb * wb;
+        }
+        store_step(dx + i * N, j, n, (ga - c1 - xa * c2) * vr, (gb - c1 - xb * c2) * vr);
+      }
+    }
+  });
 }
 
 }  // namespace

@@ -67,50 +67,25 @@ void rms_fwd_rows(const T* x, T* y, acc_t<T>* rstd, const acc_t<T>* w, int64_t M
                   double eps) {
   const OutputPrefault pf(y, M, N * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
-    const bool grouped = N <= kGroupMaxN;
-    const int64_t kept_rows = grouped ? kTinyGroupRows : 1;  // the most rows in flight
+    // Short rows: the rstd of a group of rows at once (row_group_stats.h), then their
+    // outputs; each output pass prefetches its row of the next group.
+    const int64_t kept_rows = N <= kGroupMaxN ? kStatsRows<T> : 1;  // the most in flight
     const std::unique_ptr<acc_t<T>[]> keep(kKeep ? new acc_t<T>[kept_rows * N] : nullptr);
-    int64_t i = b;
-    if (grouped) {
-      // Short rows: the sums of squares of R rows at once (row_group_stats.h), then their
-      // outputs; each output pass prefetches its row of the next group.
-      auto groups = [&](auto rows) {
-        constexpr int R = decltype(rows)::value;
-        for (; i + R <= e; i += R) {
-          const T* xg = x + i * N;
-          const auto ss = rows_sumsq<R, T, kKeep>(xg, N, keep.get());
-          for (int r = 0; r < R; ++r) {
-            pf.before_row(i + r, b, e);
-            const auto rs = rstd_from(ss[r], N, eps);
-            rstd[i + r] = rs;
-            const T* next = i + R + r < e ? xg + (R + r) * N : nullptr;
-            if constexpr (kKeep) {
-              row_scale(keep.get() + r * N, w, rs, N, y + (i + r) * N, next);
-            } else {
-              row_scale(xg + r * N, w, rs, N, y + (i + r) * N, next);
-            }
-          }
+    for_row_groups<T>(b, e, N, [&](int64_t i, auto rows) {
+      constexpr int R = decltype(rows)::value;
+      const T* xg = x + i * N;
+      const auto rs = rows_rstd<R, T, kKeep>(xg, N, eps, keep.get());
+      for (int r = 0; r < R; ++r) {
+        pf.before_row(i + r, b, e);
+        rstd[i + r] = rs[r];
+        const T* next = i + R + r < e ? xg + (R + r) * N : nullptr;
+        if constexpr (kKeep) {
+          row_scale(keep.get() + r * N, w, rs[r], N, y + (i + r) * N, next);
+        } else {
+          row_scale(xg + r * N, w, rs[r], N, y + (i + r) * N, next);
         }
-      };
-      // Rows this short are mostly their chains: more rows at once overlap more of them.
-      if (N <= kTinyN) {
-        groups(std::integral_constant<int, kTinyGroupRows>{});
-      } else {
-        groups(std::integral_constant<int, kGroupRows>{});
       }
-    }
-    for (; i < e; ++i) {
-      pf.before_row(i, b, e);
-      const T* xr = x + i * N;
-      const T* next = i + 1 < e ? xr + N : nullptr;
-      const auto r = rstd_from(row_sumsq<T, kKeep>(xr, N, keep.get()), N, eps);
-      rstd[i] = r;
-      if constexpr (kKeep) {
-        row_scale(keep.get(), w, r, N, y + i * N, next);
-      } else {
-        row_scale(xr, w, r, N, y + i * N, next);
-      }
-    }
+    });
   });
 }
 
@@ -155,64 +130,78 @@ void rms_bwd_rows(const G* dy, const X* x, const acc_t<X>* rstd, const acc_t<X>*
   using V = typename XIO::V;
   static_assert(std::is_same_v<A, acc_t<G>>);
   constexpr int64_t S = XIO::kStep;
-  for (int64_t i = row_begin; i < row_end; ++i) {
-    pf.before_row(i, row_begin, row_end);
-    const G* dyr = dy + i * N;
-    const X* xr = x + i * N;
-    const A r = rstd[i];
-    V ga, gb, xa, xb, wa, wb;
-    auto load_g = [&](int64_t j, int64_t n) {  // dy, x and w of one step (n < S: tail)
-      GIO::load_n(dyr + j, n, ga, gb);
-      XIO::load_n(xr + j, n, xa, xb);
+  // Short rows in groups (row_group_stats.h): every row's sum(g * x), their horizontal
+  // reductions at once, then every row's dx; a row's arithmetic is the same in a group.
+  for_row_groups<X>(row_begin, row_end, N, [&](int64_t i0, auto rows) {
+    constexpr int R = decltype(rows)::value;
+    auto load_g = [&](int64_t i, int64_t j, int64_t n, V& ga, V& gb, V& xa, V& xb, V& wa,
+                      V& wb) {  // dy, x and w of one step of row i (n < S: tail)
+      GIO::load_n(dy + i * N + j, n, ga, gb);
+      XIO::load_n(x + i * N + j, n, xa, xb);
       if (w) AIO::load_n(w + j, n, wa, wb);
     };
-    const auto t = blocked_row_sum<2, V>(N, S, [&](int64_t j, int64_t n, auto& p) {
-      load_g(j, n);
-      if (w) {
-        ga = ga * wa;
-        gb = gb * wb;
-      }
-      p[0] = at::vec::fmadd(ga, xa, p[0]);
-      p[1] = at::vec::fmadd(gb, xb, p[1]);
-    });
-    // dx = r * (g - xhat * c) with xhat = x * r and c = r * mean(g * x): the same value as
-    // r * (g - x * r^2 * mean(g * x)), grouped so that no intermediate outgrows |dx|:
-    // r^2 overflows fp32 for rms < ~5e-20 (eps = 0) and r^3 underflows for |x| >~ 1e13,
-    // while xhat is O(1) and c is O(|g|). Same grouping as the CUDA kernel, so the two agree.
-    const A c = r * (reduce_add(t[0] + t[1]) / static_cast<A>(N));
-    const V vr(r), vc(c);
-    // This pass reads the row from L1/L2 and leaves memory idle: prefetch the next row's dy
-    // and x meanwhile (into L2: this pass's own 5 rows of traffic would evict them from L1).
-    const bool pf_next = i + 1 < prefetch_end;
-    for (int64_t j = 0; j < N; j += S) {
-      const int64_t n = std::min(S, N - j);
-      if (pf_next) {
-        prefetch_step<G, S, 2>(dyr + N, j);
-        prefetch_step<X, S, 2>(xr + N, j);
-      }
-      load_g(j, n);
-      xa = xa * vr;  // xhat
-      xb = xb * vr;
-      if (dwp) {  // dweight += dy * xhat (before dy is scaled by w)
-        V pa, pb;
-        AIO::load(dwp + j, pa, pb);  // dwp rows are padded to a whole step
-        AIO::store(dwp + j, at::vec::fmadd(ga, xa, pa), at::vec::fmadd(gb, xb, pb));
-      }
-      if (w) {
-        ga = ga * wa;
-        gb = gb * wb;
-      }
-      V da = (ga - xa * vc) * vr;
-      V db = (gb - xb * vc) * vr;
-      if (gres) {
-        V ra, rb;
-        XIO::load_n(gres + i * N + j, n, ra, rb);
-        da = da + ra;
-        db = db + rb;
-      }
-      XIO::store_n(dx + i * N + j, n, da, db);
+    RowVecs<V, R> sgx;
+    for (int r = 0; r < R; ++r) {
+      Acc4<V> t[1];
+      blocked_rows_sum<1, S>(N, t, [&](int, int64_t j, int64_t n, Acc4<V>& p) {
+        V ga, gb, xa, xb, wa, wb;
+        load_g(i0 + r, j, n, ga, gb, xa, xb, wa, wb);
+        if (w) {
+          ga = ga * wa;
+          gb = gb * wb;
+        }
+        p.p0 = at::vec::fmadd(ga, xa, p.p0);
+        p.p1 = at::vec::fmadd(gb, xb, p.p1);
+      });
+      sgx.set(r, t[0].p0 + t[0].p1);
     }
-  }
+    alignas(64) A means[V::size()];
+    (hsum_rows<R>(sgx) / V(static_cast<A>(N))).store(means);
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = i0 + r;
+      pf.before_row(i, row_begin, row_end);
+      const A rs = rstd[i];
+      // dx = r * (g - xhat * c) with xhat = x * r and c = r * mean(g * x): the same value as
+      // r * (g - x * r^2 * mean(g * x)), grouped so that no intermediate outgrows |dx|:
+      // r^2 overflows fp32 for rms < ~5e-20 (eps = 0) and r^3 underflows for |x| >~ 1e13,
+      // while xhat is O(1) and c is O(|g|). Same grouping as the CUDA kernel, so the two
+      // agree.
+      const V vr(rs), vc(rs * means[r]);
+      // This pass reads the row from L1/L2 and leaves memory idle: prefetch the row a pass R
+      // rows on reads meanwhile (into L2: this pass's own 5 rows of traffic would evict it
+      // from L1).
+      const bool pf_next = i + R < prefetch_end;
+      for (int64_t j = 0; j < N; j += S) {
+        const int64_t n = std::min(S, N - j);
+        if (pf_next) {
+          prefetch_step<G, S, 2>(dy + (i + R) * N, j);
+          prefetch_step<X, S, 2>(x + (i + R) * N, j);
+        }
+        V ga, gb, xa, xb, wa, wb;
+        load_g(i, j, n, ga, gb, xa, xb, wa, wb);
+        xa = xa * vr;  // xhat
+        xb = xb * vr;
+        if (dwp) {  // dweight += dy * xhat (before dy is scaled by w)
+          V pa, pb;
+          AIO::load(dwp + j, pa, pb);  // dwp rows are padded to a whole step
+          AIO::store(dwp + j, at::vec::fmadd(ga, xa, pa), at::vec::fmadd(gb, xb, pb));
+        }
+        if (w) {
+          ga = ga * wa;
+          gb = gb * wb;
+        }
+        V da = (ga - xa * vc) * vr;
+        V db = (gb - xb * vc) * vr;
+        if (gres) {
+          V ra, rb;
+          XIO::load_n(gres + i * N + j, n, ra, rb);
+          da = da + ra;
+          db = db + rb;
+        }
+        XIO::store_n(dx + i * N + j, n, da, db);
+      }
+    }
+  });
 }
 
 }  // namespace

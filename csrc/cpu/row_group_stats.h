@@ -1,38 +1,31 @@
-// Forward statistics of a group of R rows at once, for short rows (vision widths, N <=
+// Statistics of a group of R rows at once, for short rows (vision widths, N <=
 // kGroupMaxN), and of one row (R = 1: row_sumsq, ln_row_stats, at the bottom).
 //
-// A short row's forward is bound by latency, not bandwidth: its statistics are a chain of
-// a few vector adds, a horizontal reduction, a divide and a square root (LayerNorm: twice),
-// and the output pass cannot start before the chain ends. With 96 elements that chain is
-// most of the row's time, and the out-of-order window is too small to overlap it with the
-// next row's. Computing R rows' statistics in one loop interleaves R independent chains.
+// A short row is bound by latency, not bandwidth: its statistics end in a chain of a
+// horizontal reduction, a divide and a square root (LayerNorm: twice), and its output pass
+// cannot start before the chain ends. With 96 elements that chain is most of the row's time.
+// A group runs its rows' passes one after another (independent: the out-of-order core
+// overlaps them) and finishes their chains together, one row per vector lane: the horizontal
+// sums transposed into one vector (hsum_rows), one divide and one square root for the group.
+// The backward kernels group their rows' reductions the same way (for_row_groups).
 //
 // A row's arithmetic is the same whatever R -- the same steps, accumulators, blocks and
-// reduction order, and the one-row functions are R = 1 -- so a row's statistics are bitwise
-// the same whether it is computed in a group or alone (tests/test_short_rows.py checks this
-// against single-row calls).
+// reduction order, lane-wise finishing -- and the one-row functions are R = 1, so a row's
+// statistics are bitwise the same whether it is computed in a group or alone, whatever the
+// thread split (tests/test_short_rows.py checks this against single-row calls).
 #pragma once
 
 #include "row_stats.h"
 
+#include <algorithm>
 #include <array>
+#include <type_traits>
 
 namespace rmsnorm_ext::cpu {
 
-// Rows up to this long take the grouped path (longer rows are bandwidth-bound already and
-// their chain is a small part of their time). kGroupRows: rows per group; two rows' four
-// accumulators plus their operands fill AVX2's 16 vector registers (more rows would spill).
-// perf on the single-row path (N = 96 bf16, AMD EPYC AVX2) also found its accumulators on
-// the stack: std::array fills as `rep stos` (~14% of ln_row_stats) and every vector reloaded
-// around the tail's memcpy calls; Acc4 and load_part / store_part below avoid both.
+// Rows up to this long are grouped (longer rows are bandwidth-bound already and their chain
+// is a small part of their time).
 inline constexpr int64_t kGroupMaxN = 1024;
-inline constexpr int kGroupRows = 2;
-// Rows up to kTinyN long take kTinyGroupRows at once: their time is mostly the chain, and
-// four overlap more of it (LayerNorm, channels_last C = 40 / 64, fp32 and bf16, AVX2: 7-16%
-// faster; RMSNorm, whose chain is shorter, unchanged). kTinyGroupRows >= kGroupRows.
-inline constexpr int64_t kTinyN = 64;
-inline constexpr int kTinyGroupRows = 4;
-static_assert(kTinyGroupRows >= kGroupRows, "the kept-row scratch is sized for kTinyGroupRows");
 
 // Four accumulator vectors with named members: std::array<V, 4> (blocked_row_sum's) is
 // zeroed with memset and kept on the stack by GCC, where these stay in registers.
@@ -129,29 +122,152 @@ inline void keep_part(A* keep, int64_t n, const V& a, const V& b, const V& c, co
   if (n > S) store_part(keep + S, n - S, c, d);
 }
 
-// sum(x^2) of rows x, x + N, ..., x + (R - 1) * N (row_sumsq of each); keep (kKeep): R * N
-// floats, the rows converted to fp32.
+// R vectors, one per row of a group, in storage that is not zero-filled first (an array of
+// Vectorized is: GCC emits `rep stos` for it, ~16% of a short row's statistics).
+template <typename V, int R>
+struct RowVecs {
+  alignas(64) typename V::value_type a[R * V::size()];
+  inline V operator[](int r) const { return V::loadu(a + r * V::size()); }
+  inline void set(int r, const V& v) { v.store(a + r * V::size()); }
+};
+
+// Lane r (r < R) of the result: the horizontal sum of v[r], in reduce_add's association
+// for every row, so a row's sum is bitwise the same alone (R = 1) or in a group; lanes >= R
+// are zero. A group's statistics then finish as one vector (one divide, one square root for
+// R rows) instead of R scalar chains. AVX2 fp32: R rows' vectors transposed into one by a
+// tree of 128-bit, 64-bit and 32-bit halves (the steps of reduce_add, for 8 rows in ~21
+// instructions instead of ~48 and 8 extractions); elsewhere reduce_add per row.
+template <int R, typename V>
+__attribute__((always_inline)) inline V hsum_rows(const RowVecs<V, R>& v) {
+  using A = typename V::value_type;
+  static_assert(R >= 1 && R <= V::size(), "a group is at most one row per lane");
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    auto row = [&](int r) -> __m256 { return r < R ? __m256(v[r]) : _mm256_setzero_ps(); };
+    // s_i = a_i + a_(i+4): rows 2k (low half) and 2k + 1 (high half).
+    __m256 p[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const __m256 a = row(2 * k), b = row(2 * k + 1);
+      p[k] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    }
+    // t0 = s0 + s2, t1 = s1 + s3: rows (0, 2 | 1, 3) and (4, 6 | 5, 7), two lanes each.
+    const __m256 q0 = _mm256_add_ps(_mm256_shuffle_ps(p[0], p[1], 0x44),
+                                    _mm256_shuffle_ps(p[0], p[1], 0xEE));
+    const __m256 q1 = _mm256_add_ps(_mm256_shuffle_ps(p[2], p[3], 0x44),
+                                    _mm256_shuffle_ps(p[2], p[3], 0xEE));
+    // t0 + t1: lanes hold rows 0, 2, 4, 6, 1, 3, 5, 7; put them in order with immediate
+    // shuffles (an index vector would stay live in a register across the callers' row loops,
+    // where GCC then spills an accumulator).
+    const __m256 t = _mm256_add_ps(_mm256_shuffle_ps(q0, q1, 0x88), _mm256_shuffle_ps(q0, q1, 0xDD));
+    const __m256 h = _mm256_permute2f128_ps(t, t, 0x01);
+    return V(_mm256_permute2f128_ps(_mm256_unpacklo_ps(t, h), _mm256_unpackhi_ps(t, h), 0x20));
+  }
+#endif
+  alignas(64) A s[V::size()];
+  for (int r = 0; r < V::size(); ++r) s[r] = r < R ? reduce_add(v[r]) : A(0);
+  return V::loadu(s);
+}
+
+// The most rows a group takes at once: one per lane, at most 8 (AVX2 fp32: 8; fp64: 4).
+template <typename T>
+inline constexpr int kStatsRows = std::min<int>(8, RowIO<T>::V::size());
+
+// A group of short rows holds about kGroupElems elements (8 KB as fp32): kStatsRows rows
+// halved (at most twice) while they hold more. Its rows then stay in L1 between passes next
+// to what the passes write (AVX2, fp32 N = 768: 8 rows ~20% slower than 4, 4 ~5% slower
+// than 2; N <= 256 gains from 8).
+inline constexpr int64_t kGroupElems = 2048;
+
+// Calls f(i, rows) for consecutive groups [i, i + rows) covering [begin, end), rows a
+// std::integral_constant<int, R>: groups (above) where rows are short, then single rows (the
+// remainder, and every row of a long-row call).
+
+template <typename T, typename F>
+inline void for_row_groups(int64_t begin, int64_t end, int64_t N, F&& f) {
+  constexpr int R = kStatsRows<T>;
+  int64_t i = begin;
+  auto groups = [&](auto rows) {
+    constexpr int G = decltype(rows)::value;
+    for (; i + G <= end; i += G) f(i, rows);
+  };
+  if (N <= kGroupMaxN) {
+    if (N * R <= kGroupElems) {
+      groups(std::integral_constant<int, R>{});
+    } else if (N * R <= 2 * kGroupElems) {
+      groups(std::integral_constant<int, std::max(1, R / 2)>{});
+    } else {
+      groups(std::integral_constant<int, std::max(1, R / 4)>{});
+    }
+  }
+  for (; i < end; ++i) f(i, std::integral_constant<int, 1>{});
+}
+
+// One pass of blocked_rows_sum over the R rows of a group, two rows per loop (a row alone is
+// latency-bound on its accumulators' adds: two rows' chains fill the gaps), handing each
+// row's accumulators to done(r, acc). f(r, j, n, acc) as blocked_rows_sum's, for row r.
+template <int R, int64_t kStepLen, typename V, typename F, typename D>
+inline void group_pass(int64_t N, F&& f, D&& done) {
+  constexpr int P = R >= 2 ? 2 : 1;
+  static_assert(R % P == 0, "a group is whole pairs of rows");
+  for (int r0 = 0; r0 < R; r0 += P) {
+    Acc4<V> t[P];
+    blocked_rows_sum<P, kStepLen>(
+        N, t, [&](int q, int64_t j, int64_t n, Acc4<V>& p) { f(r0 + q, j, n, p); });
+#pragma GCC unroll 2
+    for (int q = 0; q < P; ++q) done(r0 + q, t[q]);
+  }
+}
+
+// sum(x^2) of rows x, x + N, ..., x + (R - 1) * N (row_sumsq of each) as lanes of a vector;
+// keep (kKeep): R * N floats, the rows converted to fp32.
 template <int R, typename T, bool kKeep = false>
-inline std::array<acc_t<T>, R> rows_sumsq(const T* x, int64_t N, acc_t<T>* keep = nullptr) {
+inline typename RowIO<T>::V rows_sumsq_lanes(const T* x, int64_t N, acc_t<T>* keep = nullptr) {
   using IO = RowIO<T>;
   using V = typename IO::V;
-  Acc4<V> t[R];
-  blocked_rows_sum<R, 2 * IO::kStep>(N, t, [&](int r, int64_t j, int64_t n, Acc4<V>& p) {
-    V a, b, c, d;
-    load2_part(x + r * N + j, n, a, b, c, d);
-    if constexpr (kKeep) keep_part(keep + r * N + j, n, a, b, c, d);
-    p.p0 = at::vec::fmadd(a, a, p.p0);
-    p.p1 = at::vec::fmadd(b, b, p.p1);
-    p.p2 = at::vec::fmadd(c, c, p.p2);
-    p.p3 = at::vec::fmadd(d, d, p.p3);
-  });
+  RowVecs<V, R> s;
+  group_pass<R, 2 * IO::kStep, V>(
+      N,
+      [&](int r, int64_t j, int64_t n, Acc4<V>& p) {
+        V a, b, c, d;
+        load2_part(x + r * N + j, n, a, b, c, d);
+        if constexpr (kKeep) keep_part(keep + r * N + j, n, a, b, c, d);
+        p.p0 = at::vec::fmadd(a, a, p.p0);
+        p.p1 = at::vec::fmadd(b, b, p.p1);
+        p.p2 = at::vec::fmadd(c, c, p.p2);
+        p.p3 = at::vec::fmadd(d, d, p.p3);
+      },
+      [&](int r, const Acc4<V>& t) { s.set(r, (t.p0 + t.p1) + (t.p2 + t.p3)); });
+  return hsum_rows<R>(s);
+}
+
+template <int R, typename T, bool kKeep = false>
+inline std::array<acc_t<T>, R> rows_sumsq(const T* x, int64_t N, acc_t<T>* keep = nullptr) {
+  using V = typename RowIO<T>::V;
+  alignas(64) acc_t<T> s[V::size()];
+  rows_sumsq_lanes<R, T, kKeep>(x, N, keep).store(s);
   std::array<acc_t<T>, R> out;
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) out[r] = reduce_add((t[r].p0 + t[r].p1) + (t[r].p2 + t[r].p3));
+  for (int r = 0; r < R; ++r) out[r] = s[r];
   return out;
 }
 
-// ln_row_stats of rows x, x + N, ..., x + (R - 1) * N; keep as in rows_sumsq.
+// rstd_from (row_stats.h) of rows_sumsq, lane-wise: the same divide, add and square root.
+template <int R, typename T, bool kKeep = false>
+inline std::array<acc_t<T>, R> rows_rstd(const T* x, int64_t N, double eps,
+                                         acc_t<T>* keep = nullptr) {
+  using A = acc_t<T>;
+  using V = typename RowIO<T>::V;
+  const V ss = rows_sumsq_lanes<R, T, kKeep>(x, N, keep);
+  alignas(64) A s[V::size()];
+  (V(A(1)) / (ss / V(static_cast<A>(N)) + V(static_cast<A>(eps))).sqrt()).store(s);
+  std::array<A, R> out;
+  for (int r = 0; r < R; ++r) out[r] = s[r];
+  return out;
+}
+
+// ln_row_stats of rows x, x + N, ..., x + (R - 1) * N; keep as in rows_sumsq. The mean, then
+// the corrected two-pass variance: var = (sum(d^2) - sum(d)^2 / N) / N with d = x - mean0,
+// mean = mean0 + sum(d) / N; both finish lane-wise for the group.
 template <int R, typename T, bool kKeep = false>
 inline std::array<LnStats<acc_t<T>>, R> ln_rows_stats(const T* x, int64_t N, double eps,
                                                       acc_t<T>* keep = nullptr) {
@@ -159,50 +275,56 @@ inline std::array<LnStats<acc_t<T>>, R> ln_rows_stats(const T* x, int64_t N, dou
   using A = acc_t<T>;
   using V = typename IO::V;
   constexpr int64_t S = IO::kStep;
-  Acc4<V> ts[R];
-  blocked_rows_sum<R, 2 * S>(N, ts, [&](int r, int64_t j, int64_t n, Acc4<V>& p) {
-    V a, b, c, d;
-    load2_part(x + r * N + j, n, a, b, c, d);
-    if constexpr (kKeep) keep_part(keep + r * N + j, n, a, b, c, d);
-    p.p0 = p.p0 + a;
-    p.p1 = p.p1 + b;
-    p.p2 = p.p2 + c;
-    p.p3 = p.p3 + d;
-  });
-  V vm0[R];
-  A mean0[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    mean0[r] = reduce_add((ts[r].p0 + ts[r].p1) + (ts[r].p2 + ts[r].p3)) / static_cast<A>(N);
-    vm0[r] = V(mean0[r]);
-  }
-  // The corrected two-pass variance of ln_row_stats.
-  Acc4<V> tv[R];
-  blocked_rows_sum<R, S>(N, tv, [&](int r, int64_t j, int64_t n, Acc4<V>& p) {
-    V a, b;
-    if constexpr (kKeep) {
-      load_part(keep + r * N + j, n, a, b);
-    } else {
-      load_part(x + r * N + j, n, a, b);
-    }
-    a = a - vm0[r];
-    b = b - vm0[r];
-    if (n < S) zero_tail(a, b, n);
-    p.p0 = at::vec::fmadd(a, a, p.p0);
-    p.p1 = at::vec::fmadd(b, b, p.p1);
-    p.p2 = p.p2 + a;
-    p.p3 = p.p3 + b;
-  });
-  const A inv_n = A(1) / static_cast<A>(N);
+  RowVecs<V, R> s;
+  group_pass<R, 2 * S, V>(
+      N,
+      [&](int r, int64_t j, int64_t n, Acc4<V>& p) {
+        V a, b, c, d;
+        load2_part(x + r * N + j, n, a, b, c, d);
+        if constexpr (kKeep) keep_part(keep + r * N + j, n, a, b, c, d);
+        p.p0 = p.p0 + a;
+        p.p1 = p.p1 + b;
+        p.p2 = p.p2 + c;
+        p.p3 = p.p3 + d;
+      },
+      [&](int r, const Acc4<V>& t) { s.set(r, (t.p0 + t.p1) + (t.p2 + t.p3)); });
+  const V mean0 = hsum_rows<R>(s) / V(static_cast<A>(N));
+  alignas(64) A m0[V::size()];
+  mean0.store(m0);
+  RowVecs<V, R> sq, sd;
+  group_pass<R, S, V>(
+      N,
+      [&](int r, int64_t j, int64_t n, Acc4<V>& p) {
+        const V vm(m0[r]);
+        V a, b;
+        if constexpr (kKeep) {
+          load_part(keep + r * N + j, n, a, b);
+        } else {
+          load_part(x + r * N + j, n, a, b);
+        }
+        a = a - vm;
+        b = b - vm;
+        if (n < S) zero_tail(a, b, n);
+        p.p0 = at::vec::fmadd(a, a, p.p0);
+        p.p1 = at::vec::fmadd(b, b, p.p1);
+        p.p2 = p.p2 + a;
+        p.p3 = p.p3 + b;
+      },
+      [&](int r, const Acc4<V>& t) {
+        sq.set(r, t.p0 + t.p1);
+        sd.set(r, t.p2 + t.p3);
+      });
+  const V inv_n(A(1) / static_cast<A>(N));
+  const V vsd = hsum_rows<R>(sd);
+  const V mean = at::vec::fmadd(vsd, inv_n, mean0);
+  const V var_raw = at::vec::fnmadd(vsd * vsd, inv_n, hsum_rows<R>(sq)) * inv_n;
+  const V var = V::blendv(var_raw, V(A(0)), var_raw < V(A(0)));  // keeps NaN and -0
+  const V rstd = V(A(1)) / (var + V(static_cast<A>(eps))).sqrt();
+  alignas(64) A mm[V::size()], rr[V::size()];
+  mean.store(mm);
+  rstd.store(rr);
   std::array<LnStats<A>, R> out;
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const A sd = reduce_add(tv[r].p2 + tv[r].p3);
-    const A mean = mean0[r] + sd * inv_n;
-    const A var_raw = (reduce_add(tv[r].p0 + tv[r].p1) - sd * sd * inv_n) * inv_n;
-    const A var = var_raw < A(0) ? A(0) : var_raw;  // keeps NaN
-    out[r] = {mean, A(1) / std::sqrt(var + static_cast<A>(eps))};
-  }
+  for (int r = 0; r < R; ++r) out[r] = {mm[r], rr[r]};
   return out;
 }
 
