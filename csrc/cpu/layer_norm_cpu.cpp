@@ -101,6 +101,45 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
   });
 }
 
+// dx of one row, the backward's second pass: dx = rstd * (g - c1 - xhat * c2); dwp += dy *
+// xhat, dbp += dy (each may be null). next_dy / next_x: as rms_bwd_row_dx's (a function of
+// its own for the same reason: its pointers stay in registers).
+template <typename T>
+inline void ln_bwd_row_dx(const T* dyr, const T* xr, const acc_t<T>* w, T* dxr, acc_t<T>* dwp,
+                          acc_t<T>* dbp, acc_t<T> mean, acc_t<T> rstd, acc_t<T> c1,
+                          acc_t<T> c2, int64_t N, const T* next_dy, const T* next_x) {
+  using A = acc_t<T>;
+  using V = typename RowIO<T>::V;
+  constexpr int64_t S = RowIO<T>::kStep;
+  const V vm(mean), vr(rstd), vc1(c1), vc2(c2);
+  for (int64_t j = 0; j < N; j += S) {
+    const int64_t n = std::min(S, N - j);
+    prefetch_step<T, S, 2>(next_dy, j);
+    prefetch_step<T, S, 2>(next_x, j);
+    V ga, gb, xa, xb, wa, wb;
+    load_step(dyr, j, n, ga, gb);
+    load_step(xr, j, n, xa, xb);
+    xa = (xa - vm) * vr;  // xhat
+    xb = (xb - vm) * vr;
+    if (dwp) {
+      V pa, pb;
+      RowIO<A>::load(dwp + j, pa, pb);
+      RowIO<A>::store(dwp + j, at::vec::fmadd(ga, xa, pa), at::vec::fmadd(gb, xb, pb));
+    }
+    if (dbp) {
+      V pa, pb;
+      RowIO<A>::load(dbp + j, pa, pb);
+      RowIO<A>::store(dbp + j, pa + ga, pb + gb);
+    }
+    if (w) {
+      load_step(w, j, n, wa, wb);
+      ga = ga * wa;
+      gb = gb * wb;
+    }
+    store_step(dxr, j, n, (ga - vc1 - xa * vc2) * vr, (gb - vc1 - xb * vc2) * vr);
+  }
+}
+
 // xhat = (x - mean) * rstd, g = dy * w:
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
 // dwp / dbp (may be null): the partial rows of sum(dy * xhat) and sum(dy) that rows
@@ -120,69 +159,39 @@ void ln_bwd_rows(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* 
   for_row_groups<T>(row_begin, row_end, N, [&](int64_t i0, auto rows) {
     constexpr int R = decltype(rows)::value;
     RowVecs<V, R> sg, sgx;  // per row: sum(g), sum(g * xhat) lane-wise
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = i0 + r;
-      const T* dyr = dy + i * N;
-      const T* xr = x + i * N;
-      const V vm(mean[i]), vr(rstd[i]);
-      Acc4<V> t[1];
-      // Padded tail lanes: dy = 0 there, so g = 0 and every product below is 0.
-      blocked_rows_sum<1, S>(N, t, [&](int, int64_t j, int64_t n, Acc4<V>& p) {
-        V ga, gb, xa, xb, wa, wb;
-        load_step(dyr, j, n, ga, gb);
-        load_step(xr, j, n, xa, xb);
-        if (w) {
-          load_step(w, j, n, wa, wb);
-          ga = ga * wa;
-          gb = gb * wb;
-        }
-        p.p0 = p.p0 + ga;
-        p.p1 = p.p1 + gb;
-        p.p2 = at::vec::fmadd(ga, (xa - vm) * vr, p.p2);
-        p.p3 = at::vec::fmadd(gb, (xb - vm) * vr, p.p3);
-      });
-      sg.set(r, t[0].p0 + t[0].p1);
-      sgx.set(r, t[0].p2 + t[0].p3);
-    }
+    // Padded tail lanes: dy = 0 there, so g = 0 and every product below is 0.
+    group_pass<R, S, V>(
+        N,
+        [&](int r, int64_t j, int64_t n, Acc4<V>& p) {
+          const int64_t i = i0 + r;
+          const V vm(mean[i]), vr(rstd[i]);
+          V ga, gb, xa, xb, wa, wb;
+          load_step(dy + i * N, j, n, ga, gb);
+          load_step(x + i * N, j, n, xa, xb);
+          if (w) {
+            load_step(w, j, n, wa, wb);
+            ga = ga * wa;
+            gb = gb * wb;
+          }
+          p.p0 = p.p0 + ga;
+          p.p1 = p.p1 + gb;
+          p.p2 = at::vec::fmadd(ga, (xa - vm) * vr, p.p2);
+          p.p3 = at::vec::fmadd(gb, (xb - vm) * vr, p.p3);
+        },
+        [&](int r, const Acc4<V>& t) {
+          sg.set(r, t.p0 + t.p1);
+          sgx.set(r, t.p2 + t.p3);
+        });
     alignas(64) A c1s[V::size()], c2s[V::size()];
     (hsum_rows<R>(sg) * V(inv_n)).store(c1s);
     (hsum_rows<R>(sgx) * V(inv_n)).store(c2s);
     for (int r = 0; r < R; ++r) {
       const int64_t i = i0 + r;
       pf.before_row(i, row_begin, row_end);
-      const T* dyr = dy + i * N;
-      const T* xr = x + i * N;
-      const V vm(mean[i]), vr(rstd[i]), c1(c1s[r]), c2(c2s[r]);
-      // The row a pass R rows on reads, into L2 (as rms_bwd_rows).
-      const bool pf_next = i + R < prefetch_end;
-      for (int64_t j = 0; j < N; j += S) {
-        const int64_t n = std::min(S, N - j);
-        if (pf_next) {
-          prefetch_step<T, S, 2>(dyr + R * N, j);
-          prefetch_step<T, S, 2>(xr + R * N, j);
-        }
-        V ga, gb, xa, xb, wa, wb;
-        load_step(dyr, j, n, ga, gb);
-        load_step(xr, j, n, xa, xb);
-        xa = (xa - vm) * vr;  // xhat
-        xb = (xb - vm) * vr;
-        if (dwp) {
-          V pa, pb;
-          RowIO<A>::load(dwp + j, pa, pb);
-          RowIO<A>::store(dwp + j, at::vec::fmadd(ga, xa, pa), at::vec::fmadd(gb, xb, pb));
-        }
-        if (dbp) {
-          V pa, pb;
-          RowIO<A>::load(dbp + j, pa, pb);
-          RowIO<A>::store(dbp + j, pa + ga, pb + gb);
-        }
-        if (w) {
-          load_step(w, j, n, wa, wb);
-          ga = ga * wa;
-          gb = gb * wb;
-        }
-        store_step(dx + i * N, j, n, (ga - c1 - xa * c2) * vr, (gb - c1 - xb * c2) * vr);
-      }
+      const bool pf_next = i + R < prefetch_end;  // the row a pass R rows on reads
+      ln_bwd_row_dx<T>(dy + i * N, x + i * N, w, dx + i * N, dwp, dbp, mean[i], rstd[i], c1s[r],
+                       c2s[r], N, pf_next ? dy + (i + R) * N : nullptr,
+                       pf_next ? x + (i + R) * N : nullptr);
     }
   });
 }
