@@ -8,14 +8,11 @@
 //    is converted to A once per position, with the weight folded in (FwdTables: one per
 //    q and k), instead of being loaded, converted and weighted again for every head;
 //  - runs the q and k rows of a position in one parallel region over positions;
-//  - takes a position's rows in groups of kGroup: the rstd of every row of the group
-//    first, so the rows' reduction -> sqrt -> divide chains overlap instead of stalling
-//    each output pass, keeping each row converted to A (head_sumsq<T, true>) for its output
-//    pass, which then converts nothing but its stores;
-//  - keeps the accumulators in registers, where row_sumsq's generic blocked_row_sum goes
-//    through a stack array.
-// The sum of squares follows row_sumsq's exact order (row_group_stats.h), so rstd equals
-// rms_norm's bit for bit (tests/test_qk_norm_rope.py checks this). The backward converts
+//  - takes a position's rows in groups (row_group_stats.h's rows_rstd, as rms_norm's short
+//    rows): the rstd of every row of the group first, their reduction -> sqrt -> divide
+//    chains finished together, keeping each row converted to A for its output pass, which
+//    then converts nothing but its stores.
+// So rstd is rms_norm's bit for bit (tests/test_qk_norm_rope.py checks this). The backward converts
 // cos/sin once per position too (Tables) and keeps du and vhat between its two passes.
 //
 // The rotation pairs element a with element b:
@@ -37,6 +34,7 @@
 #include "kernels.h"
 #include "param_rows.h"
 #include "prefault.h"
+#include "row_group_stats.h"
 #include "row_stats.h"
 #include "vec_io.h"
 
@@ -71,55 +69,6 @@ inline Vectorized<A> swap_pairs(const Vectorized<A>& v) {
   for (int i = 0; i + 1 < L; i += 2) std::swap(buf[i], buf[i + 1]);
   return Vectorized<A>::loadu(buf);
 #endif
-}
-
-// sum(x^2) of a row in row_sumsq's exact order (four accumulators over steps of two
-// RowIO steps, restarted every 32 such steps and added into running totals, then
-// (t0 + t1) + (t2 + t3)), with the accumulators in registers. Keep: also stores the row
-// converted to A in xc (padded(N) elements), so the forward's output pass reads fp32
-// instead of converting the row a second time.
-template <typename T, bool Keep = false>
-inline acc_t<T> head_sumsq(const T* x, int64_t N, acc_t<T>* xc = nullptr) {
-  using IO = RowIO<T>;
-  using A = acc_t<T>;
-  using AIO = RowIO<A>;
-  using V = typename IO::V;
-  constexpr int64_t S = IO::kStep;
-  constexpr int64_t kBlock = 32 * 2 * S;  // blocked_row_sum's kBlockSteps steps of 2 * S
-  V t0(A(0)), t1(A(0)), t2(A(0)), t3(A(0));
-  for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
-    const int64_t end = std::min(N, j0 + kBlock);
-    V p0(A(0)), p1(A(0)), p2(A(0)), p3(A(0)), a, b, c, d;
-    int64_t j = j0;
-    for (; j + 2 * S <= end; j += 2 * S) {
-      IO::load(x + j, a, b);
-      IO::load(x + j + S, c, d);
-      if constexpr (Keep) {
-        AIO::store(xc + j, a, b);
-        AIO::store(xc + j + S, c, d);
-      }
-      p0 = at::vec::fmadd(a, a, p0);
-      p1 = at::vec::fmadd(b, b, p1);
-      p2 = at::vec::fmadd(c, c, p2);
-      p3 = at::vec::fmadd(d, d, p3);
-    }
-    if (j < end) {
-      IO::load2_n(x + j, end - j, a, b, c, d);
-      if constexpr (Keep) {
-        AIO::store(xc + j, a, b);
-        if (end - j > S) AIO::store(xc + j + S, c, d);
-      }
-      p0 = at::vec::fmadd(a, a, p0);
-      p1 = at::vec::fmadd(b, b, p1);
-      p2 = at::vec::fmadd(c, c, p2);
-      p3 = at::vec::fmadd(d, d, p3);
-    }
-    t0 = t0 + p0;
-    t1 = t1 + p1;
-    t2 = t2 + p2;
-    t3 = t3 + p3;
-  }
-  return reduce_add((t0 + t1) + (t2 + t3));
 }
 
 // cos and sin of one position in A (interleaved: sin with its even entries negated), each
@@ -305,16 +254,12 @@ struct FwdSide {
   int64_t H;
 };
 
-// Rows per group: their statistics first (independent reduction / sqrt / divide chains
-// that overlap), kept in A in a scratch of kGroup rows, then their outputs.
-constexpr int64_t kGroup = 8;
 
 template <typename T, typename C, bool IL>
 void fwd(const QkNormRopeFwdParams& p, const FwdSide<T>& q, const FwdSide<T>& k) {
   using A = acc_t<T>;
   constexpr bool kKeep = !std::is_same_v<T, A>;  // fp32 / fp64 rows are read in place
   const int64_t D = p.D;
-  const int64_t Dp = padded<A>(D);
   const C* cos = static_cast<const C*>(p.cos);
   const C* sin = static_cast<const C*>(p.sin);
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
@@ -323,7 +268,7 @@ void fwd(const QkNormRopeFwdParams& p, const FwdSide<T>& q, const FwdSide<T>& k)
   const int64_t grain = std::max<int64_t>(1, row_grain(D) / std::max<int64_t>(1, q.H + k.H));
   at::parallel_for(0, p.P, grain, [&](int64_t pb, int64_t pe) {
     FwdTables<A, C, IL> tq(q.w, D), tk(k.w, D);
-    std::vector<A> keep(kKeep ? static_cast<size_t>(kGroup * Dp) : 0);
+    std::vector<A> keep(kKeep ? static_cast<size_t>(kStatsRows<T> * D) : 0);
     for (int64_t pos = pb; pos < pe; ++pos) {
       const int64_t crow = p.cs_per_batch ? pos : pos % p.S;
       for (int side = 0; side < 2; ++side) {
@@ -332,25 +277,24 @@ void fwd(const QkNormRopeFwdParams& p, const FwdSide<T>& q, const FwdSide<T>& k)
         FwdTables<A, C, IL>& tb = side == 0 ? tq : tk;
         const OutputPrefault& pf = side == 0 ? pfq : pfk;
         tb.set(cos + crow * D, sin + crow * D, crow);
-        for (int64_t g = pos * sd.H; g < (pos + 1) * sd.H; g += kGroup) {
-          const int64_t ge = std::min((pos + 1) * sd.H, g + kGroup);
-          for (int64_t i = g; i < ge; ++i) {
-            const T* xr = sd.x + i * D;
-            const A ss = kKeep ? head_sumsq<T, true>(xr, D, keep.data() + (i - g) * Dp)
-                               : head_sumsq(xr, D);
-            sd.rstd[i] = rstd_from(ss, D, p.eps);
-          }
-          for (int64_t i = g; i < ge; ++i) {
+        // The position's heads in groups (row_group_stats.h): every row's rstd, the groups'
+        // chains finished together, each row kept in A for its output pass.
+        for_row_groups<T>(pos * sd.H, (pos + 1) * sd.H, D, [&](int64_t i0, auto rows) {
+          constexpr int R = decltype(rows)::value;
+          const auto rs = rows_rstd<R, T, kKeep>(sd.x + i0 * D, D, p.eps, keep.data());
+          for (int r = 0; r < R; ++r) {
+            const int64_t i = i0 + r;
+            sd.rstd[i] = rs[r];
             pf.before_row(i, pb * sd.H, pe * sd.H);
             const A* xa;
             if constexpr (kKeep) {
-              xa = keep.data() + (i - g) * Dp;
+              xa = keep.data() + r * D;
             } else {
               xa = sd.x + i * D;
             }
-            fwd_row<IL>(xa, tb.c(), tb.s(), sd.rstd[i], sd.y + i * D, D);
+            fwd_row<IL>(xa, tb.c(), tb.s(), rs[r], sd.y + i * D, D);
           }
-        }
+        });
       }
     }
   });
