@@ -22,6 +22,7 @@
 #include "kernels.h"
 #include "param_rows.h"
 #include "prefault.h"
+#include "row_group_stats.h"
 #include "vec_io.h"
 
 #include <ATen/Parallel.h>
@@ -386,6 +387,26 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
     bool masked = false;
     for (int i = 0; i < G; ++i) masked = masked || gr.dup[i] != 0;
     NextTilePrefetch<T> pf(a.x, a.dy, tl, next, p, ng);
+    // The channels' parameter-gradient vectors, L channels at a time: their horizontal sums
+    // taken together (hsum_rows, row_group_stats.h: each lane is reduce_add of its vector, so
+    // the sums are bitwise a reduce_add per channel) and added to dwp / dbp as one vector,
+    // instead of a reduction chain and a scalar read-modify-write per channel.
+    constexpr int L = kStatsRows<T>;
+    RowVecs<V, L> wsum, bsum;
+    int held = 0;  // channels [j - held, j) wait in wsum / bsum
+    auto flush = [&](int64_t j_end) {
+      const int64_t j0 = j_end - held;
+      if (held == L) {
+        if (dwp) (V::loadu(dwp + j0) + hsum_rows<L>(wsum)).store(dwp + j0);
+        if (dbp) (V::loadu(dbp + j0) + hsum_rows<L>(bsum)).store(dbp + j0);
+      } else {
+        for (int r = 0; r < held; ++r) {
+          if (dwp) dwp[j0 + r] += reduce_add(wsum[r]);
+          if (dbp) dbp[j0 + r] += reduce_add(bsum[r]);
+        }
+      }
+      held = 0;
+    };
     for (int64_t j = 0; j < tl.C; ++j) {
       pf.step();
       auto g = load(dy + j * tl.S);
@@ -400,13 +421,14 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
         if (dwp) {
           V s = gm[0] * v[0];
           for (int i = 1; i < K; ++i) s = at::vec::fmadd(gm[i], v[i], s);
-          dwp[j] += reduce_add(s);
+          wsum.set(held, s);
         }
         if (dbp) {
           V s = gm[0];
           for (int i = 1; i < K; ++i) s = s + gm[i];
-          dbp[j] += reduce_add(s);
+          bsum.set(held, s);
         }
+        if (++held == L) flush(j + 1);
       }
       const V wj(a.w ? a.w[j] : A(1));
       for (int i = 0; i < K; ++i) {
@@ -416,6 +438,7 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
       }
       store_group<G>(dx + j * tl.S, win, gr, g);
     }
+    if (held > 0) flush(tl.C);
   }
 }
 
