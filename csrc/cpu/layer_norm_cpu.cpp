@@ -79,8 +79,7 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
   at::parallel_for(0, M, row_grain(N), [&](int64_t rb, int64_t re) {
     // Short rows: the statistics of a group of rows at once (row_group_stats.h), then
     // their outputs; each output pass prefetches its row of the next group.
-    const int64_t kept_rows = N <= kGroupMaxN ? kStatsRows<T> : 1;  // the most in flight
-    const std::unique_ptr<acc_t<T>[]> keep(kKeep ? new acc_t<T>[kept_rows * N] : nullptr);
+    const auto keep = group_keep_scratch<T, kKeep>(N);
     for_row_groups<T>(rb, re, N, [&](int64_t i, auto rows) {
       constexpr int R = decltype(rows)::value;
       const T* xg = x + i * N;
@@ -90,12 +89,8 @@ void ln_fwd_rows(const T* x, T* y, acc_t<T>* mean_out, acc_t<T>* rstd_out, const
         mean_out[i + r] = st[r].mean;
         rstd_out[i + r] = st[r].rstd;
         const T* next = i + R + r < re ? xg + (R + r) * N : nullptr;
-        if constexpr (kKeep) {
-          ln_out_row(keep.get() + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N,
-                     next);
-        } else {
-          ln_out_row(xg + r * N, y + (i + r) * N, st[r].mean, st[r].rstd, w, bias, N, next);
-        }
+        ln_out_row(group_row<kKeep>(xg, keep.get(), N, r), y + (i + r) * N, st[r].mean,
+                   st[r].rstd, w, bias, N, next);
       }
     });
   });

@@ -268,7 +268,7 @@ void fwd(const QkNormRopeFwdParams& p, const FwdSide<T>& q, const FwdSide<T>& k)
   const int64_t grain = std::max<int64_t>(1, row_grain(D) / std::max<int64_t>(1, q.H + k.H));
   at::parallel_for(0, p.P, grain, [&](int64_t pb, int64_t pe) {
     FwdTables<A, C, IL> tq(q.w, D), tk(k.w, D);
-    std::vector<A> keep(kKeep ? static_cast<size_t>(kStatsRows<T> * D) : 0);
+    const auto keep = group_keep_scratch<T, kKeep>(D);
     for (int64_t pos = pb; pos < pe; ++pos) {
       const int64_t crow = p.cs_per_batch ? pos : pos % p.S;
       for (int side = 0; side < 2; ++side) {
@@ -281,18 +281,14 @@ void fwd(const QkNormRopeFwdParams& p, const FwdSide<T>& q, const FwdSide<T>& k)
         // chains finished together, each row kept in A for its output pass.
         for_row_groups<T>(pos * sd.H, (pos + 1) * sd.H, D, [&](int64_t i0, auto rows) {
           constexpr int R = decltype(rows)::value;
-          const auto rs = rows_rstd<R, T, kKeep>(sd.x + i0 * D, D, p.eps, keep.data());
+          const T* xg = sd.x + i0 * D;
+          const auto rs = rows_rstd<R, T, kKeep>(xg, D, p.eps, keep.get());
           for (int r = 0; r < R; ++r) {
             const int64_t i = i0 + r;
             sd.rstd[i] = rs[r];
             pf.before_row(i, pb * sd.H, pe * sd.H);
-            const A* xa;
-            if constexpr (kKeep) {
-              xa = keep.data() + r * D;
-            } else {
-              xa = sd.x + i * D;
-            }
-            fwd_row<IL>(xa, tb.c(), tb.s(), rs[r], sd.y + i * D, D);
+            fwd_row<IL>(group_row<kKeep>(xg, keep.get(), D, r), tb.c(), tb.s(), rs[r],
+                        sd.y + i * D, D);
           }
         });
       }

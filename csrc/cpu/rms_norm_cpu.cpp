@@ -69,8 +69,7 @@ void rms_fwd_rows(const T* x, T* y, acc_t<T>* rstd, const acc_t<T>* w, int64_t M
   at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
     // Short rows: the rstd of a group of rows at once (row_group_stats.h), then their
     // outputs; each output pass prefetches its row of the next group.
-    const int64_t kept_rows = N <= kGroupMaxN ? kStatsRows<T> : 1;  // the most in flight
-    const std::unique_ptr<acc_t<T>[]> keep(kKeep ? new acc_t<T>[kept_rows * N] : nullptr);
+    const auto keep = group_keep_scratch<T, kKeep>(N);
     for_row_groups<T>(b, e, N, [&](int64_t i, auto rows) {
       constexpr int R = decltype(rows)::value;
       const T* xg = x + i * N;
@@ -79,11 +78,7 @@ void rms_fwd_rows(const T* x, T* y, acc_t<T>* rstd, const acc_t<T>* w, int64_t M
         pf.before_row(i + r, b, e);
         rstd[i + r] = rs[r];
         const T* next = i + R + r < e ? xg + (R + r) * N : nullptr;
-        if constexpr (kKeep) {
-          row_scale(keep.get() + r * N, w, rs[r], N, y + (i + r) * N, next);
-        } else {
-          row_scale(xg + r * N, w, rs[r], N, y + (i + r) * N, next);
-        }
+        row_scale(group_row<kKeep>(xg, keep.get(), N, r), w, rs[r], N, y + (i + r) * N, next);
       }
     });
   });

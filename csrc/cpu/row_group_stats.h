@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <type_traits>
 
 namespace rmsnorm_ext::cpu {
@@ -182,7 +183,6 @@ inline constexpr int64_t kGroupElems = 2048;
 // Calls f(i, rows) for consecutive groups [i, i + rows) covering [begin, end), rows a
 // std::integral_constant<int, R>: groups (above) where rows are short, then single rows (the
 // remainder, and every row of a long-row call).
-
 template <typename T, typename F>
 inline void for_row_groups(int64_t begin, int64_t end, int64_t N, F&& f) {
   constexpr int R = kStatsRows<T>;
@@ -201,6 +201,36 @@ inline void for_row_groups(int64_t begin, int64_t end, int64_t N, F&& f) {
     }
   }
   for (; i < end; ++i) f(i, std::integral_constant<int, 1>{});
+}
+
+// The scratch a thread's groups keep their rows in as fp32 (kKeep, row_stats.h): the most
+// rows for_row_groups takes at once, N floats each; null without kKeep.
+template <typename T, bool kKeep>
+inline std::unique_ptr<acc_t<T>[]> group_keep_scratch(int64_t N) {
+  if constexpr (!kKeep) return nullptr;
+  const int64_t rows = N <= kGroupMaxN ? kStatsRows<T> : 1;
+  return std::unique_ptr<acc_t<T>[]>(new acc_t<T>[rows * N]);
+}
+
+// Row r of a group (first row xg, rows N apart) as the passes after the first read it: its
+// fp32 copy in the scratch (kKeep) or the row itself.
+template <bool kKeep, typename T>
+inline auto group_row(const T* xg, const acc_t<T>* keep, int64_t N, int r) {
+  if constexpr (kKeep) {
+    return keep + r * N;
+  } else {
+    return xg + r * N;
+  }
+}
+
+// The first R lanes of v.
+template <int R, typename V>
+inline std::array<typename V::value_type, R> first_lanes(const V& v) {
+  alignas(64) typename V::value_type s[V::size()];
+  v.store(s);
+  std::array<typename V::value_type, R> out;
+  for (int r = 0; r < R; ++r) out[r] = s[r];
+  return out;
 }
 
 // One pass of blocked_rows_sum over the R rows of a group, two rows per loop (a row alone is
@@ -241,31 +271,18 @@ inline typename RowIO<T>::V rows_sumsq_lanes(const T* x, int64_t N, acc_t<T>* ke
   return hsum_rows<R>(s);
 }
 
-template <int R, typename T, bool kKeep = false>
-inline std::array<acc_t<T>, R> rows_sumsq(const T* x, int64_t N, acc_t<T>* keep = nullptr) {
-  using V = typename RowIO<T>::V;
-  alignas(64) acc_t<T> s[V::size()];
-  rows_sumsq_lanes<R, T, kKeep>(x, N, keep).store(s);
-  std::array<acc_t<T>, R> out;
-  for (int r = 0; r < R; ++r) out[r] = s[r];
-  return out;
-}
-
-// rstd_from (row_stats.h) of rows_sumsq, lane-wise: the same divide, add and square root.
+// rstd_from (row_stats.h) of rows_sumsq_lanes, lane-wise: the same divide, add and square
+// root.
 template <int R, typename T, bool kKeep = false>
 inline std::array<acc_t<T>, R> rows_rstd(const T* x, int64_t N, double eps,
                                          acc_t<T>* keep = nullptr) {
   using A = acc_t<T>;
   using V = typename RowIO<T>::V;
   const V ss = rows_sumsq_lanes<R, T, kKeep>(x, N, keep);
-  alignas(64) A s[V::size()];
-  (V(A(1)) / (ss / V(static_cast<A>(N)) + V(static_cast<A>(eps))).sqrt()).store(s);
-  std::array<A, R> out;
-  for (int r = 0; r < R; ++r) out[r] = s[r];
-  return out;
+  return first_lanes<R>(V(A(1)) / (ss / V(static_cast<A>(N)) + V(static_cast<A>(eps))).sqrt());
 }
 
-// ln_row_stats of rows x, x + N, ..., x + (R - 1) * N; keep as in rows_sumsq. The mean, then
+// ln_row_stats of rows x, x + N, ..., x + (R - 1) * N; keep as in rows_sumsq_lanes. The mean, then
 // the corrected two-pass variance: var = (sum(d^2) - sum(d)^2 / N) / N with d = x - mean0,
 // mean = mean0 + sum(d) / N; both finish lane-wise for the group.
 template <int R, typename T, bool kKeep = false>
@@ -289,19 +306,14 @@ inline std::array<LnStats<acc_t<T>>, R> ln_rows_stats(const T* x, int64_t N, dou
       },
       [&](int r, const Acc4<V>& t) { s.set(r, (t.p0 + t.p1) + (t.p2 + t.p3)); });
   const V mean0 = hsum_rows<R>(s) / V(static_cast<A>(N));
-  alignas(64) A m0[V::size()];
-  mean0.store(m0);
+  const auto m0 = first_lanes<R>(mean0);
   RowVecs<V, R> sq, sd;
   group_pass<R, S, V>(
       N,
       [&](int r, int64_t j, int64_t n, Acc4<V>& p) {
         const V vm(m0[r]);
         V a, b;
-        if constexpr (kKeep) {
-          load_part(keep + r * N + j, n, a, b);
-        } else {
-          load_part(x + r * N + j, n, a, b);
-        }
+        load_part(group_row<kKeep>(x, keep, N, r) + j, n, a, b);
         a = a - vm;
         b = b - vm;
         if (n < S) zero_tail(a, b, n);
@@ -320,9 +332,7 @@ inline std::array<LnStats<acc_t<T>>, R> ln_rows_stats(const T* x, int64_t N, dou
   const V var_raw = at::vec::fnmadd(vsd * vsd, inv_n, hsum_rows<R>(sq)) * inv_n;
   const V var = V::blendv(var_raw, V(A(0)), var_raw < V(A(0)));  // keeps NaN and -0
   const V rstd = V(A(1)) / (var + V(static_cast<A>(eps))).sqrt();
-  alignas(64) A mm[V::size()], rr[V::size()];
-  mean.store(mm);
-  rstd.store(rr);
+  const auto mm = first_lanes<R>(mean), rr = first_lanes<R>(rstd);
   std::array<LnStats<A>, R> out;
   for (int r = 0; r < R; ++r) out[r] = {mm[r], rr[r]};
   return out;
@@ -333,7 +343,7 @@ inline std::array<LnStats<acc_t<T>>, R> ln_rows_stats(const T* x, int64_t N, dou
 // N floats, the row converted to fp32 (row_stats.h).
 template <typename T, bool kKeep = false>
 inline acc_t<T> row_sumsq(const T* x, int64_t N, acc_t<T>* keep = nullptr) {
-  return rows_sumsq<1, T, kKeep>(x, N, keep)[0];
+  return first_lanes<1>(rows_sumsq_lanes<1, T, kKeep>(x, N, keep))[0];
 }
 
 template <typename T, bool kKeep = false>
