@@ -42,18 +42,20 @@ def _shape(normalized_shape):
     return list(normalized_shape)
 
 
-# torch.finfo(dtype) costs ~1.5 us a call; the default eps is looked up here instead.
-_FINFO_EPS = {dt: torch.finfo(dt).eps for dt in (torch.float32, torch.float64, torch.bfloat16,
-                                                  torch.float16)}
+# eps=None, as torch's rms_norm takes it: the epsilon of the type the norm computes in --
+# float32 for float32, bfloat16 and float16 inputs, float64 for float64 -- not the input
+# dtype's (nn.RMSNorm's docstring says torch.finfo(x.dtype).eps, but aten's rms_norm and its
+# decomposition use the math type's, so a bfloat16 norm adds 1.2e-7, not 0.0078). Looked up
+# here: torch.finfo costs ~1.5 us a call.
+_F32_EPS = torch.finfo(torch.float32).eps
+_DEFAULT_EPS = {torch.float32: _F32_EPS, torch.bfloat16: _F32_EPS, torch.float16: _F32_EPS,
+                torch.float64: torch.finfo(torch.float64).eps}
 
 
 def _eps(input, eps):
     if eps is not None:
         return float(eps)
-    if input.is_cuda and torch.is_autocast_enabled("cuda"):
-        # torch's rms_norm takes eps=None after its autocast cast to float32.
-        return _FINFO_EPS[torch.float32]
-    e = _FINFO_EPS.get(input.dtype)
+    e = _DEFAULT_EPS.get(input.dtype)
     if e is None:
         raise TypeError("rmsnorm_ext: input must be float32, float64, bfloat16 or float16, "
                         f"got {input.dtype}")
@@ -63,17 +65,25 @@ def _eps(input, eps):
 def _fused_eps(input, residual, eps):
     # The default eps is the normalized tensor's (the residual's); an unsupported residual
     # dtype is left for the op's own check, which names the residual.
-    if eps is None and residual.dtype in _FINFO_EPS:
-        return _FINFO_EPS[residual.dtype]
+    if eps is None and residual.dtype in _DEFAULT_EPS:
+        return _DEFAULT_EPS[residual.dtype]
     return _eps(input, eps)
+
+
+# torch.fx.symbolic_trace: the default eps depends on the input's dtype, which a traced
+# Proxy does not have, so these are recorded as calls (evaluated when the graph runs)
+# instead of being traced into. The ops take Proxies as they are.
+torch.fx.wrap("_eps")
+torch.fx.wrap("_fused_eps")
 
 
 def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
              eps: Optional[float] = None, *, weight_offset: float = 0.0) -> Tensor:
     """RMSNorm over the trailing ``normalized_shape`` dims, like ``F.rms_norm``.
 
-    ``y = x / sqrt(mean(x**2) + eps) * (weight_offset + weight)``; ``eps=None`` uses
-    ``torch.finfo(input.dtype).eps``. ``weight_offset=1.0`` gives Gemma's ``1 + w``
+    ``y = x / sqrt(mean(x**2) + eps) * (weight_offset + weight)``; ``eps=None`` is
+    torch's default: float32's epsilon (float64's for float64 input; not bfloat16's or
+    float16's, which torch does not use either). ``weight_offset=1.0`` gives Gemma's ``1 + w``
     (added in fp32). Statistics accumulate in fp32 (fp64 for fp64).
     """
     if not _is_compiling():
@@ -105,8 +115,8 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: _Shape
 
     Returns ``(output, residual_out)``. ``residual`` may be float32 while ``input`` is
     bfloat16/float16 (an fp32 residual stream): ``residual_out`` keeps the residual's
-    dtype, ``output`` the input's. ``eps=None`` means ``torch.finfo(residual.dtype).eps``,
-    the dtype of the tensor being normalized, so the result equals
+    dtype, ``output`` the input's. ``eps=None`` is :func:`rms_norm`'s default for the
+    residual's dtype (the tensor being normalized), so the result equals
     ``F.rms_norm(input + residual, ...)``. Differentiable w.r.t. input, residual and weight.
     """
     if not _is_compiling():
@@ -155,7 +165,7 @@ def gated_rms_norm(input: Tensor, gate: Tensor, normalized_shape: _ShapeT,
     ``group_size`` (dividing the normalized size) takes the RMS over each group of that many
     consecutive elements separately (Mamba2's ``ngroups``); ``None`` is one group. fp32
     math (fp64 for fp64), one rounding to the input dtype; ``eps=None`` is
-    ``torch.finfo(input.dtype).eps``. Differentiable w.r.t. input, gate and weight.
+    :func:`rms_norm`'s default. Differentiable w.r.t. input, gate and weight.
     """
     ns = _shape(normalized_shape)
     n = 1
@@ -194,7 +204,7 @@ def rms_norm_modulate(input: Tensor, normalized_shape: _ShapeT, scale: Tensor,
     broadcast over the middle dims) or any shape with ``D`` last, 1 in every middle dim and
     ``B`` or 1 first (``[B, 1, D]``, ``[1, D]``, ``[D]``). fp32 math, one rounding; gradients
     to input, scale, shift and weight (dscale / dshift: per-sample sums over the sequence,
-    blocked and deterministic). ``eps=None`` is ``torch.finfo(input.dtype).eps``.
+    blocked and deterministic). ``eps=None`` is :func:`rms_norm`'s default.
     """
     args = (input, _shape(normalized_shape), scale, shift, weight, _eps(input, eps))
     return _call("rms_norm_modulate_fwd", *args)[0]
@@ -219,7 +229,7 @@ def rms_norm_2d(input: Tensor, weight: Optional[Tensor] = None,
 
     The input is read in its own memory format (contiguous or ``channels_last``) and the
     output has the same one; fp32 math (fp64 for fp64), one rounding. ``eps=None`` is
-    ``torch.finfo(input.dtype).eps``.
+    :func:`rms_norm`'s default.
     """
     args = (input, weight, _eps(input, eps))
     return _call("rms_norm_2d_fwd", *args)[0]
@@ -256,7 +266,7 @@ def _refuse_grad(op, *tensors):
 
 def _quant_eps(dtype, eps):
     # An unsupported input dtype is left to the op, whose message names the quantized op.
-    return float(eps) if eps is not None else _FINFO_EPS.get(dtype, 0.0)
+    return float(eps) if eps is not None else _DEFAULT_EPS.get(dtype, 0.0)
 
 
 def _group(group_size):
@@ -305,7 +315,7 @@ def fused_add_rms_norm_quant(input: Tensor, residual: Tensor, normalized_shape: 
     Returns ``(out, scales, residual_out)``. As in :func:`fused_add_rms_norm`,
     ``residual`` may be float32 next to a bfloat16/float16 input (``residual_out`` keeps the
     residual's dtype, and ``y`` is the norm of ``residual_out`` as stored) and ``eps=None``
-    means ``torch.finfo(residual.dtype).eps``. Inference only.
+    is :func:`rms_norm`'s default for the residual's dtype. Inference only.
     """
     _refuse_grad("fused_add_rms_norm_quant", input, residual, weight, scale, scale_ub)
     args = (input, residual, _shape(normalized_shape), weight,

@@ -45,17 +45,13 @@ def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset
 # TorchScript bodies (only compiled by torch.jit.script; eager code never calls them)
 
 def _script_eps(x: torch.Tensor, eps: Optional[float]) -> float:
-    """``eps=None`` -> ``torch.finfo(x.dtype).eps`` (torch.finfo is not scriptable)."""
+    """``eps=None`` -> torch's default, as functional._eps (torch.finfo is not scriptable)."""
     if eps is not None:
         return eps
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 or x.dtype == torch.bfloat16 or x.dtype == torch.float16:
         return 1.1920928955078125e-07
     if x.dtype == torch.float64:
         return 2.220446049250313e-16
-    if x.dtype == torch.bfloat16:
-        return 0.0078125
-    if x.dtype == torch.float16:
-        return 0.0009765625
     return 0.0  # any other dtype: the op raises its own TypeError naming it
 
 
@@ -68,6 +64,24 @@ def _script_hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         w = w.to(torch.float32 if reduced else x.dtype)
     y = torch.ops.rmsnorm_ext.rms_norm_fwd(x, list(weight.shape), w, eps, weight_offset)[0]
     return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _hf_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
+                policy: str) -> torch.Tensor:
+    """HFRMSNorm's forward: the output dtype by the replaced module's rule, then
+    :func:`hf_rms_norm`."""
+    if policy == "input":
+        out = x.dtype
+    elif policy == "weight":
+        out = weight.dtype
+    else:
+        out = torch.promote_types(x.dtype, weight.dtype)
+    return hf_rms_norm(x, weight, eps, weight_offset, out)
+
+
+# torch.fx.symbolic_trace records this as one call (its dtype rules need real tensors), as
+# it records torch's own norms: an HF model after replace_norms traces as before.
+torch.fx.wrap("_hf_forward")
 
 
 def _repr_name(module: torch.nn.Module) -> str:
@@ -160,16 +174,16 @@ class HFRMSNorm(RMSNorm):
         self.eps = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.out_dtype == "input":
-            out = x.dtype
-        elif self.out_dtype == "weight":
-            out = self.weight.dtype
-        else:
-            out = torch.promote_types(x.dtype, self.weight.dtype)
         if _is_scripting():
+            if self.out_dtype == "input":
+                out = x.dtype
+            elif self.out_dtype == "weight":
+                out = self.weight.dtype
+            else:
+                out = torch.promote_types(x.dtype, self.weight.dtype)
             return _script_hf_rms_norm(x, self.weight, _script_eps(x, self.eps),
                                        self.weight_offset, out)
-        return hf_rms_norm(x, self.weight, self.eps, self.weight_offset, out)
+        return _hf_forward(x, self.weight, self.eps, self.weight_offset, self.out_dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", out_dtype={self.out_dtype!r}"

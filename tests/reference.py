@@ -27,8 +27,14 @@ def assert_same_kernel_result(a, b, ulps=4):
     torch.testing.assert_close(a, b, rtol=ulps * eps, atol=ulps * eps)
 
 
+def default_eps(dtype):
+    """RMSNorm's eps=None, as torch computes it: the epsilon of its math type for `dtype`
+    (float32 for float32 / bfloat16 / float16, float64 for float64), not `dtype`'s own."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 def rms_ref(x, normalized_shape, weight=None, eps=None, weight_offset=0.0):
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    eps = default_eps(x.dtype) if eps is None else eps
     x64 = x.double()
     dims = tuple(range(-len(normalized_shape), 0))
     y = x64 * torch.rsqrt(x64.pow(2).mean(dims, keepdim=True) + eps)

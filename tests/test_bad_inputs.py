@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import rmsnorm_ext as R
+from reference import default_eps
 
 ops = torch.ops.rmsnorm_ext
 
@@ -230,7 +231,7 @@ def test_unusual_weight_layouts_are_fine(api, layout):
     ours = call(api, x.clone(), (8,), weight=w, bias=b)
     if layout == "fp32_with_bf16":
         # torch has no mixed-dtype result to compare with: reference in fp32, then round.
-        theirs = ref(api, x.float(), (8,), w, b, eps=torch.finfo(torch.bfloat16).eps
+        theirs = ref(api, x.float(), (8,), w, b, eps=default_eps(torch.bfloat16)
                      if api not in BIAS_APIS else 1e-5)
         theirs = tuple(t.bfloat16() for t in theirs) if isinstance(theirs, tuple) \
             else theirs.bfloat16()

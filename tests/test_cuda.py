@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import rmsnorm_ext
-from reference import assert_accurate, ln_ref, reduction_scale, rms_ref
+from reference import assert_accurate, default_eps, ln_ref, reduction_scale, rms_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEV = "cuda"
@@ -97,7 +97,7 @@ def test_misaligned_storage_offsets(dtype, offset):
     dy = torch.randn(5, n, device=DEV).to(dtype)
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
     ours = _grads(lambda a, c: rmsnorm_ext.rms_norm(a, (n,), c), (xl, wl), dy)
-    eps = torch.finfo(dtype).eps
+    eps = default_eps(dtype)
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
     ref = _grads(lambda a, c: rms_ref(a, (n,), c, eps), (x64, w64), dy.double())
     base_t = _grads(lambda a, c: F.rms_norm(a, (n,), c), (x.clone().requires_grad_(),
@@ -125,7 +125,7 @@ def test_weight_grad_large_m_small_n(dtype):
     dy = torch.randn(m, n, device=DEV).to(dtype)
     _, dw = _grads(lambda a, c: rmsnorm_ext.rms_norm(a, (n,), c),
                    (x.clone().requires_grad_(), w.clone().requires_grad_()), dy)
-    eps = torch.finfo(dtype).eps
+    eps = default_eps(dtype)
     _, dw_ref = _grads(lambda a, c: rms_ref(a, (n,), c, eps),
                        (x.double().requires_grad_(), w.double().requires_grad_()), dy.double())
     _, dw_t = _grads(lambda a, c: F.rms_norm(a, (n,), c),

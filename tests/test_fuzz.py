@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import rmsnorm_ext as R
+from reference import default_eps
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -186,7 +187,7 @@ def test_fuzz_rms_norm(c):
     gen, shape, x, w, b, dy = setup(c, "rms")
     ns, dtype, off = c["ns"], c["dtype"], c["offset"]
     dims = tuple(range(-len(ns), 0))
-    eps_used = torch.finfo(dtype).eps if c["eps"] is None else c["eps"]
+    eps_used = default_eps(dtype) if c["eps"] is None else c["eps"]
 
     # ours
     xo, wo = leaf(x), leaf(w)
@@ -264,7 +265,7 @@ def test_fuzz_fused_add_rms_norm(c):
     gen, shape, x, w, b, dy = setup(c, "fused")
     ns, dtype, rdtype, off = c["ns"], c["dtype"], c["rdtype"], c["offset"]
     dims = tuple(range(-len(ns), 0))
-    eps_used = torch.finfo(rdtype).eps if c["eps"] is None else c["eps"]
+    eps_used = default_eps(rdtype) if c["eps"] is None else c["eps"]
     r = make(shape, "contiguous" if c["layout"] == "transposed" else "transposed", rdtype,
              gen, c["scale"])
     dh = torch.randn(shape, generator=gen, dtype=F64).to(rdtype)

@@ -395,6 +395,40 @@ def test_script_like_torch_norms_after_replace_norms():
     _assert_same_fwd_bwd((y, dx, g), _fwd_bwd(ours, x))  # and exactly eager's
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fx_symbolic_trace_like_torch_norms_after_replace_norms(dtype):
+    """torch.fx.symbolic_trace traces a model with torch's norms; after replace_norms (eps=None
+    norms and an HF-style norm, whose defaults and dtype rules need real tensors) it traces
+    too, and the traced graph gives eager's outputs and gradients exactly. Also a module
+    calling the functions with eps=None."""
+    from test_replace_norms import GemmaRMSNorm, LlamaRMSNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.RMSNorm(16), nn.Linear(16, 16),
+                          nn.LayerNorm(16), LlamaRMSNorm(16), GemmaRMSNorm(16, eps=1e-5)).to(dtype)
+    torch.fx.symbolic_trace(model)
+    ours = copy.deepcopy(model)
+    assert rmsnorm_ext.replace_norms(ours) == 4
+    traced = torch.fx.symbolic_trace(ours)
+    x = torch.randn(4, 16, dtype=dtype)
+    _assert_same_fwd_bwd(_fwd_bwd(traced, x), _fwd_bwd(ours, x))
+
+    class Calls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, dtype=dtype))
+
+        def forward(self, x, r, g):
+            y, h = rmsnorm_ext.fused_add_rms_norm(x, r, (16,), self.w)
+            return (rmsnorm_ext.rms_norm(x, (16,), self.w) + y + h
+                    + rmsnorm_ext.gated_rms_norm(x, g, (16,), self.w))
+
+    calls = Calls()
+    traced = torch.fx.symbolic_trace(calls)
+    args = [torch.randn(4, 16, dtype=dtype) * 1e-2 for _ in range(3)]  # eps matters
+    assert torch.equal(traced(*args), calls(*args))
+
+
 def test_scripted_bad_input_names_the_dtype():
     scripted = torch.jit.script(nn.Sequential(rmsnorm_ext.RMSNorm(8)))
     with pytest.raises(Exception, match="float32, float64, bfloat16 or float16, got torch.int32"):

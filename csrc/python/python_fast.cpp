@@ -70,14 +70,16 @@ bool parse_double(PyObject* o, double& v) {
   return false;
 }
 
-// eps: a Python float or int, or None for torch.finfo(dtype).eps of a supported dtype.
+// eps: a Python float or int, or None for torch's default of a supported dtype: the epsilon of
+// the type the norm computes in (float32's for float32 / bfloat16 / float16, float64's for
+// float64), as functional._eps.
 bool parse_eps(PyObject* o, at::ScalarType dtype, double& eps) {
   if (o != Py_None) return parse_double(o, eps);
   switch (dtype) {
-    case at::kFloat: eps = 1.1920928955078125e-07; return true;
+    case at::kFloat:
+    case at::kBFloat16:
+    case at::kHalf: eps = 1.1920928955078125e-07; return true;
     case at::kDouble: eps = 2.220446049250313e-16; return true;
-    case at::kBFloat16: eps = 0.0078125; return true;
-    case at::kHalf: eps = 0.0009765625; return true;
     default: return false;
   }
 }
@@ -173,7 +175,7 @@ PyObject* fast_layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // _fused_add_rms_norm(input, residual, normalized_shape, weight, eps, weight_offset)
-//   -> (output, residual_out) | NotImplemented. eps=None is the residual's dtype's eps.
+//   -> (output, residual_out) | NotImplemented. eps=None is the residual's dtype's default.
 PyObject* fast_fused_add_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 6 || !plain_tensor(args[0]) || !plain_tensor(args[1]) ||
