@@ -77,6 +77,30 @@ torch.fx.wrap("_eps")
 torch.fx.wrap("_fused_eps")
 
 
+# The weight dtype rms_norm's kernels take besides the input's own (float32 next to a bfloat16 /
+# float16 input; float32 itself, float64 itself).
+_RMS_WIDE_WEIGHT = {torch.float32: torch.float32, torch.bfloat16: torch.float32,
+                    torch.float16: torch.float32, torch.float64: torch.float64}
+
+
+def _rms_weight(input, weight):
+    """F.rms_norm takes a weight of any floating dtype (the output keeps the input's); the
+    kernels take the input's dtype or the wide one above, so another floating weight is
+    converted to the wide one first: exact from a narrower dtype, and a float64 weight of a
+    float32 input is rounded to float32 (within an ulp of torch, which scales by the float64
+    value). Its gradient flows back through the conversion in its own dtype. Anything else
+    (an integer weight, say) is left to the op's check."""
+    if weight is None or weight.dtype == input.dtype:
+        return weight
+    wide = _RMS_WIDE_WEIGHT.get(input.dtype)
+    if wide is None or weight.dtype == wide or not weight.dtype.is_floating_point:
+        return weight
+    return weight.to(wide)
+
+
+torch.fx.wrap("_rms_weight")
+
+
 def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
              eps: Optional[float] = None, *, weight_offset: float = 0.0) -> Tensor:
     """RMSNorm over the trailing ``normalized_shape`` dims, like ``F.rms_norm``.
@@ -90,10 +114,10 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] 
         y = _fast_rms(input, normalized_shape, weight, eps, weight_offset)
         if y is not NotImplemented:
             return y
-        return _call("rms_norm_fwd", input, _shape(normalized_shape), weight,
-                     _eps(input, eps), float(weight_offset))[0]
-    return _rms_fwd(input, _shape(normalized_shape), weight, _eps(input, eps),
-                    float(weight_offset))[0]
+        return _call("rms_norm_fwd", input, _shape(normalized_shape),
+                     _rms_weight(input, weight), _eps(input, eps), float(weight_offset))[0]
+    return _rms_fwd(input, _shape(normalized_shape), _rms_weight(input, weight),
+                    _eps(input, eps), float(weight_offset))[0]
 
 
 def layer_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,

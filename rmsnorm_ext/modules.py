@@ -84,6 +84,17 @@ def _hf_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset
 torch.fx.wrap("_hf_forward")
 
 
+def _script_rms_weight(x: torch.Tensor, w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """functional._rms_weight in TorchScript."""
+    if w is None or w.dtype == x.dtype or not w.is_floating_point():
+        return w
+    if x.dtype == torch.float64:
+        return w.to(torch.float64)
+    if x.dtype == torch.float32 or x.dtype == torch.bfloat16 or x.dtype == torch.float16:
+        return w if w.dtype == torch.float32 else w.to(torch.float32)
+    return w
+
+
 def _repr_name(module: torch.nn.Module) -> str:
     """The name ``repr`` shows: our own classes with their package (``rmsnorm_ext.RMSNorm``),
     so a printed model shows which norms are ours; a user's subclass keeps its own name."""
@@ -113,8 +124,8 @@ class RMSNorm(torch.nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _is_scripting():
             return torch.ops.rmsnorm_ext.rms_norm_fwd(
-                x, list(self.normalized_shape), self.weight, _script_eps(x, self.eps),
-                self.weight_offset)[0]
+                x, list(self.normalized_shape), _script_rms_weight(x, self.weight),
+                _script_eps(x, self.eps), self.weight_offset)[0]
         return rms_norm(x, self.normalized_shape, self.weight, self.eps,
                         weight_offset=self.weight_offset)
 

@@ -56,9 +56,10 @@ itself is never replaced (there is no parent to re-point); only its descendants 
 
 Numeric and dtype semantics (documented differences)
 -----------------------------------------------------
-* ``torch.nn.RMSNorm``/``LayerNorm``: same results within the dtype's rounding. Limitation
-  of the rmsnorm_ext kernels: a weight in a *lower* precision than the input (e.g. fp32
-  input with a bf16 weight) raises ``TypeError`` where torch would promote.
+* ``torch.nn.RMSNorm``/``LayerNorm``: same results within the dtype's rounding. An
+  ``RMSNorm`` weight of another floating dtype than the input's (a ``.half()``'d norm fed
+  fp32) works as with torch (converted for the kernel; output in the input's dtype);
+  ``LayerNorm`` refuses such mixes with ``TypeError``, as ``F.layer_norm`` does on CPU.
 * HF Llama/Qwen2/Mistral style computes ``(x * rstd).to(input_dtype) * w``: for bf16/fp16 it
   rounds ``x * rstd`` to the input dtype and then rounds the product again; rmsnorm_ext
   computes ``x * rstd * w`` in fp32 and rounds once, so results differ by at most about one

@@ -168,8 +168,57 @@ def test_bias_wrong_shape(api, shape):
 ])
 def test_weight_wrong_dtype(api, xdtype, wdtype):
     x = torch.randn(3, 8).to(xdtype)
+    w = torch.randn(8).to(wdtype) if wdtype.is_floating_point else torch.ones(8, dtype=wdtype)
+    if api in ("rms_norm", "RMSNorm") and wdtype.is_floating_point:
+        # F.rms_norm takes any floating weight (the output keeps the input's dtype): so do
+        # we, within an ulp of torch (an fp64 weight of an fp32 input is rounded to fp32).
+        want = F.rms_norm(x, (8,), w)
+        got = call(api, x, (8,), weight=w)
+        assert got.dtype == want.dtype == xdtype
+        torch.testing.assert_close(got, want, atol=0, rtol=2 * torch.finfo(xdtype).eps)
+        return
     with pytest.raises(TypeError, match="weight dtype .* is not supported with input dtype"):
-        call(api, x, (8,), weight=torch.ones(8, dtype=wdtype))
+        call(api, x, (8,), weight=w)
+
+
+@pytest.mark.parametrize("api", ["rms_norm", "RMSNorm", "scripted RMSNorm", "compiled"])
+@pytest.mark.parametrize("xdtype,wdtype", [
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float64), (torch.float64, torch.float32),
+    (torch.bfloat16, torch.float16), (torch.float16, torch.float64),
+])
+def test_rms_norm_takes_any_float_weight_like_torch(api, xdtype, wdtype):
+    """What F.rms_norm / nn.RMSNorm accept (a .half()'d RMSNorm fed fp32, say), ours accepts
+    with the same output dtype and values, and the weight's gradient in its own dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 16).to(xdtype)
+    w0 = (torch.randn(16) + 1).to(wdtype)
+    dy = torch.randn(5, 16).to(xdtype)
+
+    def run(f):
+        xl, wl = x.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = f(xl, wl)
+        return (y, *torch.autograd.grad(y, (xl, wl), dy))
+
+    if api in ("RMSNorm", "scripted RMSNorm"):
+        def ours(xl, wl):
+            m = R.RMSNorm(16)
+            m.weight = torch.nn.Parameter(wl.detach().clone())
+            m = torch.jit.script(m) if api.startswith("scripted") else m
+            y = m(xl)
+            return y, m.weight
+        xl, = (x.clone().requires_grad_(),)
+        y, wp = ours(xl, w0)
+        got = (y, *torch.autograd.grad(y, (xl, wp), dy))
+    elif api == "compiled":
+        got = run(torch.compile(lambda a, b: R.rms_norm(a, (16,), b), fullgraph=True))
+    else:
+        got = run(lambda a, b: R.rms_norm(a, (16,), b))
+    want = run(lambda a, b: F.rms_norm(a, (16,), b))
+    for name, g, t in zip(("y", "dx", "dw"), got, want):
+        assert g.dtype == t.dtype, (name, g.dtype, t.dtype)
+        tol = 4 * torch.finfo(g.dtype if g.dtype != torch.float64 else torch.float32).eps
+        torch.testing.assert_close(g.double(), t.double(), rtol=tol,
+                                   atol=tol * t.double().abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize("api", BIAS_APIS)
@@ -394,7 +443,7 @@ def test_meta_bad_inputs_raise_the_same(api):
     with pytest.raises(ValueError, match="weight must have shape normalized_shape"):
         call(api, x, (8,), weight=torch.empty(7, device="meta"))
     with pytest.raises(TypeError, match="weight dtype .* is not supported"):
-        call(api, x, (8,), weight=torch.empty(8, device="meta", dtype=torch.float64))
+        call(api, x, (8,), weight=torch.empty(8, device="meta", dtype=torch.int64))
     with pytest.raises(ValueError, match="eps must be a finite number"):
         call(api, x, (8,), eps=-1.0)
     with pytest.raises(TypeError, match="input must be float32"):

@@ -52,8 +52,10 @@ CASES = {
     "rms shape too long": lambda d: R.rms_norm(_t(d, 4, 8), (2, 4, 8)),
     "rms shape empty": lambda d: R.rms_norm(_t(d, 4, 8), ()),
     "rms weight shape": lambda d: R.rms_norm(_t(d, 4, 8), (8,), _t(d, 7)),
-    "rms weight dtype": lambda d: R.rms_norm(_t(d, 4, 8), (8,), _t(d, 8, dtype=F64)),
-    "rms bf16 weight, fp32 input": lambda d: R.rms_norm(_t(d, 4, 8), (8,), _t(d, 8, dtype=BF16)),
+    # (a weight of another floating dtype is converted, as F.rms_norm takes it)
+    "rms weight dtype": lambda d: R.rms_norm(_t(d, 4, 8), (8,), _t(d, 8, dtype=I32)),
+    "rms int weight, bf16 input": lambda d: R.rms_norm(_t(d, 4, 8, dtype=BF16), (8,),
+                                                       _t(d, 8, dtype=I32)),
     "rms weight device": lambda d: R.rms_norm(_t(d, 4, 8), (8,), _t(_other(d), 8)),
     "rms eps negative": lambda d: R.rms_norm(_t(d, 4, 8), (8,), None, -1.0),
     "rms eps nan": lambda d: R.rms_norm(_t(d, 4, 8), (8,), None, float("nan")),

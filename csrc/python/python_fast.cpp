@@ -144,6 +144,10 @@ PyObject* fast_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor none;
   const at::Tensor* wp = w ? &*w : &none;
   if (declined({&x, wp})) return not_implemented();
+  if (w && w->scalar_type() != x.scalar_type() &&
+      !(w->scalar_type() == at::kFloat && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf))) {
+    return not_implemented();  // another weight dtype: functional._rms_weight converts it
+  }
   auto y = call(
       needs_graph({&x, wp}), [&] { return std::get<0>(ag::rms_norm_fwd_autograd(x, ns, w, eps, offset)); },
       [&] { return std::get<0>(oh::rms_norm_fwd().call(x, ns, w, eps, offset)); });
