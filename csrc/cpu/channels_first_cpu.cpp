@@ -111,20 +111,108 @@ struct Windows {
 template <typename A, int G>
 using Vecs = std::array<Vectorized<A>, 2 * G>;
 
-template <int G, typename T, int64_t kStep>
+// Whole windows (kFull: S >= kStep) of a bfloat16 map on AVX2 load with two unpacks against
+// zero, which leave the window's positions in the lanes in the order {0-3, 8-11} and
+// {4-7, 12-15}, and store with a plain pack of the two (no lane crossing either way), where
+// at::vec's in-order conversions take a lane-crossing extract and two widenings per load and
+// a permute per store: about a fifth of a bfloat16 LayerNorm's instructions, whose three
+// passes reload their input. A lane here is one position and never meets another lane, so
+// only what is stored or summed per position sees the order: the statistics are swapped
+// to and from memory order once per group, and the backward's parameter-gradient terms
+// before they are summed across lanes (swap_halves), so every result has the same bits as
+// with in-order loads. Same rounding as at::vec (nearest-even, NaN as 0xFFFF). AVX-512
+// keeps the in-order conversions (no AVX-512 machine to measure or test it on here).
+template <typename T, bool kFull>
+struct WinIO {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+#if defined(CPU_CAPABILITY_AVX2)
+  static constexpr bool kPermuted = kFull && std::is_same_v<T, c10::BFloat16>;
+#else
+  static constexpr bool kPermuted = false;
+#endif
+
+  static inline void load(const T* p, int64_t len, V& a, V& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kPermuted) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i z = _mm256_setzero_si256();
+      a = V(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)));
+      b = V(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v)));
+      return;
+    }
+#endif
+    if constexpr (kFull) RowIO<T>::load(p, a, b);
+    else RowIO<T>::load_n(p, len, a, b);
+  }
+
+  static inline void store(T* p, int64_t len, const V& a, const V& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kPermuted) {
+      const __m256i v = _mm256_packus_epi32(bf16_bits(a), bf16_bits(b));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+      return;
+    }
+#endif
+    if constexpr (kFull) RowIO<T>::store(p, a, b);
+    else RowIO<T>::store_n(p, len, a, b);
+  }
+
+  // Statistics vectors between the lane order and memory order (positions in order): on
+  // AVX2 the same swap of 128-bit halves both ways.
+  static inline void swap_halves(V& a, V& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kPermuted) {
+      const __m256 lo = _mm256_permute2f128_ps(a, b, 0x20), hi = _mm256_permute2f128_ps(a, b, 0x31);
+      a = V(lo);
+      b = V(hi);
+    }
+#else
+    (void)a;
+    (void)b;
+#endif
+  }
+
+ private:
+#if defined(CPU_CAPABILITY_AVX2)
+  // Each lane's float rounded to nearest-even bfloat16 bits in its low 16 bits (NaN: 0xFFFF),
+  // as at::vec's cvtfp32_bf16.
+  static inline __m256i bf16_bits(__m256 x) {
+    const __m256i i = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
+    __m256i t = _mm256_add_epi32(_mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)), i);
+    t = _mm256_srli_epi32(t, 16);
+    const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q));
+    return _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), t, ordered);
+  }
+#endif
+};
+
+template <typename T, bool kFull, int G>
+inline void swap_halves(Vecs<acc_t<T>, G>& v) {
+  for (int i = 0; i < G; ++i) WinIO<T, kFull>::swap_halves(v[2 * i], v[2 * i + 1]);
+}
+
+template <bool kFull, int G, typename T, int64_t kStep>
 inline Vecs<acc_t<T>, G> load_group(const T* p, const Windows<kStep>& w,
                                     const typename Windows<kStep>::template Group<G>& gr) {
   Vecs<acc_t<T>, G> v;
-  for (int i = 0; i < G; ++i) RowIO<T>::load_n(p + gr.off[i], w.len, v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < G; ++i) {
+    WinIO<T, kFull>::load(p + gr.off[i], w.len, v[2 * i], v[2 * i + 1]);
+  }
   return v;
 }
 
-template <int G, typename T, int64_t kStep>
+// A last group's repeated window (dup = kStep) holds the same bits as the window it repeats:
+// whole windows store it again rather than test for it.
+template <bool kFull, int G, typename T, int64_t kStep>
 inline void store_group(T* p, const Windows<kStep>& w,
                         const typename Windows<kStep>::template Group<G>& gr,
                         const Vecs<acc_t<T>, G>& v) {
   for (int i = 0; i < G; ++i) {
-    if (gr.dup[i] < kStep) RowIO<T>::store_n(p + gr.off[i], w.len, v[2 * i], v[2 * i + 1]);
+    if (kFull || gr.dup[i] < kStep) {
+      WinIO<T, kFull>::store(p + gr.off[i], w.len, v[2 * i], v[2 * i + 1]);
+    }
   }
 }
 
@@ -233,7 +321,7 @@ struct FwdArgs {
 // The statistics of a group of G windows: rstd, and for LayerNorm the mean (as
 // ln_row_stats, row_group_stats.h, lane-wise: the mean, then the corrected two-pass variance
 // sum(d^2) - sum(d)^2 / C with d = x - mean0). Stored, and returned for the output pass.
-template <typename T, bool kLayer, int G, int64_t kStep>
+template <typename T, bool kLayer, bool kFull, int G, int64_t kStep>
 void fwd_group_stats(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t, const T* x,
                      const Windows<kStep>& win,
                      const typename Windows<kStep>::template Group<G>& gr,
@@ -242,7 +330,7 @@ void fwd_group_stats(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
   using V = Vectorized<A>;
   constexpr int K = 2 * G;
   const V vn(static_cast<A>(tl.C)), ve(static_cast<A>(a.eps)), one(A(1)), zero(A(0));
-  auto load = [&](int64_t j) { return load_group<G>(x + j * tl.S, win, gr); };
+  auto load = [&](int64_t j) { return load_group<kFull, G>(x + j * tl.S, win, gr); };
   if constexpr (!kLayer) {
     const auto s = blocked_row_sum<K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& p) {
       const auto v = load(j);
@@ -271,13 +359,17 @@ void fwd_group_stats(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
       const V var = (tv[i] - sd * sd * vinv) * vinv;
       rs[i] = one / (V::blendv(var, zero, var < zero) + ve).sqrt();  // var < 0 ? 0 : var
     }
-    store_group<G>(a.mean + tl.stats(t), win, gr, mu);
+    auto m = mu;
+    swap_halves<T, kFull, G>(m);
+    store_group<kFull, G>(a.mean + tl.stats(t), win, gr, m);
   }
-  store_group<G>(a.rstd + tl.stats(t), win, gr, rs);
+  auto r = rs;
+  swap_halves<T, kFull, G>(r);
+  store_group<kFull, G>(a.rstd + tl.stats(t), win, gr, r);
 }
 
 // y = (x - mean) * rstd * w + bias (RMSNorm: x * rstd * w), a tile by groups of G windows.
-template <typename T, bool kLayer, int G>
+template <typename T, bool kLayer, bool kFull, int G>
 void fwd_tile(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
               const Tiles::Unit* next) {
   using A = acc_t<T>;
@@ -290,11 +382,11 @@ void fwd_tile(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
   for (int64_t p = 0; p < ng; ++p) {
     const auto gr = win.template group<G>(p);
     Vecs<A, G> mu, rs;
-    fwd_group_stats<T, kLayer, G>(a, tl, t, x, win, gr, mu, rs);
+    fwd_group_stats<T, kLayer, kFull, G>(a, tl, t, x, win, gr, mu, rs);
     NextTilePrefetch<T> pf(a.x, nullptr, tl, next, p, ng);
     for (int64_t j = 0; j < tl.C; ++j) {
       pf.step();
-      auto v = load_group<G>(x + j * tl.S, win, gr);
+      auto v = load_group<kFull, G>(x + j * tl.S, win, gr);
       const V wj(a.w ? a.w[j] : A(1)), bj(a.bias ? a.bias[j] : A(0));
       for (int i = 0; i < 2 * G; ++i) {
         if constexpr (kLayer) v[i] = v[i] - mu[i];
@@ -302,7 +394,7 @@ void fwd_tile(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
         if (a.w) v[i] = v[i] * wj;
         if (kLayer && a.bias) v[i] = v[i] + bj;
       }
-      store_group<G>(y + j * tl.S, win, gr, v);
+      store_group<kFull, G>(y + j * tl.S, win, gr, v);
     }
   }
 }
@@ -313,7 +405,8 @@ void fwd_units(const FwdArgs<T>& a, int64_t M, int64_t C, int64_t S) {
   const OutputPrefault pf(a.y, M / S, C * S * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, tl.count, row_grain(C * tl.width), [&](int64_t b, int64_t e) {
     for_each_unit(tl, pf, b, e, b, e, [&](const Tiles::Unit& t, const Tiles::Unit* next) {
-      fwd_tile<T, kLayer, kFwdGroup>(a, tl, t, next);
+      if (S >= RowIO<T>::kStep) fwd_tile<T, kLayer, true, kFwdGroup>(a, tl, t, next);
+      else fwd_tile<T, kLayer, false, kFwdGroup>(a, tl, t, next);
     });
   });
 }
@@ -337,7 +430,7 @@ struct BwdArgs {
 //   RMSNorm:   dx = rstd * (g - xhat * c),       c = rstd * mean(g * x)
 // (rms_norm_cpu.cpp's grouping: no intermediate outgrows |dx|). dwp / dbp (may be null):
 // the tile's sums of dy * xhat and of dy, one entry per channel, added to.
-template <typename T, bool kLayer, int G>
+template <typename T, bool kLayer, bool kFull, int G>
 void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
               const Tiles::Unit* next, acc_t<T>* dwp, acc_t<T>* dbp) {
   using A = acc_t<T>;
@@ -352,11 +445,13 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
   const int64_t ng = win.template groups<G>();
   for (int64_t p = 0; p < ng; ++p) {
     const auto gr = win.template group<G>(p);
-    auto load = [&](const auto* ptr) { return load_group<G>(ptr, win, gr); };
+    auto load = [&](const auto* ptr) { return load_group<kFull, G>(ptr, win, gr); };
     // Padded lanes (S < kStep) load mean = rstd = 0 and dy = 0: every sum stays 0 there.
     Vecs<A, G> mu{}, rs = load(a.rstd + tl.stats(t)), c1{}, c2;
+    swap_halves<T, kFull, G>(rs);  // to the lane order of T's windows (WinIO)
     if constexpr (kLayer) {
       mu = load(a.mean + tl.stats(t));
+      swap_halves<T, kFull, G>(mu);
       const auto s = blocked_row_sum<2 * K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& acc) {
         auto g = load(dy + j * tl.S);
         const auto v = load(x + j * tl.S);
@@ -416,11 +511,15 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
         v[i] = v[i] * rs[i];  // xhat
       }
       if (dwp || dbp) {  // before dy is scaled by w
-        auto gm = g;
+        // In memory order: a channel's sums add its positions in the same order whatever
+        // the lane order of the loads (so the same bits).
+        auto gm = g, xh = v;
+        swap_halves<T, kFull, G>(gm);
+        swap_halves<T, kFull, G>(xh);
         if (masked) zero_dup<A, G>(gm, gr);
         if (dwp) {
-          V s = gm[0] * v[0];
-          for (int i = 1; i < K; ++i) s = at::vec::fmadd(gm[i], v[i], s);
+          V s = gm[0] * xh[0];
+          for (int i = 1; i < K; ++i) s = at::vec::fmadd(gm[i], xh[i], s);
           wsum.set(held, s);
         }
         if (dbp) {
@@ -436,7 +535,7 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
         if constexpr (kLayer) g[i] = g[i] - c1[i];
         g[i] = (g[i] - v[i] * c2[i]) * rs[i];
       }
-      store_group<G>(dx + j * tl.S, win, gr, g);
+      store_group<kFull, G>(dx + j * tl.S, win, gr, g);
     }
     if (held > 0) flush(tl.C);
   }
@@ -456,7 +555,8 @@ void bwd_units(const BwdArgs<T>& a, const Launch& l, int64_t M, int64_t C, int64
   if (dw == nullptr && db == nullptr) {
     at::parallel_for(0, tl.count, row_grain(C * tl.width), [&](int64_t b, int64_t e) {
       for_each_unit(tl, pf, b, e, b, e, [&](const Tiles::Unit& t, const Tiles::Unit* next) {
-        bwd_tile<T, kLayer, kBwdGroup>(a, tl, t, next, nullptr, nullptr);
+        if (S >= RowIO<T>::kStep) bwd_tile<T, kLayer, true, kBwdGroup>(a, tl, t, next, nullptr, nullptr);
+        else bwd_tile<T, kLayer, false, kBwdGroup>(a, tl, t, next, nullptr, nullptr);
       });
     });
     return;
@@ -475,8 +575,10 @@ void bwd_units(const BwdArgs<T>& a, const Launch& l, int64_t M, int64_t C, int64
       // The chunk, not the block, is the thread's range (prefetching crosses blocks).
       for_each_unit(tl, pf, cb, ce, b, e, [&](const Tiles::Unit& t, const Tiles::Unit* next) {
         std::fill(tile_row.begin(), tile_row.end(), A(0));
-        bwd_tile<T, kLayer, kBwdGroup>(a, tl, t, next, dw ? tile_row.data() : nullptr,
-                                       db ? tile_row.data() + db_off : nullptr);
+        A* dwp = dw ? tile_row.data() : nullptr;
+        A* dbp = db ? tile_row.data() + db_off : nullptr;
+        if (S >= RowIO<T>::kStep) bwd_tile<T, kLayer, true, kBwdGroup>(a, tl, t, next, dwp, dbp);
+        else bwd_tile<T, kLayer, false, kBwdGroup>(a, tl, t, next, dwp, dbp);
         add_row(part, tile_row.data(), width);
       });
     });
