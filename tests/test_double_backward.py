@@ -111,3 +111,30 @@ def test_compiled_backward_uses_the_fused_kernel():
     x, w = _inputs("cpu", (4, 8), (8,))
     f(x, w).sum().backward()
     assert len(graphs) == 2 and "rms_norm_bwd" in graphs[1], graphs
+
+
+_BATCHED_AD_CASES = {
+    "rms_norm": ((3, 5), (5,), lambda x, w: R.rms_norm(x, (5,), w)),
+    "layer_norm": ((3, 5), (5,), (5,), lambda x, w, b: R.layer_norm(x, (5,), w, b)),
+    "fused_add_rms_norm": ((3, 5), (3, 5), (5,),
+                           lambda x, r, w: R.fused_add_rms_norm(x, r, (5,), w)),
+    "gated_rms_norm": ((3, 6), (3, 6), (6,), lambda x, g, w: R.gated_rms_norm(x, g, (6,), w)),
+    "layer_norm_modulate": ((2, 3, 4), (2, 4), (2, 4),
+                            lambda x, s, t: R.layer_norm_modulate(x, (4,), s, t)),
+    "rms_norm_2d": ((2, 3, 2, 2), (3,), lambda x, w: R.rms_norm_2d(x, w)),
+    "qk_norm_rope": ((1, 3, 2, 4), (1, 3, 1, 4), (4,), (4,),
+                     lambda q, k, qw, kw: R.qk_norm_rope(q, k, qw, kw, torch.ones(3, 4,
+                                                         dtype=torch.float64) * 0.6,
+                                                         torch.ones(3, 4, dtype=torch.float64) * 0.8)),
+}
+
+
+@pytest.mark.parametrize("name", list(_BATCHED_AD_CASES))
+def test_gradcheck_forward_ad_and_batched(name):
+    """torch.autograd.gradcheck with forward AD and its batched checks (legacy vmap over the
+    tangents / cotangents), as users run it on their own layers: F.rms_norm / F.layer_norm
+    pass it. Our jvp's result was detached, which a legacy BatchedTensor cannot be."""
+    *shapes, f = _BATCHED_AD_CASES[name]
+    args = _inputs("cpu", *shapes)
+    assert torch.autograd.gradcheck(f, tuple(args), check_forward_ad=True,
+                                    check_batched_grad=True, check_batched_forward_grad=True)
