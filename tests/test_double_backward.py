@@ -113,6 +113,8 @@ def test_compiled_backward_uses_the_fused_kernel():
     assert len(graphs) == 2 and "rms_norm_bwd" in graphs[1], graphs
 
 
+_COS = torch.full((3, 4), 0.6, dtype=torch.float64)  # a rotation by the same angle everywhere
+_SIN = torch.full((3, 4), 0.8, dtype=torch.float64)
 _BATCHED_AD_CASES = {
     "rms_norm": ((3, 5), (5,), lambda x, w: R.rms_norm(x, (5,), w)),
     "layer_norm": ((3, 5), (5,), (5,), lambda x, w, b: R.layer_norm(x, (5,), w, b)),
@@ -123,9 +125,7 @@ _BATCHED_AD_CASES = {
                             lambda x, s, t: R.layer_norm_modulate(x, (4,), s, t)),
     "rms_norm_2d": ((2, 3, 2, 2), (3,), lambda x, w: R.rms_norm_2d(x, w)),
     "qk_norm_rope": ((1, 3, 2, 4), (1, 3, 1, 4), (4,), (4,),
-                     lambda q, k, qw, kw: R.qk_norm_rope(q, k, qw, kw, torch.ones(3, 4,
-                                                         dtype=torch.float64) * 0.6,
-                                                         torch.ones(3, 4, dtype=torch.float64) * 0.8)),
+                     lambda q, k, qw, kw: R.qk_norm_rope(q, k, qw, kw, _COS, _SIN)),
 }
 
 

@@ -165,7 +165,8 @@ struct WinIO {
   static inline void swap_halves(V& a, V& b) {
 #if defined(CPU_CAPABILITY_AVX2)
     if constexpr (kPermuted) {
-      const __m256 lo = _mm256_permute2f128_ps(a, b, 0x20), hi = _mm256_permute2f128_ps(a, b, 0x31);
+      const __m256 lo = _mm256_permute2f128_ps(a, b, 0x20);
+      const __m256 hi = _mm256_permute2f128_ps(a, b, 0x31);
       a = V(lo);
       b = V(hi);
     }
@@ -558,8 +559,11 @@ void bwd_units(const BwdArgs<T>& a, const Launch& l, int64_t M, int64_t C, int64
   if (dw == nullptr && db == nullptr) {
     at::parallel_for(0, tl.count, row_grain(C * tl.width), [&](int64_t b, int64_t e) {
       for_each_unit(tl, pf, b, e, b, e, [&](const Tiles::Unit& t, const Tiles::Unit* next) {
-        if (S >= RowIO<T>::kStep) bwd_tile<T, kLayer, true, kBwdGroup>(a, tl, t, next, nullptr, nullptr);
-        else bwd_tile<T, kLayer, false, kBwdGroup>(a, tl, t, next, nullptr, nullptr);
+        if (S >= RowIO<T>::kStep) {
+          bwd_tile<T, kLayer, true, kBwdGroup>(a, tl, t, next, nullptr, nullptr);
+        } else {
+          bwd_tile<T, kLayer, false, kBwdGroup>(a, tl, t, next, nullptr, nullptr);
+        }
       });
     });
     return;
