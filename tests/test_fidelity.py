@@ -237,6 +237,33 @@ def test_inplace_bumps_version_counters():
         loss.backward()
 
 
+def test_fused_residual_changed_in_place_like_the_composite():
+    """h = fused_add_rms_norm's residual output, changed in place after the call: as with the
+    composite (h = x + r; y = F.rms_norm(h)), a loss on h alone still backpropagates (the add
+    saves nothing), and one through y raises (the norm saved h)."""
+    def run(fused, use_y):
+        x, r = _x(3, D).requires_grad_(), _x(3, D, seed=1).requires_grad_()
+        w = _x(D, seed=2).requires_grad_()
+        if fused:
+            y, h = R.fused_add_rms_norm(x, r, (D,), w, 1e-5)
+        else:
+            h = x + r
+            y = F.rms_norm(h, (D,), w, 1e-5)
+        h.mul_(2.0)
+        loss = h.sum() + (y.sum() if use_y else 0)
+        try:
+            return torch.autograd.grad(loss, (x, r))
+        except RuntimeError as e:
+            return e
+    ours, theirs = run(True, False), run(False, False)
+    assert not isinstance(theirs, Exception)
+    assert not isinstance(ours, Exception), ours
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    assert "modified by an inplace operation" in str(run(False, True))
+    assert "modified by an inplace operation" in str(run(True, True))
+
+
 def test_inplace_refuses_a_graph():
     x, r = _x(3, D).requires_grad_(), _x(3, D, seed=1)
     with pytest.raises(RuntimeError, match="not differentiable"):

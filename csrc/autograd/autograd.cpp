@@ -229,16 +229,28 @@ class FusedAddRmsNormFn : public Function<FusedAddRmsNormFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor &dy = grads[0], &dh_direct = grads[1];
+    const auto input_dtype = static_cast<at::ScalarType>(ctx->saved_data["input_dtype"].toInt());
+    auto to_inputs = [&](const at::Tensor& dh) -> variable_list {
+      at::Tensor dx;
+      if (dh.defined() && ctx->needs_input_grad(0)) {
+        dx = dh.scalar_type() == input_dtype ? dh : dh.to(input_dtype);  // fp32 residual stream
+      }
+      return {dx, ctx->needs_input_grad(1) ? dh : at::Tensor(), at::Tensor(), at::Tensor(),
+              at::Tensor(), at::Tensor()};
+    };
+    if (!dy.defined()) {
+      // Only h was used: its gradient passes straight to both summands, and the saved h is
+      // not unpacked (as in the composite h = input + residual, whose add saves nothing, an
+      // in-place change to h after the call is then no error).
+      return to_inputs(dh_direct);
+    }
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &h = saved[0], &rstd = saved[1], &w = saved[2];
     const auto ns = ctx->saved_data["ns"].toIntVector();
     const double offset = ctx->saved_data["offset"].toDouble();
-    const auto input_dtype = static_cast<at::ScalarType>(ctx->saved_data["input_dtype"].toInt());
     const bool want_dw = w.defined() && ctx->needs_input_grad(2);
     at::Tensor dh, dw;
-    if (!dy.defined()) {
-      dh = dh_direct;  // only h was used: its gradient passes straight to both summands
-    } else if (at::GradMode::is_enabled()) {
+    if (at::GradMode::is_enabled()) {
       std::tie(dh, dw) = rms_backward_composite(dy, h, w, offset,
                                                 ctx->saved_data["eps"].toDouble(), ns.size(),
                                                 want_dw);
@@ -248,12 +260,9 @@ class FusedAddRmsNormFn : public Function<FusedAddRmsNormFn> {
       std::tie(dh, dw) = oh::rms_norm_bwd().call(dy, h, rstd, opt(w), ns, offset, opt(dh_direct),
                                            want_dw);
     }
-    at::Tensor dx;
-    if (dh.defined() && ctx->needs_input_grad(0)) {
-      dx = dh.scalar_type() == input_dtype ? dh : dh.to(input_dtype);  // fp32 residual stream
-    }
-    return {dx, ctx->needs_input_grad(1) ? dh : at::Tensor(), at::Tensor(),
-            grad_or_undef(dw, want_dw && dy.defined()), at::Tensor(), at::Tensor()};
+    variable_list out = to_inputs(dh);
+    out[3] = grad_or_undef(dw, want_dw);
+    return out;
   }
 };
 
