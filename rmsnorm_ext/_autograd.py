@@ -117,10 +117,13 @@ def make_function(e):
             grads = grads[:e.n_diff_outputs]
             if all(g is None for g in grads):
                 return (None,) * len(names)
+            # saved_tensors unpacked once: non-reentrant activation checkpointing recomputes
+            # the forward for the first unpack and refuses a second one.
+            saved = ctx.saved_tensors
             s = dict(ctx.attrs)
-            s.update(zip(e.saved, ctx.saved_tensors))
+            s.update(zip(e.saved, saved))
             need = {n for n in e.diff_args if ctx.needs_input_grad[names.index(n)]}
-            if _graph_needed([*grads, *ctx.saved_tensors]):
+            if _graph_needed([*grads, *saved]):
                 if e.graph_backward is not None:
                     res = e.graph_backward(s, grads, need, ctx.dtypes)
                 else:

@@ -33,8 +33,8 @@ import torch
 ROW, STAT, PARAM, REPLICATE = "row", "stat", "param", "replicate"
 # BATCH: per-sample (adaLN scale / shift: [B, D], [B, 1, ..., D], or broadcast [1, D] / [D]):
 # sharded with the input's dim 0 when it has B rows, else replicated. ROPE: rotary tables
-# (cos / sin, [S, D] or [B, S, D]): sharded with the sequence dim (and with the batch for a
-# [B, S, D] table next to a [B, S, H, D] input), replicated when heads are sharded.
+# (cos / sin, [S, D], [1, S, D] or [B, S, D]): sharded with the sequence dim (and with the
+# batch for a [B, S, D] table next to a [B, S, H, D] input), replicated when heads are sharded.
 BATCH, ROPE = "batch", "rope"
 
 
@@ -155,10 +155,12 @@ def gated_rms_composite(input, gate, normalized_shape, weight, eps, group_size,
 
 
 def _rope_table(t, x, acc):
-    """cos/sin [S, D] or [B, S, D] (B the product of x's leading dims) as x's
+    """cos/sin [S, D], [1, S, D] or [B, S, D] (B the product of x's leading dims) as x's
     [..., S, 1, D] broadcast."""
     t = t.to(acc)
-    if t.dim() == 3:
+    if t.dim() == 3 and t.shape[0] == 1:
+        t = t[0]  # shared by the batch, as [S, D]
+    elif t.dim() == 3:
         t = t.reshape(*x.shape[:-3], *t.shape[1:])
     return t.unsqueeze(-2)
 

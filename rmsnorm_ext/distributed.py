@@ -151,11 +151,11 @@ def sharding_rule(op, output_roles, channels_first=False, arg_roles=None):
                 return Shard(stat_dim[d])
             if role == BATCH:
                 return Shard(0) if d == 0 and batch_sized(t) else Replicate()
-            if role == ROPE:  # x: [..., S, H, D]; t: [S, D] or [B, S, D]
+            if role == ROPE:  # x: [..., S, H, D]; t: [S, D], [1, S, D] or [B, S, D]
                 seq = x.ndim - 3
                 if d == seq:
                     return Shard(t.ndim - 2)
-                if d > seq or t.ndim == 2:
+                if d > seq or t.ndim == 2 or t.shape[0] == 1:
                     return Replicate()  # heads sharded, or a table shared by the batch
                 return Shard(0) if (d == 0 and x.ndim == 4) else infeasible
             return Replicate()

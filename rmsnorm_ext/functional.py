@@ -6,6 +6,7 @@ the C++ dispatcher; that entry declines (returns NotImplemented) anything but pl
 and well-formed arguments, which then take the torch.ops path below -- as does everything
 under torch.compile, which traces torch.ops. All checks and math happen in C++.
 """
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,6 +35,14 @@ __all__ = ["rms_norm", "layer_norm", "fused_add_rms_norm", "fused_add_rms_norm_"
            "gated_rms_norm", "qk_norm_rope", "rms_norm_modulate", "layer_norm_modulate",
            "rms_norm_2d", "layer_norm_2d", "rms_norm_quant", "fused_add_rms_norm_quant",
            "layer_norm_quant"]
+
+
+def _int_arg(name, v):
+    """An integer argument the op takes as int: a float or a bool is refused, not truncated
+    (int(2.5) would silently mean 2), as the op itself refuses them."""
+    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+        raise TypeError(f"rmsnorm_ext: {name} must be an int, got {type(v).__name__} {v!r}")
+    return operator.index(v)
 
 
 def _shape(normalized_shape):
@@ -195,7 +204,7 @@ def gated_rms_norm(input: Tensor, gate: Tensor, normalized_shape: _ShapeT,
     n = 1
     for d in ns:
         n *= d
-    g = max(n, 1) if group_size is None else int(group_size)
+    g = max(n, 1) if group_size is None else _int_arg("group_size", group_size)
     args = (input, gate, ns, weight, _eps(input, eps), g, bool(norm_before_gate),
             str(activation))
     return _call("gated_rms_norm_fwd", *args)[0]
@@ -208,8 +217,8 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
 
     ``q`` is ``[..., S, Hq, D]`` and ``k`` ``[..., S, Hk, D]`` (Hugging Face's layout before
     its transpose to ``[B, H, S, D]``); each head vector is normalized over ``D`` with its
-    weight (``[D]``, or None), then rotated by ``cos`` / ``sin`` (``[S, D]`` or ``[B, S, D]``,
-    as HF's rotary embedding returns them): ``interleaved=False`` is rotate-half (Llama,
+    weight (``[D]``, or None), then rotated by ``cos`` / ``sin`` (``[S, D]``, ``[1, S, D]``
+    or ``[B, S, D]``, as HF's rotary embedding returns them): ``interleaved=False`` is rotate-half (Llama,
     Qwen, NeoX: ``u * cos + rotate_half(u) * sin``), ``True`` rotates adjacent pairs (GPT-J).
     fp32 math, one rounding. Returns ``(q_out, k_out)``; differentiable w.r.t. q, k and the
     weights (not cos / sin).
@@ -294,7 +303,7 @@ def _quant_eps(dtype, eps):
 
 
 def _group(group_size):
-    return None if group_size is None else int(group_size)
+    return None if group_size is None else _int_arg("group_size", group_size)
 
 
 def rms_norm_quant(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,

@@ -243,6 +243,8 @@ def rope_reference(u, cos, sin, interleaved):
     out = u * cos + rot * sin with rot[2i] = -u[2i+1], rot[2i+1] = u[2i]."""
     s_len, d = u.shape[-3], u.shape[-1]
     lead = u.shape[:-3]
+    if cos.dim() == 3 and cos.shape[0] == 1:  # [1, S, D]: shared by the batch
+        cos, sin = cos[0], sin[0]
     if cos.dim() == 2:
         c, s = cos[:, None, :], sin[:, None, :]
     else:

@@ -869,3 +869,21 @@ def test_cuda_layouts(api, layout):
                                                                   w.abs().max()).item()
     with contextlib.suppress(NotImplementedError):
         assert_same(call(api, x, (8,), weight=w, residual=res), theirs, atol=atol)
+
+
+@pytest.mark.parametrize("bad", [2.5, 4.0, True])
+@pytest.mark.parametrize("api", ["gated_rms_norm", "rms_norm_quant", "layer_norm_quant"])
+def test_group_size_must_be_an_int(api, bad):
+    """A float or bool group_size is refused (the op's schema takes an int); it was truncated
+    (2.5 -> 2, True -> 1) and silently computed another grouping."""
+    x = torch.randn(2, 8)
+    with pytest.raises(TypeError, match="rmsnorm_ext: group_size must be an int"):
+        if api == "gated_rms_norm":
+            R.gated_rms_norm(x, torch.randn(2, 8), (8,), group_size=bad)
+        else:
+            with torch.no_grad():
+                getattr(R, api)(x, (8,), group_size=bad)
+    import numpy as np
+    if api == "gated_rms_norm":  # an integer type other than int is fine
+        torch.testing.assert_close(R.gated_rms_norm(x, x, (8,), group_size=np.int64(4)),
+                                   R.gated_rms_norm(x, x, (8,), group_size=4))

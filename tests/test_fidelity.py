@@ -196,6 +196,41 @@ def test_checkpoint(case, reentrant):
     _close(g_ck, g_plain)
 
 
+_COS6 = torch.full((3, 4), 0.6, dtype=torch.float64)
+_SIN8 = torch.full((3, 4), 0.8, dtype=torch.float64)
+# The ops whose Autograd kernel is the op table's Python Function (not the C++ fast path),
+# with float64 arguments: (f, argument shapes).
+TABLE_OPS = {
+    "rms_norm_fwd op": (lambda x, w: torch.ops.rmsnorm_ext.rms_norm_fwd(x, [4], w, 1e-5, 0.0)[0],
+                        [(3, 4), (4,)]),
+    "gated_rms_norm": (lambda x, g, w: R.gated_rms_norm(x, g, (4,), w), [(3, 4), (3, 4), (4,)]),
+    "layer_norm_modulate": (lambda x, s, t: R.layer_norm_modulate(x, (4,), s, t),
+                            [(2, 3, 4), (2, 4), (2, 4)]),
+    "rms_norm_modulate": (lambda x, s, w: R.rms_norm_modulate(x, (4,), s, None, w),
+                          [(2, 3, 4), (2, 4), (4,)]),
+    "qk_norm_rope": (lambda q, k, qw: R.qk_norm_rope(q, k, qw, None, _COS6, _SIN8)[0] * 2
+                     + R.qk_norm_rope(q, k, qw, None, _COS6, _SIN8)[1].sum(-2, keepdim=True),
+                     [(2, 3, 2, 4), (2, 3, 1, 4), (4,)]),
+    "layer_norm_2d": (lambda x, w, b: R.layer_norm_2d(x, w, b), [(2, 4, 3, 3), (4,), (4,)]),
+    "rms_norm_2d": (lambda x, w: R.rms_norm_2d(x, w), [(2, 4, 3, 3), (4,)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_OPS))
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpoint_table_ops(name, reentrant):
+    """Activation checkpointing (both kinds) of the ops on the table's autograd Function:
+    its backward must unpack the saved tensors once (a non-reentrant checkpoint recomputes
+    the forward on the first unpack and refuses a second: every model with gradient
+    checkpointing and a swapped 2d / adaLN norm failed its backward)."""
+    f, shapes = TABLE_OPS[name]
+    args = [_x(*s, seed=i).requires_grad_() for i, s in enumerate(shapes)]
+    checkpoint(f, *args, use_reentrant=reentrant).square().sum().backward()
+    g_ck = [a.grad.clone() for a in args]
+    g_plain = torch.autograd.grad(f(*args).square().sum(), args)
+    _close(g_ck, g_plain)
+
+
 def test_inference_mode_and_inference_tensors():
     x = _x(3, D)
     w = _x(D, seed=1).requires_grad_()

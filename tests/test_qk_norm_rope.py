@@ -46,6 +46,39 @@ def test_matches_hf_qwen3_preamble(dtype):
     del tr
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_takes_hf_rotary_output_as_is(batch):
+    """Qwen3's rotary embedding with the model's default position ids returns [1, S, D]
+    tables for any batch size (apply_rotary_pos_emb broadcasts them): taken as they are,
+    with the values of HF's own norms + rotation."""
+    tr = pytest.importorskip("transformers")
+    from transformers.models.qwen3 import modeling_qwen3 as m
+    cfg = tr.Qwen3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, num_hidden_layers=1, intermediate_size=64, vocab_size=32)
+    torch.manual_seed(0)
+    hidden = torch.randn(batch, 5, 64)
+    cos, sin = m.Qwen3RotaryEmbedding(cfg)(hidden, torch.arange(5)[None])
+    assert cos.shape == (1, 5, 16)
+    q, k = torch.randn(batch, 5, 4, 16), torch.randn(batch, 5, 2, 16)
+    qn, kn = m.Qwen3RMSNorm(16, eps=1e-6), m.Qwen3RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        qn.weight.add_(torch.randn(16) * 0.1)
+        kn.weight.add_(torch.randn(16) * 0.1)
+    hq, hk = m.apply_rotary_pos_emb(qn(q).transpose(1, 2), kn(k).transpose(1, 2), cos, sin)
+    oq, ok = R.qk_norm_rope(q, k, qn.weight, kn.weight, cos, sin, 1e-6)
+    torch.testing.assert_close(oq.transpose(1, 2), hq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ok.transpose(1, 2), hk, rtol=1e-5, atol=1e-5)
+    # and its gradients, against the composite with the table expanded per batch item
+    args = [t.clone().requires_grad_() for t in (q, k, qn.weight, kn.weight)]
+    gq = torch.randn_like(q)
+    got = torch.autograd.grad(R.qk_norm_rope(*args, cos, sin, 1e-6)[0], args[:3], gq)
+    ce, se = cos.expand(batch, 5, 16), sin.expand(batch, 5, 16)
+    want = torch.autograd.grad(R.qk_norm_rope(*args, ce, se, 1e-6)[0], args[:3], gq)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    del tr
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("batched_tables", [False, True])
 def test_gradcheck_and_gradgradcheck(interleaved, batched_tables):

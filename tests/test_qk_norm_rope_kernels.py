@@ -429,8 +429,9 @@ BAD = [
     ("weight_dtype", TypeError, "rmsnorm_ext: k_weight dtype torch.float64 is not supported "
      "with q dtype torch.float32", dict(kw=_t(64, dtype=torch.float64)),
      dict(kw=_t(64, dtype=torch.float64))),
-    ("cos_shape", ValueError, r"rmsnorm_ext: cos must have shape \[S, D\] = \[4, 64\] or "
-     r"\[B, S, D\] = \[2, 4, 64\] \(B: the product of q's leading dims\), got \[5, 64\]",
+    ("cos_shape", ValueError, r"rmsnorm_ext: cos must have shape \[S, D\] = \[4, 64\], "
+     r"\[1, S, D\] or \[B, S, D\] = \[2, 4, 64\] \(B: the product of q's leading dims\), "
+     r"got \[5, 64\]",
      dict(cos=_t(5, 64)), dict(cos=_t(5, 64))),
     ("cos_batch", ValueError, r"rmsnorm_ext: cos must have shape .* got \[3, 4, 64\]",
      dict(cos=_t(3, 4, 64)), dict(cos=_t(3, 4, 64))),
@@ -438,6 +439,9 @@ BAD = [
      dict(sin=_t(4, 32)), dict(sin=_t(4, 32))),
     ("sin_layout", ValueError, r"rmsnorm_ext: sin shape \[2, 4, 64\] must match the cos shape "
      r"\[4, 64\]", dict(sin=_t(2, 4, 64)), dict(sin=_t(2, 4, 64))),
+    ("sin_batch_vs_shared", ValueError, r"rmsnorm_ext: sin shape \[2, 4, 64\] must match the "
+     r"cos shape \[1, 4, 64\]", dict(cos=_t(1, 4, 64), sin=_t(2, 4, 64)),
+     dict(cos=_t(1, 4, 64), sin=_t(2, 4, 64))),
     ("cos_dtype", TypeError, "rmsnorm_ext: cos/sin dtype torch.float64 is not supported with q "
      "dtype torch.float32", dict(cos=_t(4, 64, dtype=torch.float64),
                                  sin=_t(4, 64, dtype=torch.float64)),

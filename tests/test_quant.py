@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import rmsnorm_ext as R
-from reference import (QUANT_MAX, QUANT_MIN_SCALE, ln_ref, quant_scales_ref, quant_step,
-                       quantize_ref, rms_ref)
+from reference import (QUANT_MAX, QUANT_MIN_SCALE, default_eps, ln_ref, quant_scales_ref,
+                       quant_step, quantize_ref, rms_ref)
 
 OPS = torch.ops.rmsnorm_ext
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def _y64(norm, x, ns, w, b, eps, offset, h=None):
     if norm == "layer":
         return ln_ref(x, ns, w, b, 1e-5 if eps is None else eps)
     src = h if norm == "fused" else x
-    e = torch.finfo(src.dtype).eps if eps is None else eps
+    e = default_eps(src.dtype) if eps is None else eps
     return rms_ref(src, ns, w, e, offset)
 
 

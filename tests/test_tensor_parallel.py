@@ -201,6 +201,12 @@ def _functional_cases(device):
             x.unflatten(-1, (2, 4)), r.unflatten(-1, (2, 4)), w[:4], w[4:],
             b[:4].cos().unsqueeze(0).expand(6, 4), b[4:].sin().unsqueeze(0).expand(6, 4))),
          True, False, None),
+        # ... with [1, S, D] tables (Hugging Face's default position ids): shared by the batch
+        ("qk_norm_rope_1sd_tables", lambda x, r, w, b: tuple(
+            o.flatten(-2) for o in rmsnorm_ext.qk_norm_rope(
+                x.unflatten(-1, (2, 4)), r.unflatten(-1, (2, 4)), w[:4], w[4:],
+                b[:4].cos().expand(1, 6, 4), b[4:].sin().expand(1, 6, 4))),
+         True, False, None),
     ]
 
 

@@ -330,6 +330,22 @@ def test_timm_convnext_compiled():
         torch.testing.assert_close(torch.compile(model)(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
+def test_timm_convnext_gradient_checkpointing():
+    """A swapped ConvNeXt (conv_mlp: its blocks' norms are LayerNorm2d, i.e. layer_norm_2d)
+    trains under timm's gradient checkpointing (checkpoint_seq, non-reentrant) with the
+    original's gradients: the table ops' backward used to unpack their saved tensors twice,
+    which a non-reentrant checkpoint refuses (convnext_atto's backward raised)."""
+    from timm.models.convnext import ConvNeXt
+    torch.manual_seed(0)
+    ref = _perturbed(ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=10,
+                              conv_mlp=True))
+    model = copy.deepcopy(ref)
+    assert rmsnorm_ext.replace_norms(model) == 9
+    model.set_grad_checkpointing(True)
+    ref.set_grad_checkpointing(True)
+    _assert_same_model_run(model, ref, _x((2, 3, 32, 32)), rtol=1e-4, atol=1e-5)
+
+
 def test_swapped_model_pickles_and_deepcopies():
     torch.manual_seed(0)
     ref = _perturbed(_tiny_convnext()).eval()

@@ -3,8 +3,8 @@
 //
 // q [..., S, Hq, D] and k [..., S, Hk, D] (Hugging Face's layout before its transpose to
 // [B, H, S, D]; the same leading dims and S), D even; q_weight / k_weight [D] or None
-// (ones); cos, sin [S, D] or [B, S, D] with B the product of the leading dims (Hugging
-// Face's rotary embedding output). Each head vector v is normalized, u = v * rstd * w with
+// (ones); cos, sin [S, D], [1, S, D] or [B, S, D] with B the product of the leading dims
+// (Hugging Face's rotary embedding output: [1, S, D] for the default position ids). Each head vector v is normalized, u = v * rstd * w with
 // rstd = 1 / sqrt(mean(v^2) + eps), then rotated; every output element uses the cos/sin
 // entries of its own index e:
 //   interleaved = false (rotate-half; Llama, Qwen, NeoX): pairs (j, j + D/2), j < D/2,
@@ -89,16 +89,18 @@ inline void check_head_param(const std::optional<Tensor>& p, const char* name, c
                    " (use q's dtype, or float32 with a bfloat16/float16 q)");
 }
 
-// cos and sin: [S, D] (shared by the batch) or [B, S, D], the device of q, dtype q's or
-// float32 next to a bfloat16/float16 q, sin like cos. Returns whether they are [B, S, D].
+// cos and sin: [S, D] or [1, S, D] (shared by the batch: the same memory) or [B, S, D], the
+// device of q, dtype q's or float32 next to a bfloat16/float16 q, sin like cos. Returns
+// whether they are per batch item ([B, S, D] with B != 1).
 inline bool check_rope_tables(const Tensor& cos, const Tensor& sin, const Tensor& q,
                               const QkShape& s) {
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&cos, "cos"}, {&sin, "sin"}}) {
     const auto sz = t->sym_sizes();
     const bool ok = (t->dim() == 2 && sz[0] == s.S && sz[1] == s.D) ||
-                    (t->dim() == 3 && sz[0] == s.B && sz[1] == s.S && sz[2] == s.D);
+                    (t->dim() == 3 && (sz[0] == s.B || sz[0] == 1) && sz[1] == s.S &&
+                     sz[2] == s.D);
     TORCH_CHECK_VALUE(ok, "rmsnorm_ext: ", name, " must have shape [S, D] = [", s.S, ", ", s.D,
-                      "] or [B, S, D] = [", s.B, ", ", s.S, ", ", s.D,
+                      "], [1, S, D] or [B, S, D] = [", s.B, ", ", s.S, ", ", s.D,
                       "] (B: the product of q's leading dims), got ", sz);
     check_same_device(*t, name, q, "q");
     TORCH_CHECK_TYPE(is_supported_float(t->scalar_type()), "rmsnorm_ext: ", name,
@@ -114,7 +116,10 @@ inline bool check_rope_tables(const Tensor& cos, const Tensor& sin, const Tensor
   TORCH_CHECK_TYPE(ct == it || (ct == at::kFloat && is_reduced_float(it)),
                    "rmsnorm_ext: cos/sin dtype ", py_dtype(ct), " is not supported with q dtype ",
                    py_dtype(it), " (use q's dtype, or float32 with a bfloat16/float16 q)");
-  return cos.dim() == 3;
+  TORCH_CHECK_VALUE(sin.dim() == 2 || sin.sym_sizes()[0] == cos.sym_sizes()[0],
+                    "rmsnorm_ext: sin shape ", sin.sym_sizes(), " must match the cos shape ",
+                    cos.sym_sizes());
+  return cos.dim() == 3 && cos.sym_sizes()[0] != 1;
 }
 
 // The gradient of q_out (k_out): q's (k's) shape, device and dtype.
