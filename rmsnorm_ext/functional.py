@@ -218,8 +218,9 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
     ``q`` is ``[..., S, Hq, D]`` and ``k`` ``[..., S, Hk, D]`` (Hugging Face's layout before
     its transpose to ``[B, H, S, D]``); each head vector is normalized over ``D`` with its
     weight (``[D]``, or None), then rotated by ``cos`` / ``sin`` (``[S, D]``, ``[1, S, D]``
-    or ``[B, S, D]``, as HF's rotary embedding returns them): ``interleaved=False`` is rotate-half (Llama,
-    Qwen, NeoX: ``u * cos + rotate_half(u) * sin``), ``True`` rotates adjacent pairs (GPT-J).
+    or ``[B, S, D]``, as HF's rotary embedding returns them): ``interleaved=False`` is
+    rotate-half (Llama, Qwen, NeoX: ``u * cos + rotate_half(u) * sin``), ``True`` rotates
+    adjacent pairs (GPT-J).
     fp32 math, one rounding. Returns ``(q_out, k_out)``; differentiable w.r.t. q, k and the
     weights (not cos / sin).
     """
