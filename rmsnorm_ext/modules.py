@@ -258,6 +258,12 @@ class HFGatedRMSNorm(GatedRMSNorm):
     def forward(self, hidden_states: torch.Tensor, gate=None) -> torch.Tensor:
         x, w = hidden_states, self.weight
         out = torch.promote_types(x.dtype, w.dtype) if self.out_dtype == "promote" else x.dtype
+        if gate is not None and gate.dtype != x.dtype:
+            # HF computes in fp32 from both (Mamba2's torch path gives the norm an fp32 scan
+            # output and a bf16 gate in a bf16 model); the kernel takes one dtype: the wider
+            # of the two, an exact upcast of the other.
+            common = torch.promote_types(x.dtype, gate.dtype)
+            x, gate = x.to(common), gate.to(common)
         if not (w.dtype == x.dtype or (w.dtype == torch.float32 and x.dtype in _REDUCED)):
             w = w.to(torch.float32 if x.dtype in _REDUCED else x.dtype)
         if gate is None:

@@ -178,7 +178,7 @@ def _probe_on(module: nn.Module, eps: float, dev: torch.device) -> Optional[Tupl
 
     wdt = w.dtype
     in_dtypes: List[torch.dtype] = []
-    for d in (torch.float32, wdt, torch.bfloat16):
+    for d in _probe_dtypes(wdt):
         if d not in in_dtypes:
             in_dtypes.append(d)
 
@@ -200,7 +200,7 @@ def _probe_on(module: nn.Module, eps: float, dev: torch.device) -> Optional[Tupl
         except Exception:
             if d in (torch.float32, wdt):
                 return None
-            continue  # the extra bf16 probe is only informative (dtype rule); not required
+            continue  # the extra probes are only informative (dtype rule); not required
         if not isinstance(out, torch.Tensor) or out.shape != xp.shape \
                 or not out.is_floating_point() or out.device != xp.device:
             return None
@@ -230,6 +230,9 @@ def _probe_gated(module: nn.Module, eps: float) -> Optional[dict]:
         return None
     n = w.numel()
     g = getattr(module, "group_size", None)
+    ng = getattr(module, "n_groups", None)  # FalconH1RMSNormGated keeps the group count
+    if g is None and isinstance(ng, int) and not isinstance(ng, bool) and ng > 0 and n % ng == 0:
+        g = n // ng
     g = g if isinstance(g, int) and not isinstance(g, bool) and g > 0 and n % g == 0 else n
     dev = torch.device("cpu") if w.device.type == "meta" else w.device
     cpu = torch.device("cpu")
@@ -247,7 +250,7 @@ def _probe_gated(module: nn.Module, eps: float) -> Optional[dict]:
     with torch.device(dev):
         wp = w64.to(device=dev, dtype=wdt)
         wq = wp.double().cpu()
-        for d in dict.fromkeys((torch.float32, wdt, torch.bfloat16)):
+        for d in dict.fromkeys(_probe_dtypes(wdt)):
             xp, gp = x64.to(device=dev, dtype=d), g64.to(device=dev, dtype=d)
             try:
                 with torch.no_grad():
@@ -282,6 +285,14 @@ def _probe_gated(module: nn.Module, eps: float) -> Optional[dict]:
             return dict(group_size=None if g == n else g, norm_before_gate=nbg,
                         activation=act, out_dtype=policy, gate_optional=gate_optional)
     return None
+
+
+def _probe_dtypes(wdt: torch.dtype) -> Tuple[torch.dtype, ...]:
+    """Probe input dtypes: float32 and the weight's (required to work), then bfloat16 and
+    float16 (informative: they tell the output-dtype rules apart -- with a bfloat16 weight a
+    float32 or bfloat16 input gives the same dtype under "promote" and "input", a float16
+    one does not: promote(float16, bfloat16) is float32)."""
+    return (torch.float32, wdt, torch.bfloat16, torch.float16)
 
 
 def _predict(policy: str, x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:

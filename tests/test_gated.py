@@ -100,10 +100,13 @@ def _hf_classes():
     from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearRMSNormGated
     from transformers.models.mamba2.modeling_mamba2 import Mamba2RMSNormGated
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated
     return {"mamba2_groups": lambda: Mamba2RMSNormGated(64, 16),
             "mamba2": lambda: Mamba2RMSNormGated(64, 64),
             "qwen3_next": lambda: Qwen3NextRMSNormGated(64),
-            "kimi_linear": lambda: KimiLinearRMSNormGated(64)}
+            "kimi_linear": lambda: KimiLinearRMSNormGated(64),
+            # n_groups (a count, not a size): left alone before; norm before the gate
+            "falcon_h1_groups": lambda: FalconH1RMSNormGated(64, n_groups=4)}
 
 
 class _Block(torch.nn.Module):
@@ -115,7 +118,8 @@ class _Block(torch.nn.Module):
         return self.norm(x, g)
 
 
-@pytest.mark.parametrize("name", ["mamba2_groups", "mamba2", "qwen3_next", "kimi_linear"])
+@pytest.mark.parametrize("name", ["mamba2_groups", "mamba2", "qwen3_next", "kimi_linear",
+                                  "falcon_h1_groups"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_replace_norms_hf_gated(name, dtype):
     pytest.importorskip("transformers")
@@ -141,6 +145,52 @@ def test_replace_norms_hf_gated(name, dtype):
         assert ((a.float() - b.float()).abs().max() / scale) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
     if name.startswith("mamba2"):  # the Mamba2 style takes no gate too
         torch.testing.assert_close(ours.norm(x), native.norm(x), **tol)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "qwen3_next", "falcon_h1_groups"])
+def test_replace_norms_hf_gated_dtype_rules(name):
+    """Swapped while the model is bf16, then used as a bf16 model's torch path uses it (an
+    fp32 scan output with a bf16 gate: Mamba2, Bamba, NemotronH, Zamba2 raised TypeError),
+    after an upcast of the weights, and with fp16 activations: the original's output dtype
+    and values every time (the probes tell "promote" from "input" with an fp16 input)."""
+    pytest.importorskip("transformers")
+    native = _Block(_hf_classes()[name]()).to(torch.bfloat16)
+    with torch.no_grad():
+        native.norm.weight.normal_()
+    ours = copy.deepcopy(native)
+    assert R.replace_norms(ours) == 1
+    gen = torch.Generator().manual_seed(2)
+    x32, g32 = torch.randn(2, 5, 64, generator=gen), torch.randn(2, 5, 64, generator=gen)
+    cases = [(x32, g32.bfloat16()), (x32.bfloat16(), g32), (x32.half(), g32.half())]
+    for stage in ("bf16 weights", "upcast weights"):
+        if stage == "upcast weights":
+            native.float()
+            ours.float()
+        for x, g in cases:
+            yn, yo = native(x, g), ours(x, g)
+            assert yo.dtype == yn.dtype, (stage, x.dtype, g.dtype, yo.dtype, yn.dtype)
+            # HF rounds to the input dtype mid-way when that is narrow: a couple of its ulps
+            tol = 2e-2 if torch.bfloat16 in (x.dtype, yn.dtype) else 4e-3
+            torch.testing.assert_close(yo.float(), yn.float(), rtol=tol, atol=tol)
+
+
+def test_mamba2_model_bf16_after_replace_norms():
+    """A tiny bf16 Mamba2 (HF's torch path on CPU) runs and generates after replace_norms,
+    with the original's logits within bf16 rounding."""
+    tr = pytest.importorskip("transformers")
+    cfg = tr.Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=4,
+                          head_dim=16, n_groups=1, state_size=8, expand=2, chunk_size=8)
+    torch.manual_seed(0)
+    native = tr.Mamba2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    ours = copy.deepcopy(native)
+    assert R.replace_norms(ours) >= 2
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = native(ids).logits, ours(ids).logits
+    assert a.dtype == b.dtype
+    torch.testing.assert_close(b.float(), a.float(), rtol=3e-2, atol=3e-2)
+    with torch.no_grad():
+        assert ours.generate(ids[:1, :4], max_new_tokens=2, do_sample=False).shape == (1, 6)
 
 
 def test_replace_norms_keeps_parameters():

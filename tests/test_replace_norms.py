@@ -681,3 +681,24 @@ def test_hf_llama_compiled():
         assert replace_norms(model) == 5
         out = torch.compile(model, fullgraph=True)(ids).logits
     _assert_close(out, ref, torch.float32, "logits")
+
+
+@pytest.mark.parametrize("swap_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_output_dtype_rule_learned_from_bf16_weights(swap_dtype):
+    """A norm whose output keeps the input's dtype (OLMo2: (w * x_fp32).to(input_dtype)) and
+    one that promotes (Llama: w * x.to(input_dtype)), swapped while their weights are bf16:
+    float32 / bf16 probes cannot tell the two rules apart there (both give the same dtype),
+    so an upcast model or fp16 activations got the other rule's dtype. Same dtypes as the
+    originals after .float(), and with fp16 / bf16 / fp32 inputs."""
+    olmo2 = pytest.importorskip("transformers.models.olmo2.modeling_olmo2")
+    for make in (lambda: olmo2.Olmo2RMSNorm(32), lambda: LlamaRMSNorm(32)):
+        native = nn.Sequential(make()).to(swap_dtype)
+        ours = copy.deepcopy(native)
+        assert rmsnorm_ext.replace_norms(ours) == 1
+        for stage in ("as swapped", "upcast"):
+            if stage == "upcast":
+                native.float()
+                ours.float()
+            for dt in (torch.float16, torch.bfloat16, torch.float32):
+                x = torch.randn(3, 32).to(dt)
+                assert ours(x).dtype == native(x).dtype, (type(native[0]).__name__, stage, dt)
