@@ -200,6 +200,56 @@ class HFRMSNorm(RMSNorm):
         return super().extra_repr() + f", out_dtype={self.out_dtype!r}"
 
 
+class HFLayerNorm(LayerNorm):
+    """Replacement for Hugging Face-style LayerNorm modules with a weight and no bias that
+    compute in fp32 (``CohereLayerNorm``: ``(w.float() * layer_norm(x.float())).to(x.dtype)``),
+    computed by rmsnorm_ext's kernel: a :class:`rmsnorm_ext.LayerNorm` without bias that keeps
+    HF's attribute name ``variance_epsilon`` (an alias of ``eps``), takes a weight of any
+    floating dtype (converted for the kernel, as in :class:`HFRMSNorm`) and follows the
+    replaced module's output-dtype rule ``out_dtype`` ("input", "promote" or "weight")."""
+
+    _repr_name = "rmsnorm_ext.modules.HFLayerNorm"
+    __jit_unused_properties__ = ["variance_epsilon"]
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, device=None, dtype=None, *,
+                 out_dtype: str = "input"):
+        if out_dtype not in _OUT_POLICIES:
+            raise ValueError(f"rmsnorm_ext: out_dtype must be one of {_OUT_POLICIES}, "
+                             f"got {out_dtype!r}")
+        super().__init__(normalized_shape, float(eps), True, bias=False, device=device,
+                         dtype=dtype)
+        self.out_dtype = out_dtype
+
+    @property
+    def variance_epsilon(self) -> float:
+        return self.eps
+
+    @variance_epsilon.setter
+    def variance_epsilon(self, value: float) -> None:
+        self.eps = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.out_dtype == "input":
+            out = x.dtype
+        elif self.out_dtype == "weight":
+            out = w.dtype
+        else:
+            out = torch.promote_types(x.dtype, w.dtype)
+        reduced = x.dtype == torch.bfloat16 or x.dtype == torch.float16
+        if not (w.dtype == x.dtype or (w.dtype == torch.float32 and reduced)):
+            w = w.to(torch.float32 if reduced else x.dtype)
+        if _is_scripting():
+            y = torch.ops.rmsnorm_ext.layer_norm_fwd(x, list(self.normalized_shape), w, None,
+                                                     self.eps)[0]
+        else:
+            y = layer_norm(x, self.normalized_shape, w, None, self.eps)
+        return y if y.dtype == out else y.to(out)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", out_dtype={self.out_dtype!r}"
+
+
 class GatedRMSNorm(torch.nn.Module):
     _repr_name = "rmsnorm_ext.GatedRMSNorm"
 

@@ -11,9 +11,14 @@ What is replaced
   parameter, ``weight`` (a plain ``nn.Parameter``), no buffers, no children, a number in
   ``variance_epsilon`` or ``eps``, whose forward -- run on a small random probe input (and a
   random probe weight, substituted with ``torch.func.functional_call``; the module's own
-  weight is never touched) under ``torch.no_grad()`` in float32, in the weight's dtype and in
-  bfloat16 -- computes ``x * rstd * w`` (Llama style) or ``x * rstd * (1 + w)`` (Gemma style,
-  replaced with ``weight_offset=1.0``) within that dtype's rounding.
+  weight is never touched) under ``torch.no_grad()`` in float32, in the weight's dtype, in
+  bfloat16 and in float16 -- computes ``x * rstd * w`` (Llama style) or ``x * rstd * (1 + w)``
+  (Gemma style, replaced with ``weight_offset=1.0``) within that dtype's rounding, including on
+  a row whose mean square is near eps (so ``x / (rms + eps)`` is told apart).
+* Hugging Face-style LayerNorms with a weight and no bias (``CohereLayerNorm`` and its
+  copies; fp32 math) -> :class:`~rmsnorm_ext.modules.HFLayerNorm`, recognized the same way:
+  the same structure, a 1-D weight, and ``layer_norm(x) * w`` over the last dim on the probes
+  (its ``[heads, head_dim]`` QK-norm form is left alone).
 * diffusers' ``AdaLayerNormZero``, ``AdaLayerNormZeroSingle`` and ``AdaLayerNormContinuous``
   (with a plain LayerNorm) -> fused subclasses that compute ``norm(x) * (1 + scale) +
   shift`` with :func:`rmsnorm_ext.layer_norm_modulate` (rmsnorm_ext/_diffusers.py).
@@ -21,7 +26,8 @@ What is replaced
   FalconH1, GraniteMoeHybrid; ``Qwen3NextRMSNormGated``, ``KimiLinearRMSNormGated``) ->
   :class:`~rmsnorm_ext.modules.HFGatedRMSNorm`, recognized the same way: the same structure,
   and ``forward(x, gate)`` computing a gated RMSNorm (norm before or after the gate, silu or
-  sigmoid, over ``module.group_size`` groups when it has that attribute) on random probes.
+  sigmoid, over ``module.group_size`` groups -- or ``n_groups`` of them, FalconH1 -- when it
+  has that attribute) on random probes.
 
 * Vision norms (rmsnorm_ext/_vision.py): timm's ``LayerNorm``, ``LayerNorm2d``, ``RmsNorm``,
   ``RmsNorm2d`` and their ``Fp32`` variants by class, and any other subclass of
@@ -88,8 +94,8 @@ from torch import nn
 
 from . import _diffusers, _vision
 from ._table import gated_rms_composite
-from .modules import (GatedRMSNorm, HFGatedRMSNorm, HFRMSNorm, LayerNorm, LayerNorm2d, RMSNorm,
-                      RMSNorm2d)
+from .modules import (GatedRMSNorm, HFGatedRMSNorm, HFLayerNorm, HFRMSNorm, LayerNorm,
+                      LayerNorm2d, RMSNorm, RMSNorm2d)
 
 __all__ = ["replace_norms", "HFRMSNorm"]
 
@@ -168,11 +174,15 @@ def _probe_on(module: nn.Module, eps: float, dev: torch.device) -> Optional[Tupl
     gen = torch.Generator(device=cpu).manual_seed(0x5EED)
     lead = (2, 3)
     # Rows with different scales and a non-zero mean, so mean subtraction (LayerNorm), a
-    # missing normalization, or an elementwise op all show up as large differences.
+    # missing normalization, or an elementwise op all show up as large differences; the
+    # first row is scaled down to a mean square near eps, so eps put elsewhere than under the
+    # square root (x / (rms + eps)) shows too (it was swapped: 0.9 off on such rows).
     f64 = dict(dtype=torch.float64, device=cpu)
     x64 = torch.randn(*lead, *shape, generator=gen, **f64)
     x64 = x64 * torch.tensor([0.5, 1.0, 3.0], **f64).view(1, 3, *[1] * len(shape))
     x64 = x64 + torch.randn(*lead, *[1] * len(shape), generator=gen, **f64)
+    small = min(max(math.sqrt(eps), 1e-4), 0.5) if eps > 0 else 1e-3
+    x64 = x64 * torch.tensor([small, 1.0, 1.0], **f64).view(1, 3, *[1] * len(shape))
     w64 = torch.randn(shape, generator=gen, **f64)
     dims = tuple(range(len(lead), len(lead) + len(shape)))
 
@@ -218,6 +228,59 @@ def _probe_on(module: nn.Module, eps: float, dev: torch.device) -> Optional[Tupl
     for policy in prefs:
         if all(_predict(policy, d, wdt) == od for d, od in observed.items()):
             return offset, policy
+    return None
+
+
+def _probe_layer_norm(module: nn.Module, eps: float) -> Optional[str]:
+    """Run ``module`` on random probes; return its output-dtype rule if it computes a
+    LayerNorm over the last dim times its weight, without a bias (Cohere's LayerNorm),
+    for every probe, else None. Only a 1-D weight: a [heads, head_dim] weight over the last
+    dim (Cohere's QK-norm form) is no LayerNorm of normalized_shape = weight.shape."""
+    w = module.weight
+    if w.dim() != 1:
+        return None
+    n = w.numel()
+    dev = torch.device("cpu") if w.device.type == "meta" else w.device
+    cpu = torch.device("cpu")
+    gen = torch.Generator(device=cpu).manual_seed(0x1A7E)
+    f64 = dict(dtype=torch.float64, device=cpu)
+    # Rows of different scales and means: an RMSNorm, a missing centring or a bias show; the
+    # 1e-3 row's variance is near eps, so eps placed elsewhere (x / (std + eps)) shows too.
+    scales = torch.tensor([1e-3, 1.0, 3.0], **f64)[:, None]
+    x64 = (torch.randn(2, 3, n, generator=gen, **f64) + torch.randn(2, 3, 1, generator=gen,
+                                                                    **f64)) * scales
+    w64 = torch.randn(n, generator=gen, **f64)
+    probe_mod = _probe_copy(module)
+    if probe_mod is None:
+        return None
+    wdt = w.dtype
+    observed: Dict[torch.dtype, torch.dtype] = {}
+    with torch.device(dev):
+        wp = w64.to(device=dev, dtype=wdt)
+        wq = wp.double().cpu()
+        for d in dict.fromkeys(_probe_dtypes(wdt)):
+            xp = x64.to(device=dev, dtype=d)
+            try:
+                with torch.no_grad():
+                    out = torch.func.functional_call(probe_mod, {"weight": wp}, (xp,))
+            except Exception:
+                if d in (torch.float32, wdt):
+                    return None
+                continue
+            if not isinstance(out, torch.Tensor) or out.shape != xp.shape \
+                    or not out.is_floating_point():
+                return None
+            observed[d] = out.dtype
+            got = out.detach().double().cpu()
+            xq = xp.double().cpu()
+            mu = xq.mean(-1, keepdim=True)
+            want = (xq - mu) * torch.rsqrt((xq - mu).pow(2).mean(-1, keepdim=True) + eps) * wq
+            tol = _tol(d, wdt, out.dtype)
+            if not torch.allclose(got, want, rtol=tol, atol=tol * max(float(got.abs().max()), 1.0)):
+                return None
+    for policy in ("input", "promote", "weight"):
+        if all(_predict(policy, d, wdt) == od for d, od in observed.items()):
+            return policy
     return None
 
 
@@ -385,11 +448,15 @@ def _replacement(module: nn.Module) -> Optional[nn.Module]:
             new = HFGatedRMSNorm(weight.numel(), eps, device="meta", **gated)
         else:
             found = _probe(module, eps)
-            if found is None:
-                return None
-            offset, policy = found
-            new = HFRMSNorm(tuple(weight.shape), eps, device="meta", weight_offset=offset,
-                            out_dtype=policy)
+            if found is not None:
+                offset, policy = found
+                new = HFRMSNorm(tuple(weight.shape), eps, device="meta", weight_offset=offset,
+                                out_dtype=policy)
+            else:
+                policy = _probe_layer_norm(module, eps)
+                if policy is None:
+                    return None
+                new = HFLayerNorm(tuple(weight.shape), eps, device="meta", out_dtype=policy)
         new.weight = weight
         # Keep other plain attributes users may read (e.g. hidden_size, dim).
         for k, v in module.__dict__.items():

@@ -70,7 +70,8 @@ class ScaledTanh(nn.Module):
 
 
 class MeanCenteredNorm(nn.Module):
-    """Cohere-style LayerNorm without bias: weight + variance_epsilon, but subtracts the mean."""
+    """Cohere-style LayerNorm without bias: weight + variance_epsilon, subtracts the mean (an
+    HFLayerNorm replaces it, test_cohere_layer_norm_swapped)."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -82,6 +83,21 @@ class MeanCenteredNorm(nn.Module):
         xf = xf - xf.mean(-1, keepdim=True)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return (self.weight.float() * xf).to(x.dtype)
+
+
+class StdPlusEpsLayerNorm(nn.Module):
+    """A LayerNorm-like module dividing by std + eps (not sqrt(var + eps)): not ours to swap."""
+
+    def __init__(self, n, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        xf = x.float()
+        mu = xf.mean(-1, keepdim=True)
+        std = (xf - mu).pow(2).mean(-1, keepdim=True).sqrt()
+        return (self.weight.float() * (xf - mu) / (std + self.variance_epsilon)).to(x.dtype)
 
 
 class RMSNormWithBias(LlamaRMSNorm):
@@ -321,7 +337,7 @@ def test_replacement_types_and_attributes():
 
 def test_unrelated_modules_left_alone():
     lookalikes = {
-        "tanh": ScaledTanh(DIM), "centered": MeanCenteredNorm(DIM),
+        "tanh": ScaledTanh(DIM), "std_plus_eps": StdPlusEpsLayerNorm(DIM),
         "bias": RMSNormWithBias(DIM), "noeps": RMSNormNoEps(DIM),
         "doubling": DoublingRMSNorm(DIM, eps=1e-6), "linear": nn.Linear(DIM, DIM),
         "bn": nn.BatchNorm1d(DIM), "gn": nn.GroupNorm(4, DIM),
@@ -702,3 +718,65 @@ def test_output_dtype_rule_learned_from_bf16_weights(swap_dtype):
             for dt in (torch.float16, torch.bfloat16, torch.float32):
                 x = torch.randn(3, 32).to(dt)
                 assert ours(x).dtype == native(x).dtype, (type(native[0]).__name__, stage, dt)
+
+
+@pytest.mark.parametrize("swap_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cohere_layer_norm_swapped(swap_dtype):
+    """Cohere's weight-only LayerNorm (fp32 math, output in the input dtype) becomes an
+    HFLayerNorm: its values, gradients and output dtypes for fp32 / bf16 / fp16 inputs, also
+    after an upcast of the weights; its [heads, head_dim] QK-norm form, and a LayerNorm with
+    eps added to the std instead, are left alone."""
+    cohere = pytest.importorskip("transformers.models.cohere.modeling_cohere")
+    torch.manual_seed(0)
+    native = nn.Sequential(cohere.CohereLayerNorm(64)).to(swap_dtype)
+    with torch.no_grad():
+        native[0].weight.normal_()
+    ours = copy.deepcopy(native)
+    w = ours[0].weight
+    assert rmsnorm_ext.replace_norms(ours) == 1
+    assert type(ours[0]).__name__ == "HFLayerNorm" and ours[0].weight is w
+    assert ours[0].variance_epsilon == native[0].variance_epsilon
+    assert rmsnorm_ext.replace_norms(ours) == 0
+    for stage in ("as swapped", "upcast"):
+        if stage == "upcast":
+            native.float()
+            ours.float()
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            x = ((torch.randn(3, 5, 64) + 2) * 3).to(dt).requires_grad_()
+            yn, yo = native(x), ours(x)
+            assert yo.dtype == yn.dtype == dt, (stage, dt)
+            tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dt]
+            torch.testing.assert_close(yo.float(), yn.float(), rtol=tol, atol=tol)
+            gn = torch.autograd.grad(yn.float().square().sum(), (x, native[0].weight))
+            go = torch.autograd.grad(yo.float().square().sum(), (x, ours[0].weight))
+            for a, b in zip(go, gn):
+                err = (a.float() - b.float()).abs().max() / b.float().abs().max()
+                assert err < 4 * tol, (stage, dt, err)
+    assert rmsnorm_ext.replace_norms(nn.Sequential(cohere.CohereLayerNorm((4, 16)))) == 0
+    assert rmsnorm_ext.replace_norms(nn.Sequential(StdPlusEpsLayerNorm(64))) == 0
+    centered = nn.Sequential(MeanCenteredNorm(64))
+    x = torch.randn(3, 64) * 2 + 1
+    want = centered(x)
+    assert rmsnorm_ext.replace_norms(centered) == 1
+    torch.testing.assert_close(centered(x), want, rtol=1e-5, atol=1e-5)
+
+
+class RMSOverStdPlusEps(nn.Module):
+    """x / (rms(x) + eps) * w: eps outside the square root, not ours to swap (it was: 0.9
+    off on rows whose mean square is near eps)."""
+
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        xf = x.float()
+        rms = xf.pow(2).mean(-1, keepdim=True).sqrt()
+        return (self.weight * (xf / (rms + self.variance_epsilon))).to(x.dtype)
+
+
+def test_eps_outside_the_square_root_left_alone():
+    assert rmsnorm_ext.replace_norms(nn.Sequential(RMSOverStdPlusEps(64))) == 0
+    assert rmsnorm_ext.replace_norms(nn.Sequential(RMSOverStdPlusEps(64, eps=1e-5))) == 0
+    assert rmsnorm_ext.replace_norms(nn.Sequential(LlamaRMSNorm(64))) == 1  # eps under it
