@@ -302,6 +302,9 @@ def _probe_gated(module: nn.Module, eps: float) -> Optional[dict]:
     gen = torch.Generator(device=cpu).manual_seed(0x6A7E)
     f64 = dict(dtype=torch.float64, device=cpu)
     x64 = torch.randn(2, 3, n, generator=gen, **f64) * 2 + 0.5
+    # the first row's mean square near eps, as in _probe_on (eps placement shows)
+    small = min(max(math.sqrt(eps), 1e-4), 0.5) if eps > 0 else 1e-3
+    x64 = x64 * torch.tensor([small, 1.0, 1.0], **f64)[:, None]
     g64 = torch.randn(2, 3, n, generator=gen, **f64) * 3
     w64 = torch.randn(n, generator=gen, **f64)
     probe_mod = _probe_copy(module)
