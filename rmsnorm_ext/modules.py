@@ -24,20 +24,41 @@ _is_scripting = torch.jit.is_scripting
 # The package exports these (rmsnorm_ext/__init__.py imports *).
 __all__ = ["RMSNorm", "LayerNorm", "GatedRMSNorm", "RMSNorm2d", "LayerNorm2d"]
 
-_REDUCED = (torch.bfloat16, torch.float16)
 _OUT_POLICIES = ("promote", "input", "weight")
+
+
+def _kernel_weight(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A weight of any float dtype in one the kernels take next to ``x``: x's own, or fp32
+    next to a bf16 / fp16 ``x`` (an exact upcast in the usual cases: a bf16 / fp16 weight with
+    fp32 input). Scriptable."""
+    reduced = x.dtype == torch.bfloat16 or x.dtype == torch.float16
+    if w.dtype == x.dtype or (w.dtype == torch.float32 and reduced):
+        return w
+    return w.to(torch.float32 if reduced else x.dtype)
+
+
+def _policy_dtype(policy: str, x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The output dtype under a replaced HF module's rule: "input", "weight" or "promote"
+    (``promote_types(x, w)``). Scriptable."""
+    if policy == "input":
+        return x.dtype
+    if policy == "weight":
+        return w.dtype
+    return torch.promote_types(x.dtype, w.dtype)
+
+
+def _check_policy(out_dtype: str) -> str:
+    if out_dtype not in _OUT_POLICIES:
+        raise ValueError(f"rmsnorm_ext: out_dtype must be one of {_OUT_POLICIES}, "
+                         f"got {out_dtype!r}")
+    return out_dtype
 
 
 def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
                 out_dtype: torch.dtype) -> torch.Tensor:
     """A Hugging Face-style RMSNorm forward (weight of any float dtype, output in
     ``out_dtype``) on the fused kernel; shared by :class:`HFRMSNorm` and the hub layers."""
-    w = weight
-    if not (w.dtype == x.dtype or (w.dtype == torch.float32 and x.dtype in _REDUCED)):
-        # The kernel takes the weight in the input dtype or fp32; upcasting is exact for the
-        # usual cases (a bf16/fp16 weight with fp32 input).
-        w = w.to(torch.float32 if x.dtype in _REDUCED else x.dtype)
-    y = rms_norm(x, weight.shape, w, eps, weight_offset=weight_offset)
+    y = rms_norm(x, weight.shape, _kernel_weight(x, weight), eps, weight_offset=weight_offset)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
@@ -58,11 +79,8 @@ def _script_eps(x: torch.Tensor, eps: Optional[float]) -> float:
 def _script_hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                         weight_offset: float, out_dtype: torch.dtype) -> torch.Tensor:
     """:func:`hf_rms_norm` in TorchScript."""
-    reduced = x.dtype == torch.bfloat16 or x.dtype == torch.float16
-    w = weight
-    if not (w.dtype == x.dtype or (w.dtype == torch.float32 and reduced)):
-        w = w.to(torch.float32 if reduced else x.dtype)
-    y = torch.ops.rmsnorm_ext.rms_norm_fwd(x, list(weight.shape), w, eps, weight_offset)[0]
+    y = torch.ops.rmsnorm_ext.rms_norm_fwd(x, list(weight.shape), _kernel_weight(x, weight), eps,
+                                           weight_offset)[0]
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
@@ -70,18 +88,22 @@ def _hf_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset
                 policy: str) -> torch.Tensor:
     """HFRMSNorm's forward: the output dtype by the replaced module's rule, then
     :func:`hf_rms_norm`."""
-    if policy == "input":
-        out = x.dtype
-    elif policy == "weight":
-        out = weight.dtype
-    else:
-        out = torch.promote_types(x.dtype, weight.dtype)
-    return hf_rms_norm(x, weight, eps, weight_offset, out)
+    return hf_rms_norm(x, weight, eps, weight_offset, _policy_dtype(policy, x, weight))
 
 
-# torch.fx.symbolic_trace records this as one call (its dtype rules need real tensors), as
-# it records torch's own norms: an HF model after replace_norms traces as before.
+def _hf_ln_forward(x: torch.Tensor, weight: torch.Tensor, normalized_shape, eps: float,
+                   policy: str) -> torch.Tensor:
+    """HFLayerNorm's forward (eager): the output dtype by the replaced module's rule, the
+    weight in a dtype the kernel takes, no bias."""
+    out = _policy_dtype(policy, x, weight)
+    y = layer_norm(x, normalized_shape, _kernel_weight(x, weight), None, eps)
+    return y if y.dtype == out else y.to(out)
+
+
+# torch.fx.symbolic_trace records these as one call each (their dtype rules need real
+# tensors), as it records torch's own norms: an HF model after replace_norms traces as before.
 torch.fx.wrap("_hf_forward")
+torch.fx.wrap("_hf_ln_forward")
 
 
 def _script_rms_weight(x: torch.Tensor, w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -169,9 +191,7 @@ class HFRMSNorm(RMSNorm):
 
     def __init__(self, normalized_shape, eps: float = 1e-6, device=None, dtype=None, *,
                  weight_offset: float = 0.0, out_dtype: str = "promote"):
-        if out_dtype not in _OUT_POLICIES:
-            raise ValueError(f"rmsnorm_ext: out_dtype must be one of {_OUT_POLICIES}, "
-                             f"got {out_dtype!r}")
+        _check_policy(out_dtype)
         super().__init__(normalized_shape, float(eps), True, device=device, dtype=dtype,
                          weight_offset=weight_offset)
         self.out_dtype = out_dtype
@@ -186,14 +206,9 @@ class HFRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _is_scripting():
-            if self.out_dtype == "input":
-                out = x.dtype
-            elif self.out_dtype == "weight":
-                out = self.weight.dtype
-            else:
-                out = torch.promote_types(x.dtype, self.weight.dtype)
             return _script_hf_rms_norm(x, self.weight, _script_eps(x, self.eps),
-                                       self.weight_offset, out)
+                                       self.weight_offset,
+                                       _policy_dtype(self.out_dtype, x, self.weight))
         return _hf_forward(x, self.weight, self.eps, self.weight_offset, self.out_dtype)
 
     def extra_repr(self) -> str:
@@ -213,38 +228,22 @@ class HFLayerNorm(LayerNorm):
 
     def __init__(self, normalized_shape, eps: float = 1e-5, device=None, dtype=None, *,
                  out_dtype: str = "input"):
-        if out_dtype not in _OUT_POLICIES:
-            raise ValueError(f"rmsnorm_ext: out_dtype must be one of {_OUT_POLICIES}, "
-                             f"got {out_dtype!r}")
+        _check_policy(out_dtype)
         super().__init__(normalized_shape, float(eps), True, bias=False, device=device,
                          dtype=dtype)
         self.out_dtype = out_dtype
 
-    @property
-    def variance_epsilon(self) -> float:
-        return self.eps
-
-    @variance_epsilon.setter
-    def variance_epsilon(self, value: float) -> None:
-        self.eps = value
+    # HF's attribute name for eps (shared with HFRMSNorm).
+    variance_epsilon = HFRMSNorm.variance_epsilon
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if self.out_dtype == "input":
-            out = x.dtype
-        elif self.out_dtype == "weight":
-            out = w.dtype
-        else:
-            out = torch.promote_types(x.dtype, w.dtype)
-        reduced = x.dtype == torch.bfloat16 or x.dtype == torch.float16
-        if not (w.dtype == x.dtype or (w.dtype == torch.float32 and reduced)):
-            w = w.to(torch.float32 if reduced else x.dtype)
         if _is_scripting():
-            y = torch.ops.rmsnorm_ext.layer_norm_fwd(x, list(self.normalized_shape), w, None,
+            out = _policy_dtype(self.out_dtype, x, self.weight)
+            y = torch.ops.rmsnorm_ext.layer_norm_fwd(x, list(self.normalized_shape),
+                                                     _kernel_weight(x, self.weight), None,
                                                      self.eps)[0]
-        else:
-            y = layer_norm(x, self.normalized_shape, w, None, self.eps)
-        return y if y.dtype == out else y.to(out)
+            return y if y.dtype == out else y.to(out)
+        return _hf_ln_forward(x, self.weight, self.normalized_shape, self.eps, self.out_dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", out_dtype={self.out_dtype!r}"
@@ -307,15 +306,14 @@ class HFGatedRMSNorm(GatedRMSNorm):
 
     def forward(self, hidden_states: torch.Tensor, gate=None) -> torch.Tensor:
         x, w = hidden_states, self.weight
-        out = torch.promote_types(x.dtype, w.dtype) if self.out_dtype == "promote" else x.dtype
+        out = _policy_dtype(self.out_dtype, x, w)
         if gate is not None and gate.dtype != x.dtype:
             # HF computes in fp32 from both (Mamba2's torch path gives the norm an fp32 scan
             # output and a bf16 gate in a bf16 model); the kernel takes one dtype: the wider
             # of the two, an exact upcast of the other.
             common = torch.promote_types(x.dtype, gate.dtype)
             x, gate = x.to(common), gate.to(common)
-        if not (w.dtype == x.dtype or (w.dtype == torch.float32 and x.dtype in _REDUCED)):
-            w = w.to(torch.float32 if x.dtype in _REDUCED else x.dtype)
+        w = _kernel_weight(x, w)
         if gate is None:
             if not self.gate_optional:
                 raise TypeError(f"{type(self).__name__}.forward() needs a gate")

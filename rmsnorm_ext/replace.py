@@ -231,6 +231,30 @@ def _probe_on(module: nn.Module, eps: float, dev: torch.device) -> Optional[Tupl
     return None
 
 
+def _probe_outputs(probe_mod: nn.Module, wp: torch.Tensor, inputs64, dev: torch.device):
+    """Runs a probe copy with the probe weight ``wp`` on ``inputs64`` (float64 CPU tensors)
+    in each probe dtype: ``[(dtype, inputs as run, in float64 on the CPU, output likewise,
+    output dtype, tolerance)]`` for every dtype that ran; None if float32 or the weight's
+    dtype failed, or an output is no floating tensor shaped like the first input."""
+    wdt = wp.dtype
+    runs = []
+    for d in dict.fromkeys(_probe_dtypes(wdt)):
+        args = tuple(t.to(device=dev, dtype=d) for t in inputs64)
+        try:
+            with torch.no_grad():
+                out = torch.func.functional_call(probe_mod, {"weight": wp}, args)
+        except Exception:
+            if d in (torch.float32, wdt):
+                return None
+            continue  # the extra probes are only informative (dtype rule); not required
+        if not isinstance(out, torch.Tensor) or out.shape != args[0].shape \
+                or not out.is_floating_point():
+            return None
+        runs.append((d, [a.double().cpu() for a in args], out.detach().double().cpu(),
+                     out.dtype, _tol(d, wdt, out.dtype)))
+    return runs
+
+
 def _probe_layer_norm(module: nn.Module, eps: float) -> Optional[str]:
     """Run ``module`` on random probes; return its output-dtype rule if it computes a
     LayerNorm over the last dim times its weight, without a bias (Cohere's LayerNorm),
@@ -254,30 +278,19 @@ def _probe_layer_norm(module: nn.Module, eps: float) -> Optional[str]:
     if probe_mod is None:
         return None
     wdt = w.dtype
-    observed: Dict[torch.dtype, torch.dtype] = {}
     with torch.device(dev):
         wp = w64.to(device=dev, dtype=wdt)
-        wq = wp.double().cpu()
-        for d in dict.fromkeys(_probe_dtypes(wdt)):
-            xp = x64.to(device=dev, dtype=d)
-            try:
-                with torch.no_grad():
-                    out = torch.func.functional_call(probe_mod, {"weight": wp}, (xp,))
-            except Exception:
-                if d in (torch.float32, wdt):
-                    return None
-                continue
-            if not isinstance(out, torch.Tensor) or out.shape != xp.shape \
-                    or not out.is_floating_point():
-                return None
-            observed[d] = out.dtype
-            got = out.detach().double().cpu()
-            xq = xp.double().cpu()
-            mu = xq.mean(-1, keepdim=True)
-            want = (xq - mu) * torch.rsqrt((xq - mu).pow(2).mean(-1, keepdim=True) + eps) * wq
-            tol = _tol(d, wdt, out.dtype)
-            if not torch.allclose(got, want, rtol=tol, atol=tol * max(float(got.abs().max()), 1.0)):
-                return None
+        runs = _probe_outputs(probe_mod, wp, (x64,), dev)
+    if not runs:
+        return None
+    wq = wp.double().cpu()
+    observed: Dict[torch.dtype, torch.dtype] = {}
+    for d, (xq,), got, out_dtype, tol in runs:
+        observed[d] = out_dtype
+        mu = xq.mean(-1, keepdim=True)
+        want = (xq - mu) * torch.rsqrt((xq - mu).pow(2).mean(-1, keepdim=True) + eps) * wq
+        if not torch.allclose(got, want, rtol=tol, atol=tol * max(float(got.abs().max()), 1.0)):
+            return None
     for policy in ("input", "promote", "weight"):
         if all(_predict(policy, d, wdt) == od for d, od in observed.items()):
             return policy
@@ -316,23 +329,12 @@ def _probe_gated(module: nn.Module, eps: float) -> Optional[dict]:
     with torch.device(dev):
         wp = w64.to(device=dev, dtype=wdt)
         wq = wp.double().cpu()
-        for d in dict.fromkeys(_probe_dtypes(wdt)):
-            xp, gp = x64.to(device=dev, dtype=d), g64.to(device=dev, dtype=d)
-            try:
-                with torch.no_grad():
-                    out = torch.func.functional_call(probe_mod, {"weight": wp}, (xp, gp))
-            except Exception:
-                if d in (torch.float32, wdt):
-                    return None
-                continue
-            if not isinstance(out, torch.Tensor) or out.shape != xp.shape \
-                    or not out.is_floating_point():
-                return None
-            observed[d] = out.dtype
-            got = out.detach().double().cpu()
-            tol = _tol(d, wdt, out.dtype)
+        runs = _probe_outputs(probe_mod, wp, (x64, g64), dev)
+        if not runs:
+            return None
+        for d, (xq, gq), got, out_dtype, tol in runs:
+            observed[d] = out_dtype
             atol = tol * max(float(got.abs().max()), 1.0)
-            xq, gq = xp.double().cpu(), gp.double().cpu()
             candidates = [c for c in candidates if torch.allclose(
                 got, gated_rms_composite(xq, gq, (n,), wq, eps, g, c[0], c[1])[0],
                 rtol=tol, atol=atol)]

@@ -752,6 +752,9 @@ def test_cohere_layer_norm_swapped(swap_dtype):
             for a, b in zip(go, gn):
                 err = (a.float() - b.float()).abs().max() / b.float().abs().max()
                 assert err < 4 * tol, (stage, dt, err)
+    x = torch.randn(2, 64)
+    for traced in (torch.fx.symbolic_trace(ours), torch.jit.script(ours)):  # like the original
+        torch.testing.assert_close(traced(x), ours(x), rtol=0, atol=0)
     assert rmsnorm_ext.replace_norms(nn.Sequential(cohere.CohereLayerNorm((4, 16)))) == 0
     assert rmsnorm_ext.replace_norms(nn.Sequential(StdPlusEpsLayerNorm(64))) == 0
     centered = nn.Sequential(MeanCenteredNorm(64))
