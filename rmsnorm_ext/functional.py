@@ -86,28 +86,25 @@ torch.fx.wrap("_eps")
 torch.fx.wrap("_fused_eps")
 
 
-# The weight dtype rms_norm's kernels take besides the input's own (float32 next to a bfloat16 /
-# float16 input; float32 itself, float64 itself).
-_RMS_WIDE_WEIGHT = {torch.float32: torch.float32, torch.bfloat16: torch.float32,
-                    torch.float16: torch.float32, torch.float64: torch.float64}
-
-
-def _rms_weight(input, weight):
-    """F.rms_norm takes a weight of any floating dtype (the output keeps the input's); the
-    kernels take the input's dtype or the wide one above, so another floating weight is
-    converted to the wide one first: exact from a narrower dtype, and a float64 weight of a
-    float32 input is rounded to float32 (within an ulp of torch, which scales by the float64
-    value). Its gradient flows back through the conversion in its own dtype. Anything else
-    (an integer weight, say) is left to the op's check."""
-    if weight is None or weight.dtype == input.dtype:
+def _kernel_weight(input: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
+    """A weight of any floating dtype in one the kernels take next to ``input``: the input's
+    own, or float32 (bf16 / fp16 / fp32 input) / float64 (fp64 input) -- exact from a narrower
+    dtype, and a float64 weight of a float32 input rounded to float32 (within an ulp of torch,
+    which scales by the float64 value). F.rms_norm and HF's norms take any floating weight; its
+    gradient flows back through the conversion in its own dtype. Anything else (an integer
+    weight, an unsupported input) is left to the op's check. Scriptable (the modules'
+    TorchScript bodies call it too)."""
+    if weight is None or weight.dtype == input.dtype or not weight.is_floating_point():
         return weight
-    wide = _RMS_WIDE_WEIGHT.get(input.dtype)
-    if wide is None or weight.dtype == wide or not weight.dtype.is_floating_point:
-        return weight
-    return weight.to(wide)
+    if input.dtype == torch.float64:
+        return weight.to(torch.float64)
+    if input.dtype == torch.float32 or input.dtype == torch.bfloat16 or \
+            input.dtype == torch.float16:
+        return weight if weight.dtype == torch.float32 else weight.to(torch.float32)
+    return weight
 
 
-torch.fx.wrap("_rms_weight")
+torch.fx.wrap("_kernel_weight")
 
 
 def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] = None,
@@ -124,8 +121,8 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeT, weight: Optional[Tensor] 
         if y is not NotImplemented:
             return y
         return _call("rms_norm_fwd", input, _shape(normalized_shape),
-                     _rms_weight(input, weight), _eps(input, eps), float(weight_offset))[0]
-    return _rms_fwd(input, _shape(normalized_shape), _rms_weight(input, weight),
+                     _kernel_weight(input, weight), _eps(input, eps), float(weight_offset))[0]
+    return _rms_fwd(input, _shape(normalized_shape), _kernel_weight(input, weight),
                     _eps(input, eps), float(weight_offset))[0]
 
 

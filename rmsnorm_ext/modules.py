@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .functional import gated_rms_norm, layer_norm, layer_norm_2d, rms_norm, rms_norm_2d
+from .functional import (_kernel_weight, gated_rms_norm, layer_norm, layer_norm_2d, rms_norm,
+                         rms_norm_2d)
 
 # Bound once, so the eager forwards pay one plain function call (~20 ns) for the scripting
 # check. TorchScript resolves it to ``torch.jit.is_scripting`` and treats the ``if`` as
@@ -27,24 +28,14 @@ __all__ = ["RMSNorm", "LayerNorm", "GatedRMSNorm", "RMSNorm2d", "LayerNorm2d"]
 _OUT_POLICIES = ("promote", "input", "weight")
 
 
-def _kernel_weight(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """A weight of any float dtype in one the kernels take next to ``x``: x's own, or fp32
-    next to a bf16 / fp16 ``x`` (an exact upcast in the usual cases: a bf16 / fp16 weight with
-    fp32 input). Scriptable."""
-    reduced = x.dtype == torch.bfloat16 or x.dtype == torch.float16
-    if w.dtype == x.dtype or (w.dtype == torch.float32 and reduced):
-        return w
-    return w.to(torch.float32 if reduced else x.dtype)
-
-
-def _policy_dtype(policy: str, x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+def _policy_dtype(policy: str, x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
     """The output dtype under a replaced HF module's rule: "input", "weight" or "promote"
-    (``promote_types(x, w)``). Scriptable."""
+    (``promote_types``); replace.py's probes match the rules against it. Scriptable."""
     if policy == "input":
-        return x.dtype
+        return x_dtype
     if policy == "weight":
-        return w.dtype
-    return torch.promote_types(x.dtype, w.dtype)
+        return w_dtype
+    return torch.promote_types(x_dtype, w_dtype)
 
 
 def _check_policy(out_dtype: str) -> str:
@@ -88,14 +79,14 @@ def _hf_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset
                 policy: str) -> torch.Tensor:
     """HFRMSNorm's forward: the output dtype by the replaced module's rule, then
     :func:`hf_rms_norm`."""
-    return hf_rms_norm(x, weight, eps, weight_offset, _policy_dtype(policy, x, weight))
+    return hf_rms_norm(x, weight, eps, weight_offset, _policy_dtype(policy, x.dtype, weight.dtype))
 
 
 def _hf_ln_forward(x: torch.Tensor, weight: torch.Tensor, normalized_shape, eps: float,
                    policy: str) -> torch.Tensor:
     """HFLayerNorm's forward (eager): the output dtype by the replaced module's rule, the
     weight in a dtype the kernel takes, no bias."""
-    out = _policy_dtype(policy, x, weight)
+    out = _policy_dtype(policy, x.dtype, weight.dtype)
     y = layer_norm(x, normalized_shape, _kernel_weight(x, weight), None, eps)
     return y if y.dtype == out else y.to(out)
 
@@ -104,17 +95,6 @@ def _hf_ln_forward(x: torch.Tensor, weight: torch.Tensor, normalized_shape, eps:
 # tensors), as it records torch's own norms: an HF model after replace_norms traces as before.
 torch.fx.wrap("_hf_forward")
 torch.fx.wrap("_hf_ln_forward")
-
-
-def _script_rms_weight(x: torch.Tensor, w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """functional._rms_weight in TorchScript."""
-    if w is None or w.dtype == x.dtype or not w.is_floating_point():
-        return w
-    if x.dtype == torch.float64:
-        return w.to(torch.float64)
-    if x.dtype == torch.float32 or x.dtype == torch.bfloat16 or x.dtype == torch.float16:
-        return w if w.dtype == torch.float32 else w.to(torch.float32)
-    return w
 
 
 def _repr_name(module: torch.nn.Module) -> str:
@@ -146,7 +126,7 @@ class RMSNorm(torch.nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _is_scripting():
             return torch.ops.rmsnorm_ext.rms_norm_fwd(
-                x, list(self.normalized_shape), _script_rms_weight(x, self.weight),
+                x, list(self.normalized_shape), _kernel_weight(x, self.weight),
                 _script_eps(x, self.eps), self.weight_offset)[0]
         return rms_norm(x, self.normalized_shape, self.weight, self.eps,
                         weight_offset=self.weight_offset)
@@ -208,7 +188,7 @@ class HFRMSNorm(RMSNorm):
         if _is_scripting():
             return _script_hf_rms_norm(x, self.weight, _script_eps(x, self.eps),
                                        self.weight_offset,
-                                       _policy_dtype(self.out_dtype, x, self.weight))
+                                       _policy_dtype(self.out_dtype, x.dtype, self.weight.dtype))
         return _hf_forward(x, self.weight, self.eps, self.weight_offset, self.out_dtype)
 
     def extra_repr(self) -> str:
@@ -238,7 +218,7 @@ class HFLayerNorm(LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _is_scripting():
-            out = _policy_dtype(self.out_dtype, x, self.weight)
+            out = _policy_dtype(self.out_dtype, x.dtype, self.weight.dtype)
             y = torch.ops.rmsnorm_ext.layer_norm_fwd(x, list(self.normalized_shape),
                                                      _kernel_weight(x, self.weight), None,
                                                      self.eps)[0]
@@ -306,7 +286,7 @@ class HFGatedRMSNorm(GatedRMSNorm):
 
     def forward(self, hidden_states: torch.Tensor, gate=None) -> torch.Tensor:
         x, w = hidden_states, self.weight
-        out = _policy_dtype(self.out_dtype, x, w)
+        out = _policy_dtype(self.out_dtype, x.dtype, w.dtype)
         if gate is not None and gate.dtype != x.dtype:
             # HF computes in fp32 from both (Mamba2's torch path gives the norm an fp32 scan
             # output and a bf16 gate in a bf16 model); the kernel takes one dtype: the wider

@@ -87,7 +87,7 @@ Numeric and dtype semantics (documented differences)
 import copy
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -95,7 +95,7 @@ from torch import nn
 from . import _diffusers, _vision
 from ._table import gated_rms_composite
 from .modules import (GatedRMSNorm, HFGatedRMSNorm, HFLayerNorm, HFRMSNorm, LayerNorm,
-                      LayerNorm2d, RMSNorm, RMSNorm2d)
+                      LayerNorm2d, RMSNorm, RMSNorm2d, _policy_dtype)
 
 __all__ = ["replace_norms", "HFRMSNorm"]
 
@@ -175,59 +175,50 @@ def _probe_on(module: nn.Module, eps: float, dev: torch.device) -> Optional[Tupl
     lead = (2, 3)
     # Rows with different scales and a non-zero mean, so mean subtraction (LayerNorm), a
     # missing normalization, or an elementwise op all show up as large differences; the
-    # first row is scaled down to a mean square near eps, so eps put elsewhere than under the
-    # square root (x / (rms + eps)) shows too (it was swapped: 0.9 off on such rows).
+    # first row is scaled to a mean square near eps (_near_eps_scale).
     f64 = dict(dtype=torch.float64, device=cpu)
     x64 = torch.randn(*lead, *shape, generator=gen, **f64)
     x64 = x64 * torch.tensor([0.5, 1.0, 3.0], **f64).view(1, 3, *[1] * len(shape))
     x64 = x64 + torch.randn(*lead, *[1] * len(shape), generator=gen, **f64)
-    small = min(max(math.sqrt(eps), 1e-4), 0.5) if eps > 0 else 1e-3
-    x64 = x64 * torch.tensor([small, 1.0, 1.0], **f64).view(1, 3, *[1] * len(shape))
+    x64 = x64 * torch.tensor([_near_eps_scale(eps), 1.0, 1.0], **f64).view(1, 3, *[1] * len(shape))
     w64 = torch.randn(shape, generator=gen, **f64)
     dims = tuple(range(len(lead), len(lead) + len(shape)))
-
-    wdt = w.dtype
-    in_dtypes: List[torch.dtype] = []
-    for d in _probe_dtypes(wdt):
-        if d not in in_dtypes:
-            in_dtypes.append(d)
 
     probe_mod = _probe_copy(module)
     if probe_mod is None:
         return None
-
-    offsets = [0.0, 1.0]
-    observed: Dict[torch.dtype, torch.dtype] = {}
-    wp = w64.to(device=dev, dtype=wdt)
+    wp = w64.to(device=dev, dtype=w.dtype)
+    runs = _probe_outputs(probe_mod, wp, (x64,), dev)
+    if not runs:
+        return None
     wq = wp.double().cpu()  # the probe weight as the module sees it (rounded to its dtype)
-    for d in in_dtypes:
-        xp = x64.to(device=dev, dtype=d)
-        xq = xp.double().cpu()
+    offsets = [0.0, 1.0]
+    for _, (xq,), got, _, tol in runs:
         xhat_q = xq * torch.rsqrt(xq.pow(2).mean(dim=dims, keepdim=True) + eps)
-        try:
-            with torch.no_grad():
-                out = torch.func.functional_call(probe_mod, {"weight": wp}, (xp,))
-        except Exception:
-            if d in (torch.float32, wdt):
-                return None
-            continue  # the extra probes are only informative (dtype rule); not required
-        if not isinstance(out, torch.Tensor) or out.shape != xp.shape \
-                or not out.is_floating_point() or out.device != xp.device:
-            return None
-        observed[d] = out.dtype
-        got = out.detach().double().cpu()
-        tol = _tol(d, wdt, out.dtype)
-        scale = float(got.abs().max()) if got.numel() else 1.0
-        atol = tol * max(scale, 1.0)
+        atol = tol * max(float(got.abs().max()), 1.0)
         offsets = [off for off in offsets
                    if torch.allclose(got, xhat_q * (off + wq), rtol=tol, atol=atol)]
         if not offsets:
             return None
     offset = offsets[0]
     prefs = ("promote", "input", "weight") if offset == 0.0 else ("input", "promote", "weight")
+    policy = _output_rule(runs, w.dtype, prefs)
+    return None if policy is None else (offset, policy)
+
+
+def _near_eps_scale(eps: float) -> float:
+    """A probe row's scale that puts its mean square near eps, where eps placed elsewhere
+    than under the square root (x / (rms + eps)) changes the result: such a norm passed the
+    probes and was swapped, 0.9 off on rows like that."""
+    return min(max(math.sqrt(eps), 1e-4), 0.5) if eps > 0 else 1e-3
+
+
+def _output_rule(runs, wdt: torch.dtype, prefs) -> Optional[str]:
+    """The first output-dtype rule in ``prefs`` (modules._policy_dtype) that gives every
+    probe run's output dtype, else None."""
     for policy in prefs:
-        if all(_predict(policy, d, wdt) == od for d, od in observed.items()):
-            return offset, policy
+        if all(_policy_dtype(policy, d, wdt) == od for d, _, _, od, _ in runs):
+            return policy
     return None
 
 
@@ -235,7 +226,8 @@ def _probe_outputs(probe_mod: nn.Module, wp: torch.Tensor, inputs64, dev: torch.
     """Runs a probe copy with the probe weight ``wp`` on ``inputs64`` (float64 CPU tensors)
     in each probe dtype: ``[(dtype, inputs as run, in float64 on the CPU, output likewise,
     output dtype, tolerance)]`` for every dtype that ran; None if float32 or the weight's
-    dtype failed, or an output is no floating tensor shaped like the first input."""
+    dtype failed, or an output is no floating tensor shaped like the first input and on its
+    device."""
     wdt = wp.dtype
     runs = []
     for d in dict.fromkeys(_probe_dtypes(wdt)):
@@ -248,7 +240,7 @@ def _probe_outputs(probe_mod: nn.Module, wp: torch.Tensor, inputs64, dev: torch.
                 return None
             continue  # the extra probes are only informative (dtype rule); not required
         if not isinstance(out, torch.Tensor) or out.shape != args[0].shape \
-                or not out.is_floating_point():
+                or not out.is_floating_point() or out.device != args[0].device:
             return None
         runs.append((d, [a.double().cpu() for a in args], out.detach().double().cpu(),
                      out.dtype, _tol(d, wdt, out.dtype)))
@@ -269,8 +261,8 @@ def _probe_layer_norm(module: nn.Module, eps: float) -> Optional[str]:
     gen = torch.Generator(device=cpu).manual_seed(0x1A7E)
     f64 = dict(dtype=torch.float64, device=cpu)
     # Rows of different scales and means: an RMSNorm, a missing centring or a bias show; the
-    # 1e-3 row's variance is near eps, so eps placed elsewhere (x / (std + eps)) shows too.
-    scales = torch.tensor([1e-3, 1.0, 3.0], **f64)[:, None]
+    # first row's variance is near eps (_near_eps_scale), so x / (std + eps) shows too.
+    scales = torch.tensor([_near_eps_scale(eps), 1.0, 3.0], **f64)[:, None]
     x64 = (torch.randn(2, 3, n, generator=gen, **f64) + torch.randn(2, 3, 1, generator=gen,
                                                                     **f64)) * scales
     w64 = torch.randn(n, generator=gen, **f64)
@@ -284,17 +276,12 @@ def _probe_layer_norm(module: nn.Module, eps: float) -> Optional[str]:
     if not runs:
         return None
     wq = wp.double().cpu()
-    observed: Dict[torch.dtype, torch.dtype] = {}
-    for d, (xq,), got, out_dtype, tol in runs:
-        observed[d] = out_dtype
+    for _, (xq,), got, _, tol in runs:
         mu = xq.mean(-1, keepdim=True)
         want = (xq - mu) * torch.rsqrt((xq - mu).pow(2).mean(-1, keepdim=True) + eps) * wq
         if not torch.allclose(got, want, rtol=tol, atol=tol * max(float(got.abs().max()), 1.0)):
             return None
-    for policy in ("input", "promote", "weight"):
-        if all(_predict(policy, d, wdt) == od for d, od in observed.items()):
-            return policy
-    return None
+    return _output_rule(runs, wdt, ("input", "promote", "weight"))
 
 
 def _probe_gated(module: nn.Module, eps: float) -> Optional[dict]:
@@ -315,9 +302,7 @@ def _probe_gated(module: nn.Module, eps: float) -> Optional[dict]:
     gen = torch.Generator(device=cpu).manual_seed(0x6A7E)
     f64 = dict(dtype=torch.float64, device=cpu)
     x64 = torch.randn(2, 3, n, generator=gen, **f64) * 2 + 0.5
-    # the first row's mean square near eps, as in _probe_on (eps placement shows)
-    small = min(max(math.sqrt(eps), 1e-4), 0.5) if eps > 0 else 1e-3
-    x64 = x64 * torch.tensor([small, 1.0, 1.0], **f64)[:, None]
+    x64 = x64 * torch.tensor([_near_eps_scale(eps), 1.0, 1.0], **f64)[:, None]
     g64 = torch.randn(2, 3, n, generator=gen, **f64) * 3
     w64 = torch.randn(n, generator=gen, **f64)
     probe_mod = _probe_copy(module)
@@ -325,15 +310,13 @@ def _probe_gated(module: nn.Module, eps: float) -> Optional[dict]:
         return None
     wdt = w.dtype
     candidates = [(nbg, act) for nbg in (True, False) for act in ("silu", "sigmoid")]
-    observed: Dict[torch.dtype, torch.dtype] = {}
     with torch.device(dev):
         wp = w64.to(device=dev, dtype=wdt)
         wq = wp.double().cpu()
         runs = _probe_outputs(probe_mod, wp, (x64, g64), dev)
         if not runs:
             return None
-        for d, (xq, gq), got, out_dtype, tol in runs:
-            observed[d] = out_dtype
+        for _, (xq, gq), got, _, tol in runs:
             atol = tol * max(float(got.abs().max()), 1.0)
             candidates = [c for c in candidates if torch.allclose(
                 got, gated_rms_composite(xq, gq, (n,), wq, eps, g, c[0], c[1])[0],
@@ -348,11 +331,11 @@ def _probe_gated(module: nn.Module, eps: float) -> Optional[dict]:
         except Exception:
             gate_optional = False
     nbg, act = candidates[0]
-    for policy in ("input", "promote"):
-        if all(_predict(policy, d, wdt) == od for d, od in observed.items()):
-            return dict(group_size=None if g == n else g, norm_before_gate=nbg,
-                        activation=act, out_dtype=policy, gate_optional=gate_optional)
-    return None
+    policy = _output_rule(runs, wdt, ("input", "promote"))
+    if policy is None:
+        return None
+    return dict(group_size=None if g == n else g, norm_before_gate=nbg, activation=act,
+                out_dtype=policy, gate_optional=gate_optional)
 
 
 def _probe_dtypes(wdt: torch.dtype) -> Tuple[torch.dtype, ...]:
@@ -361,14 +344,6 @@ def _probe_dtypes(wdt: torch.dtype) -> Tuple[torch.dtype, ...]:
     float32 or bfloat16 input gives the same dtype under "promote" and "input", a float16
     one does not: promote(float16, bfloat16) is float32)."""
     return (torch.float32, wdt, torch.bfloat16, torch.float16)
-
-
-def _predict(policy: str, x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
-    if policy == "input":
-        return x_dtype
-    if policy == "weight":
-        return w_dtype
-    return torch.promote_types(x_dtype, w_dtype)
 
 
 def _hf_candidate(module: nn.Module) -> Optional[float]:
