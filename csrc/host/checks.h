@@ -76,6 +76,12 @@ inline bool is_reduced_float(at::ScalarType t) {
   return t == at::kBFloat16 || t == at::kHalf;
 }
 
+// Whether a tensor of dtype t may sit beside an input of dtype input (a parameter, a
+// residual, a rotary table): the input's own dtype, or float32 next to bfloat16 / float16.
+inline bool same_or_fp32_beside_reduced(at::ScalarType t, at::ScalarType input) {
+  return t == input || (t == at::kFloat && is_reduced_float(input));
+}
+
 // Statistics (mean, rstd) are float32, or float64 for float64 data.
 inline at::ScalarType stats_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -121,7 +127,7 @@ inline void check_param_device_dtype(const Tensor& t, const char* name, const Te
               " but the input is on ", input.device(), "; move them to the same device");
   const auto wt = t.scalar_type();
   const auto it = input.scalar_type();
-  TORCH_CHECK_TYPE(wt == it || (wt == at::kFloat && is_reduced_float(it)), "rmsnorm_ext: ", name,
+  TORCH_CHECK_TYPE(same_or_fp32_beside_reduced(wt, it), "rmsnorm_ext: ", name,
                    " dtype ", py_dtype(wt), " is not supported with input dtype ", py_dtype(it),
                    " (use the input's dtype, or float32 with a bfloat16/float16 input)");
 }
@@ -199,7 +205,7 @@ inline void check_residual(const Tensor& input, const Tensor& residual) {
   check_same_device(residual, "residual", input, "the input");
   const auto rt = residual.scalar_type();
   const auto it = input.scalar_type();
-  TORCH_CHECK_TYPE(rt == it || (rt == at::kFloat && is_reduced_float(it)),
+  TORCH_CHECK_TYPE(same_or_fp32_beside_reduced(rt, it),
                    "rmsnorm_ext: residual dtype ", py_dtype(rt),
                    " is not supported with input dtype ", py_dtype(it),
                    " (use the input's dtype, or float32 with a bfloat16/float16 input)");

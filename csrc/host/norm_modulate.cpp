@@ -47,7 +47,7 @@ inline bool check_modulation(const Tensor& s, const char* name, const Tensor& in
               " but the input is on ", input.device(), "; move them to the same device");
   const auto st = s.scalar_type();
   const auto it = input.scalar_type();
-  TORCH_CHECK_TYPE(st == it || (st == at::kFloat && is_reduced_float(it)), "rmsnorm_ext: ", name,
+  TORCH_CHECK_TYPE(same_or_fp32_beside_reduced(st, it), "rmsnorm_ext: ", name,
                    " dtype ", py_dtype(st), " is not supported with input dtype ", py_dtype(it),
                    " (use the input's dtype, or float32 with a bfloat16/float16 input)");
   return per_sample;

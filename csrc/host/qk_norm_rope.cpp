@@ -4,9 +4,9 @@
 // q [..., S, Hq, D] and k [..., S, Hk, D] (Hugging Face's layout before its transpose to
 // [B, H, S, D]; the same leading dims and S), D even; q_weight / k_weight [D] or None
 // (ones); cos, sin [S, D], [1, S, D] or [B, S, D] with B the product of the leading dims
-// (Hugging Face's rotary embedding output: [1, S, D] for the default position ids). Each head vector v is normalized, u = v * rstd * w with
-// rstd = 1 / sqrt(mean(v^2) + eps), then rotated; every output element uses the cos/sin
-// entries of its own index e:
+// (Hugging Face's rotary embedding output: [1, S, D] for the default position ids). Each
+// head vector v is normalized, u = v * rstd * w with rstd = 1 / sqrt(mean(v^2) + eps), then
+// rotated; every output element uses the cos/sin entries of its own index e:
 //   interleaved = false (rotate-half; Llama, Qwen, NeoX): pairs (j, j + D/2), j < D/2,
 //     out = u * cos + rotate_half(u) * sin,  rotate_half(u) = cat(-u[D/2:], u[:D/2])
 //   interleaved = true (GPT-J): pairs (2i, 2i + 1),
@@ -84,7 +84,7 @@ inline void check_head_param(const std::optional<Tensor>& p, const char* name, c
   check_same_device(t, name, q, "q");
   const auto wt = t.scalar_type();
   const auto it = q.scalar_type();
-  TORCH_CHECK_TYPE(wt == it || (wt == at::kFloat && is_reduced_float(it)), "rmsnorm_ext: ", name,
+  TORCH_CHECK_TYPE(same_or_fp32_beside_reduced(wt, it), "rmsnorm_ext: ", name,
                    " dtype ", py_dtype(wt), " is not supported with q dtype ", py_dtype(it),
                    " (use q's dtype, or float32 with a bfloat16/float16 q)");
 }
@@ -113,7 +113,7 @@ inline bool check_rope_tables(const Tensor& cos, const Tensor& sin, const Tensor
   const auto it = q.scalar_type();
   TORCH_CHECK_TYPE(sin.scalar_type() == ct, "rmsnorm_ext: sin dtype ", py_dtype(sin.scalar_type()),
                    " must match the cos dtype ", py_dtype(ct));
-  TORCH_CHECK_TYPE(ct == it || (ct == at::kFloat && is_reduced_float(it)),
+  TORCH_CHECK_TYPE(same_or_fp32_beside_reduced(ct, it),
                    "rmsnorm_ext: cos/sin dtype ", py_dtype(ct), " is not supported with q dtype ",
                    py_dtype(it), " (use q's dtype, or float32 with a bfloat16/float16 q)");
   TORCH_CHECK_VALUE(sin.dim() == 2 || sin.sym_sizes()[0] == cos.sym_sizes()[0],

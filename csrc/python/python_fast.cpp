@@ -24,6 +24,7 @@
 
 #include "../autograd/autograd.h"
 #include "../autograd/op_handles.h"
+#include "../host/checks.h"
 
 #include <optional>
 #include <vector>
@@ -144,9 +145,8 @@ PyObject* fast_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor none;
   const at::Tensor* wp = w ? &*w : &none;
   if (declined({&x, wp})) return not_implemented();
-  if (w && w->scalar_type() != x.scalar_type() &&
-      !(w->scalar_type() == at::kFloat && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf))) {
-    return not_implemented();  // another weight dtype: functional._rms_weight converts it
+  if (w && !same_or_fp32_beside_reduced(w->scalar_type(), x.scalar_type())) {
+    return not_implemented();  // another weight dtype: functional._kernel_weight converts it
   }
   auto y = call(
       needs_graph({&x, wp}), [&] { return std::get<0>(ag::rms_norm_fwd_autograd(x, ns, w, eps, offset)); },
