@@ -67,7 +67,8 @@ def _case_qk():
 
     def floor():
         return fresh_huge(q).copy_(q), fresh_huge(k).copy_(k)
-    return "qk_norm_rope q[1,1024,32,128] k[1,1024,8,128]", (q, k, qw, kw), ours, comp, floor, (q, k)
+    name = "qk_norm_rope q[1,1024,32,128] k[1,1024,8,128]"
+    return name, (q, k, qw, kw), ours, comp, floor, (q, k)
 
 
 def _timm_ln2d(x, w, b):  # timm.layers.LayerNorm2d.forward

@@ -160,11 +160,11 @@ def test_replace_norms_on_meta_model(name, how, when):
 
 def test_meta_probe_keeps_skip_rules():
     """Look-alikes built on meta are still left alone, in and out of the meta context."""
-    from test_replace_norms import RMSNormWithBias, ScaledTanh, StdPlusEpsLayerNorm
+    from test_replace_norms import EpsOutsideSqrtNorm, RMSNormWithBias, ScaledTanh
 
     for inside in (True, False):
         with torch.device("meta"):
-            model = nn.ModuleDict({"tanh": ScaledTanh(8), "std_eps": StdPlusEpsLayerNorm(8),
+            model = nn.ModuleDict({"tanh": ScaledTanh(8), "std_eps": EpsOutsideSqrtNorm(8),
                                    "bias": RMSNormWithBias(8), "lin": nn.Linear(8, 8)})
             mods = dict(model.items())
             if inside:

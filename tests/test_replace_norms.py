@@ -85,19 +85,23 @@ class MeanCenteredNorm(nn.Module):
         return (self.weight.float() * xf).to(x.dtype)
 
 
-class StdPlusEpsLayerNorm(nn.Module):
-    """A LayerNorm-like module dividing by std + eps (not sqrt(var + eps)): not ours to swap."""
+class EpsOutsideSqrtNorm(nn.Module):
+    """A LayerNorm-like (center) or RMSNorm-like module dividing by std + eps / rms + eps, not
+    sqrt(var + eps): eps outside the square root, not ours to swap (the RMS one was: 0.9 off
+    on rows whose mean square is near eps)."""
 
-    def __init__(self, n, eps=1e-5):
+    def __init__(self, n, eps=1e-5, center=True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n))
         self.variance_epsilon = eps
+        self.center = center
 
     def forward(self, x):
         xf = x.float()
-        mu = xf.mean(-1, keepdim=True)
-        std = (xf - mu).pow(2).mean(-1, keepdim=True).sqrt()
-        return (self.weight.float() * (xf - mu) / (std + self.variance_epsilon)).to(x.dtype)
+        if self.center:
+            xf = xf - xf.mean(-1, keepdim=True)
+        scale = xf.pow(2).mean(-1, keepdim=True).sqrt()
+        return (self.weight.float() * xf / (scale + self.variance_epsilon)).to(x.dtype)
 
 
 class RMSNormWithBias(LlamaRMSNorm):
@@ -337,7 +341,7 @@ def test_replacement_types_and_attributes():
 
 def test_unrelated_modules_left_alone():
     lookalikes = {
-        "tanh": ScaledTanh(DIM), "std_plus_eps": StdPlusEpsLayerNorm(DIM),
+        "tanh": ScaledTanh(DIM), "std_plus_eps": EpsOutsideSqrtNorm(DIM),
         "bias": RMSNormWithBias(DIM), "noeps": RMSNormNoEps(DIM),
         "doubling": DoublingRMSNorm(DIM, eps=1e-6), "linear": nn.Linear(DIM, DIM),
         "bn": nn.BatchNorm1d(DIM), "gn": nn.GroupNorm(4, DIM),
@@ -756,7 +760,7 @@ def test_cohere_layer_norm_swapped(swap_dtype):
     for traced in (torch.fx.symbolic_trace(ours), torch.jit.script(ours)):  # like the original
         torch.testing.assert_close(traced(x), ours(x), rtol=0, atol=0)
     assert rmsnorm_ext.replace_norms(nn.Sequential(cohere.CohereLayerNorm((4, 16)))) == 0
-    assert rmsnorm_ext.replace_norms(nn.Sequential(StdPlusEpsLayerNorm(64))) == 0
+    assert rmsnorm_ext.replace_norms(nn.Sequential(EpsOutsideSqrtNorm(64))) == 0
     centered = nn.Sequential(MeanCenteredNorm(64))
     x = torch.randn(3, 64) * 2 + 1
     want = centered(x)
@@ -764,22 +768,8 @@ def test_cohere_layer_norm_swapped(swap_dtype):
     torch.testing.assert_close(centered(x), want, rtol=1e-5, atol=1e-5)
 
 
-class RMSOverStdPlusEps(nn.Module):
-    """x / (rms(x) + eps) * w: eps outside the square root, not ours to swap (it was: 0.9
-    off on rows whose mean square is near eps)."""
-
-    def __init__(self, n, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n))
-        self.variance_epsilon = eps
-
-    def forward(self, x):
-        xf = x.float()
-        rms = xf.pow(2).mean(-1, keepdim=True).sqrt()
-        return (self.weight * (xf / (rms + self.variance_epsilon))).to(x.dtype)
-
-
 def test_eps_outside_the_square_root_left_alone():
-    assert rmsnorm_ext.replace_norms(nn.Sequential(RMSOverStdPlusEps(64))) == 0
-    assert rmsnorm_ext.replace_norms(nn.Sequential(RMSOverStdPlusEps(64, eps=1e-5))) == 0
+    for eps in (1e-6, 1e-5):
+        norm = EpsOutsideSqrtNorm(64, eps=eps, center=False)
+        assert rmsnorm_ext.replace_norms(nn.Sequential(norm)) == 0
     assert rmsnorm_ext.replace_norms(nn.Sequential(LlamaRMSNorm(64))) == 1  # eps under it
