@@ -703,6 +703,16 @@ def test_hf_llama_compiled():
     _assert_close(out, ref, torch.float32, "logits")
 
 
+def swap_stages(*modules):
+    """For the dtype-rule tests of swapped norms: yields "as swapped", then "upcast" after
+    .float() of every module (an original and its swapped copy): the rule the probe learned
+    must hold for weights of another dtype than at the swap."""
+    yield "as swapped"
+    for m in modules:
+        m.float()
+    yield "upcast"
+
+
 @pytest.mark.parametrize("swap_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_output_dtype_rule_learned_from_bf16_weights(swap_dtype):
     """A norm whose output keeps the input's dtype (OLMo2: (w * x_fp32).to(input_dtype)) and
@@ -715,10 +725,7 @@ def test_output_dtype_rule_learned_from_bf16_weights(swap_dtype):
         native = nn.Sequential(make()).to(swap_dtype)
         ours = copy.deepcopy(native)
         assert rmsnorm_ext.replace_norms(ours) == 1
-        for stage in ("as swapped", "upcast"):
-            if stage == "upcast":
-                native.float()
-                ours.float()
+        for stage in swap_stages(native, ours):
             for dt in (torch.float16, torch.bfloat16, torch.float32):
                 x = torch.randn(3, 32).to(dt)
                 assert ours(x).dtype == native(x).dtype, (type(native[0]).__name__, stage, dt)
@@ -741,10 +748,7 @@ def test_cohere_layer_norm_swapped(swap_dtype):
     assert type(ours[0]).__name__ == "HFLayerNorm" and ours[0].weight is w
     assert ours[0].variance_epsilon == native[0].variance_epsilon
     assert rmsnorm_ext.replace_norms(ours) == 0
-    for stage in ("as swapped", "upcast"):
-        if stage == "upcast":
-            native.float()
-            ours.float()
+    for stage in swap_stages(native, ours):
         for dt in (torch.float32, torch.bfloat16, torch.float16):
             x = ((torch.randn(3, 5, 64) + 2) * 3).to(dt).requires_grad_()
             yn, yo = native(x), ours(x)
