@@ -98,15 +98,45 @@ struct Windows {
   }
   template <int G>
   Group<G> group(int64_t p) const {
+    return group_at<G>(G * p);
+  }
+  // The group of G windows from window k0.
+  template <int G>
+  Group<G> group_at(int64_t k0) const {
     Group<G> g;
     for (int i = 0; i < G; ++i) {
-      const int64_t k = G * p + i;
+      const int64_t k = k0 + i;
       g.off[i] = off(std::min(k, count - 1));
       g.dup[i] = k < count ? k * kStep - g.off[i] : kStep;
     }
     return g;
   }
   int64_t off(int64_t k) const { return std::min(k * kStep, n - len); }
+
+  // Calls f(size, group, p, np) for the windows G at a time while G remain, then the rest in
+  // groups of G / 2, G / 4, ..., 1 windows (size: a std::integral_constant<int, g>; p: the
+  // group's index among the np): a partial group of G would cost a whole group's arithmetic
+  // on repeated windows (a 7 x 7 map on AVX-512 is 2 windows: half of a group of 4).
+  // A lane's arithmetic does not depend on its group's size, so neither do its results.
+  template <int G, typename F>
+  void for_each_group(F&& f) const {
+    const int64_t np = count / G + __builtin_popcountll(static_cast<uint64_t>(count % G));
+    int64_t k = 0, p = 0;
+    for (; k + G <= count; k += G) f(std::integral_constant<int, G>{}, group_at<G>(k), p++, np);
+    tail<G / 2>(k, p, np, f);
+  }
+
+ private:
+  template <int G, typename F>
+  void tail(int64_t k, int64_t p, int64_t np, F& f) const {
+    if constexpr (G >= 1) {
+      if (k + G <= count) {
+        f(std::integral_constant<int, G>{}, group_at<G>(k), p++, np);
+        k += G;
+      }
+      tail<G / 2>(k, p, np, f);
+    }
+  }
 };
 
 // The 2 * G accumulator-width vectors of a group of G windows.
@@ -381,25 +411,22 @@ void fwd_tile(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
   const Windows<kStep> win(t.n);
   const T* x = a.x + tl.data(t);
   T* y = a.y + tl.data(t);
-  const int64_t ng = win.template groups<G>();
-  for (int64_t p = 0; p < ng; ++p) {
-    const auto gr = win.template group<G>(p);
-    Vecs<A, G> mu, rs;
-    fwd_group_stats<T, kLayer, kFull, G>(a, tl, t, x, win, gr, mu, rs);
+  win.template for_each_group<G>([&](auto size, const auto& gr, int64_t p, int64_t ng) {
+    constexpr int g = decltype(size)::value;
+    Vecs<A, g> mu, rs;
+    fwd_group_stats<T, kLayer, kFull, g>(a, tl, t, x, win, gr, mu, rs);
     NextTilePrefetch<T> pf(a.x, nullptr, tl, next, p, ng);
     for (int64_t j = 0; j < tl.C; ++j) {
       pf.step();
-      auto v = load_group<kFull, G>(x + j * tl.S, win, gr);
+      auto v = load_group<kFull, g>(x + j * tl.S, win, gr);
       const V wj(a.w ? a.w[j] : A(1)), bj(a.bias ? a.bias[j] : A(0));
-      for (int i = 0; i < 2 * G; ++i) {
+      for (int i = 0; i < 2 * g; ++i) {
         if constexpr (kLayer) v[i] = v[i] - mu[i];
-        v[i] = v[i] * rs[i];
-        if (a.w) v[i] = v[i] * wj;
-        if (kLayer && a.bias) v[i] = v[i] + bj;
+        v[i] = affine_out(v[i], rs[i], a.w != nullptr, wj, kLayer && a.bias != nullptr, bj);
       }
-      store_group<kFull, G>(y + j * tl.S, win, gr, v);
+      store_group<kFull, g>(y + j * tl.S, win, gr, v);
     }
-  }
+  });
 }
 
 template <typename T, bool kLayer>

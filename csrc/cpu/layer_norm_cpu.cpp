@@ -43,20 +43,12 @@ inline void ln_out_row(const X* xr, T* yr, acc_t<T> mean, acc_t<T> rstd, const a
   constexpr int64_t S = IO::kStep;
   const V vm(mean), vr(rstd);
   auto step = [&](int64_t j, int64_t n) {
-    V a, b, wa, wb;
+    V a, b, wa(A(1)), wb(A(1)), ba(A(0)), bb(A(0));
     load_part(xr + j, n, a, b);
-    a = (a - vm) * vr;
-    b = (b - vm) * vr;
-    if (w) {
-      load_part<A>(w + j, n, wa, wb);
-      a = a * wa;
-      b = b * wb;
-    }
-    if (bias) {
-      load_part<A>(bias + j, n, wa, wb);
-      a = a + wa;
-      b = b + wb;
-    }
+    if (w) load_part<A>(w + j, n, wa, wb);
+    if (bias) load_part<A>(bias + j, n, ba, bb);
+    a = affine_out(a - vm, vr, w != nullptr, wa, bias != nullptr, ba);
+    b = affine_out(b - vm, vr, w != nullptr, wb, bias != nullptr, bb);
     store_part(yr + j, n, a, b);
   };
   int64_t j = 0;

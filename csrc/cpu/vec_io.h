@@ -253,6 +253,19 @@ inline void zero_tail(Vectorized<A>& a, Vectorized<A>& b, int64_t n) {
   }
 }
 
+// A normalized value's output: d * r, times w where there is a weight, plus b where there
+// is a bias, the last product and the bias added as one explicit FMA. Written out, not left
+// to GCC's contraction of `d * r * w + b`, which fuses or not depending on the code around
+// it: the same row rounded an ulp apart in two instantiations of a kernel.
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> affine_out(const Vectorized<A>& d, const Vectorized<A>& r,
+                                           bool has_w, const Vectorized<A>& w, bool has_b,
+                                           const Vectorized<A>& b) {
+  if (!has_w) return has_b ? at::vec::fmadd(d, r, b) : d * r;
+  const Vectorized<A> u = d * r;
+  return has_b ? at::vec::fmadd(u, w, b) : u * w;
+}
+
 template <typename A>
 inline A reduce_add(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& x, Vectorized<A>& y) { return x + y; }, v);
