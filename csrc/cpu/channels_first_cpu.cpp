@@ -50,7 +50,7 @@ constexpr int kBwdGroup = 2;
 
 // The tiles of a [B, C, S] tensor. Unit u = (item o, tile k) covers positions [s0, s0 + n) of
 // item o. The width is a whole number of window groups (at least one, even past
-// kTileBytes: a partial group costs a whole group's arithmetic). An item has
+// kTileBytes: a group of full windows is the most efficient unit of arithmetic). An item has
 // max(1, S / width) tiles and the last one takes the remainder too (n in [width, 2 * width)),
 // so with S >= kStep every tile holds at least one whole step (Windows).
 struct Tiles {
@@ -79,9 +79,9 @@ struct Tiles {
 // window is shifted back to end at n, so it is a full-width load and store that stays inside
 // the tile (no padding cost on every channel, e.g. 7 x 7 = 49 positions); its first dup
 // lanes repeat positions of the window before: recomputed to the same bits, stored again,
-// and masked out of the parameter-gradient sums. A last group with fewer than G windows
-// repeats its last one (dup = kStep: all lanes masked, not stored again). A tile shorter
-// than one step (S < kStep) is a single zero-padded window (RowIO::load_n / store_n).
+// and masked out of the parameter-gradient sums. The windows that do not fill a last group
+// of G go in smaller groups (for_each_group). A tile shorter than one step (S < kStep) is a
+// single zero-padded window (RowIO::load_n / store_n).
 template <int64_t kStep>
 struct Windows {
   template <int G>
@@ -92,22 +92,13 @@ struct Windows {
   int64_t n, count, len;
   explicit Windows(int64_t n_)
       : n(n_), count((n_ + kStep - 1) / kStep), len(std::min(n_, kStep)) {}
-  template <int G>
-  int64_t groups() const {
-    return (count + G - 1) / G;
-  }
-  template <int G>
-  Group<G> group(int64_t p) const {
-    return group_at<G>(G * p);
-  }
-  // The group of G windows from window k0.
+  // The group of windows [k0, k0 + G) (k0 + G <= count).
   template <int G>
   Group<G> group_at(int64_t k0) const {
     Group<G> g;
     for (int i = 0; i < G; ++i) {
-      const int64_t k = k0 + i;
-      g.off[i] = off(std::min(k, count - 1));
-      g.dup[i] = k < count ? k * kStep - g.off[i] : kStep;
+      g.off[i] = off(k0 + i);
+      g.dup[i] = (k0 + i) * kStep - g.off[i];
     }
     return g;
   }
@@ -236,17 +227,11 @@ inline Vecs<acc_t<T>, G> load_group(const T* p, const Windows<kStep>& w,
   return v;
 }
 
-// A last group's repeated window (dup = kStep) holds the same bits as the window it repeats:
-// whole windows store it again rather than test for it.
 template <bool kFull, int G, typename T, int64_t kStep>
 inline void store_group(T* p, const Windows<kStep>& w,
                         const typename Windows<kStep>::template Group<G>& gr,
                         const Vecs<acc_t<T>, G>& v) {
-  for (int i = 0; i < G; ++i) {
-    if (kFull || gr.dup[i] < kStep) {
-      WinIO<T, kFull>::store(p + gr.off[i], w.len, v[2 * i], v[2 * i + 1]);
-    }
-  }
+  for (int i = 0; i < G; ++i) WinIO<T, kFull>::store(p + gr.off[i], w.len, v[2 * i], v[2 * i + 1]);
 }
 
 // Zero the lanes of v that repeat other positions (Group::dup), for the parameter
@@ -467,22 +452,21 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t kStep = RowIO<T>::kStep;
-  constexpr int K = 2 * G;
   const Windows<kStep> win(t.n);
   const int64_t base = tl.data(t);
   const T* dy = a.dy + base;
   const T* x = a.x + base;
   T* dx = a.dx + base;
-  const int64_t ng = win.template groups<G>();
-  for (int64_t p = 0; p < ng; ++p) {
-    const auto gr = win.template group<G>(p);
-    auto load = [&](const auto* ptr) { return load_group<kFull, G>(ptr, win, gr); };
+  win.template for_each_group<G>([&](auto size, const auto& gr, int64_t p, int64_t ng) {
+    constexpr int Gs = decltype(size)::value;
+    constexpr int K = 2 * Gs;
+    auto load = [&](const auto* ptr) { return load_group<kFull, Gs>(ptr, win, gr); };
     // Padded lanes (S < kStep) load mean = rstd = 0 and dy = 0: every sum stays 0 there.
-    Vecs<A, G> mu{}, rs = load(a.rstd + tl.stats(t)), c1{}, c2;
-    swap_halves<T, kFull, G>(rs);  // to the lane order of T's windows (WinIO)
+    Vecs<A, Gs> mu{}, rs = load(a.rstd + tl.stats(t)), c1{}, c2;
+    swap_halves<T, kFull, Gs>(rs);  // to the lane order of T's windows (WinIO)
     if constexpr (kLayer) {
       mu = load(a.mean + tl.stats(t));
-      swap_halves<T, kFull, G>(mu);
+      swap_halves<T, kFull, Gs>(mu);
       const auto s = blocked_row_sum<2 * K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& acc) {
         auto g = load(dy + j * tl.S);
         const auto v = load(x + j * tl.S);
@@ -511,7 +495,7 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
       for (int i = 0; i < K; ++i) c2[i] = rs[i] * (s[i] / vn);
     }
     bool masked = false;
-    for (int i = 0; i < G; ++i) masked = masked || gr.dup[i] != 0;
+    for (int i = 0; i < Gs; ++i) masked = masked || gr.dup[i] != 0;
     NextTilePrefetch<T> pf(a.x, a.dy, tl, next, p, ng);
     // The channels' parameter-gradient vectors, L channels at a time: their horizontal sums
     // taken together (hsum_rows, row_group_stats.h: each lane is reduce_add of its vector, so
@@ -545,9 +529,9 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
         // In memory order: a channel's sums add its positions in the same order whatever
         // the lane order of the loads (so the same bits).
         auto gm = g, xh = v;
-        swap_halves<T, kFull, G>(gm);
-        swap_halves<T, kFull, G>(xh);
-        if (masked) zero_dup<A, G>(gm, gr);
+        swap_halves<T, kFull, Gs>(gm);
+        swap_halves<T, kFull, Gs>(xh);
+        if (masked) zero_dup<A, Gs>(gm, gr);
         if (dwp) {
           V s = gm[0] * xh[0];
           for (int i = 1; i < K; ++i) s = at::vec::fmadd(gm[i], xh[i], s);
@@ -566,10 +550,10 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
         if constexpr (kLayer) g[i] = g[i] - c1[i];
         g[i] = (g[i] - v[i] * c2[i]) * rs[i];
       }
-      store_group<kFull, G>(dx + j * tl.S, win, gr, g);
+      store_group<kFull, Gs>(dx + j * tl.S, win, gr, g);
     }
     if (held > 0) flush(tl.C);
-  }
+  });
 }
 
 // Runs every unit: without parameter gradients in plain parallel ranges, otherwise in
