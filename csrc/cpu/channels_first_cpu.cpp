@@ -43,8 +43,8 @@ constexpr int64_t kTileBytes = int64_t{64} << 10;
 constexpr int64_t kMaxTile = 1024;
 // Windows per group (see the top): as many as keep the passes' accumulators and statistics
 // mostly in registers (the backward holds more per window); measured best on AVX2. The
-// forward takes 4, or 2 where its loads are the lane-order bfloat16 ones (WinIO: AVX2), which
-// ran 5-10% faster with 2 at C = 192 / 768 (fp32 and fp16 ran 5-20% slower with 2).
+// forward takes 4, or on AVX2 2 where its loads are the lane-order bfloat16 ones (WinIO),
+// which ran 5-10% faster with 2 at C = 192 / 768 (fp32 and fp16 ran 5-20% slower with 2).
 constexpr int kFwdGroup = 4;
 constexpr int kBwdGroup = 2;
 
@@ -134,71 +134,111 @@ struct Windows {
 template <typename A, int G>
 using Vecs = std::array<Vectorized<A>, 2 * G>;
 
-// Whole windows (kFull: S >= kStep) of a bfloat16 map on AVX2 load with two unpacks against
-// zero, which leave the window's positions in the lanes in the order {0-3, 8-11} and
-// {4-7, 12-15}, and store with a plain pack of the two (no lane crossing either way), where
-// at::vec's in-order conversions take a lane-crossing extract and two widenings per load and
-// a permute per store: about a fifth of a bfloat16 LayerNorm's instructions, whose three
-// passes reload their input. A lane here is one position and never meets another lane, so
-// only what is stored or summed per position sees the order: the statistics are swapped
-// to and from memory order once per group, and the backward's parameter-gradient terms
-// before they are summed across lanes (swap_halves), so every result has the same bits as
-// with in-order loads. Same rounding as at::vec (nearest-even, NaN as 0xFFFF). AVX-512
-// keeps the in-order conversions (no AVX-512 machine to measure or test it on here).
+// Whole windows (kFull: S >= kStep) of a bfloat16 map load in a lane order of their own,
+// where at::vec's in-order conversions cost about a fifth of a bfloat16 LayerNorm's
+// instructions (its three passes reload their input):
+//  - AVX2: two unpacks against zero leave the positions in the lanes in the order {0-3, 8-11}
+//    and {4-7, 12-15}; a plain pack of the two stores them (no lane crossing either way; an
+//    in-order load takes a lane-crossing extract and two widenings, a store a permute);
+//  - AVX-512 with BF16: a shift and a mask leave the even positions in one vector and the odd
+//    ones in the other (an in-order load widens each half: four instructions for two); a store
+//    rounds both with one instruction, as RowIO does, and interleaves the words with one
+//    permute.
+// A lane here is one position and never meets another lane, so only what is stored or summed
+// per position sees the order: the statistics go to and from memory order once per group
+// (to_memory / to_lanes), and the backward's parameter-gradient terms before they are summed
+// across lanes, so every result has the same bits as with in-order loads. Same rounding as
+// the in-order path of each build (AVX2: at::vec's nearest-even, NaN as 0xFFFF).
 template <typename T, bool kFull>
 struct WinIO {
   using A = acc_t<T>;
   using V = Vectorized<A>;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || (defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__))
   static constexpr bool kPermuted = kFull && std::is_same_v<T, c10::BFloat16>;
 #else
   static constexpr bool kPermuted = false;
 #endif
 
   static inline void load(const T* p, int64_t len, V& a, V& b) {
-#if defined(CPU_CAPABILITY_AVX2)
     if constexpr (kPermuted) {
+#if defined(CPU_CAPABILITY_AVX2)
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
       const __m256i z = _mm256_setzero_si256();
       a = V(_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)));
       b = V(_mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v)));
+#elif defined(CPU_CAPABILITY_AVX512)
+      const __m512i v = _mm512_loadu_si512(p);
+      a = V(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));  // even positions
+      b = V(_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u)))));
+#endif
       return;
     }
-#endif
     if constexpr (kFull) RowIO<T>::load(p, a, b);
     else RowIO<T>::load_n(p, len, a, b);
   }
 
   static inline void store(T* p, int64_t len, const V& a, const V& b) {
-#if defined(CPU_CAPABILITY_AVX2)
     if constexpr (kPermuted) {
+#if defined(CPU_CAPABILITY_AVX2)
       const __m256i v = _mm256_packus_epi32(bf16_bits(a), bf16_bits(b));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+#elif defined(CPU_CAPABILITY_AVX512)
+      // words 0-15: the even positions, 16-31: the odd ones -> position order.
+      const __m512i w = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+      const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                             24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                             16, 0);
+      _mm512_storeu_si512(p, _mm512_permutexvar_epi16(order, w));
+#endif
       return;
     }
-#endif
     if constexpr (kFull) RowIO<T>::store(p, a, b);
     else RowIO<T>::store_n(p, len, a, b);
   }
 
-  // Statistics vectors between the lane order and memory order (positions in order): on
-  // AVX2 the same swap of 128-bit halves both ways.
-  static inline void swap_halves(V& a, V& b) {
-#if defined(CPU_CAPABILITY_AVX2)
+  // Statistics vectors from the lane order to memory order (positions in order) ...
+  static inline void to_memory(V& a, V& b) {
     if constexpr (kPermuted) {
-      const __m256 lo = _mm256_permute2f128_ps(a, b, 0x20);
-      const __m256 hi = _mm256_permute2f128_ps(a, b, 0x31);
-      a = V(lo);
-      b = V(hi);
-    }
-#else
-    (void)a;
-    (void)b;
+#if defined(CPU_CAPABILITY_AVX2)
+      swap_halves(a, b);
+#elif defined(CPU_CAPABILITY_AVX512)
+      const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
+                                           15, 31);
+      const __m512 m0 = _mm512_permutex2var_ps(a, lo, b), m1 = _mm512_permutex2var_ps(a, hi, b);
+      a = V(m0);
+      b = V(m1);
 #endif
+    }
+  }
+
+  // ... and back.
+  static inline void to_lanes(V& a, V& b) {
+    if constexpr (kPermuted) {
+#if defined(CPU_CAPABILITY_AVX2)
+      swap_halves(a, b);
+#elif defined(CPU_CAPABILITY_AVX512)
+      const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                             28, 30);
+      const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
+                                            31);
+      const __m512 e = _mm512_permutex2var_ps(a, even, b), o = _mm512_permutex2var_ps(a, odd, b);
+      a = V(e);
+      b = V(o);
+#endif
+    }
   }
 
  private:
 #if defined(CPU_CAPABILITY_AVX2)
+  // AVX2: the lane order swaps 128-bit halves, the same swap both ways.
+  static inline void swap_halves(V& a, V& b) {
+    const __m256 lo = _mm256_permute2f128_ps(a, b, 0x20);
+    const __m256 hi = _mm256_permute2f128_ps(a, b, 0x31);
+    a = V(lo);
+    b = V(hi);
+  }
+
   // Each lane's float rounded to nearest-even bfloat16 bits in its low 16 bits (NaN: 0xFFFF),
   // as at::vec's cvtfp32_bf16.
   static inline __m256i bf16_bits(__m256 x) {
@@ -213,8 +253,13 @@ struct WinIO {
 };
 
 template <typename T, bool kFull, int G>
-inline void swap_halves(Vecs<acc_t<T>, G>& v) {
-  for (int i = 0; i < G; ++i) WinIO<T, kFull>::swap_halves(v[2 * i], v[2 * i + 1]);
+inline void to_memory(Vecs<acc_t<T>, G>& v) {
+  for (int i = 0; i < G; ++i) WinIO<T, kFull>::to_memory(v[2 * i], v[2 * i + 1]);
+}
+
+template <typename T, bool kFull, int G>
+inline void to_lanes(Vecs<acc_t<T>, G>& v) {
+  for (int i = 0; i < G; ++i) WinIO<T, kFull>::to_lanes(v[2 * i], v[2 * i + 1]);
 }
 
 template <bool kFull, int G, typename T, int64_t kStep>
@@ -378,11 +423,11 @@ void fwd_group_stats(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
       rs[i] = one / (V::blendv(var, zero, var < zero) + ve).sqrt();  // var < 0 ? 0 : var
     }
     auto m = mu;
-    swap_halves<T, kFull, G>(m);
+    to_memory<T, kFull, G>(m);
     store_group<kFull, G>(a.mean + tl.stats(t), win, gr, m);
   }
   auto r = rs;
-  swap_halves<T, kFull, G>(r);
+  to_memory<T, kFull, G>(r);
   store_group<kFull, G>(a.rstd + tl.stats(t), win, gr, r);
 }
 
@@ -416,7 +461,11 @@ void fwd_tile(const FwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
 
 template <typename T, bool kLayer>
 void fwd_units(const FwdArgs<T>& a, int64_t M, int64_t C, int64_t S) {
+#if defined(CPU_CAPABILITY_AVX2)
   constexpr int G = WinIO<T, true>::kPermuted ? 2 : kFwdGroup;
+#else
+  constexpr int G = kFwdGroup;  // AVX-512 (32 registers): 4 ran 5-10% faster than 2 in L2
+#endif
   const Tiles tl(M, C, S, G * RowIO<T>::kStep, sizeof(T));
   const OutputPrefault pf(a.y, M / S, C * S * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, tl.count, row_grain(C * tl.width), [&](int64_t b, int64_t e) {
@@ -463,10 +512,10 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
     auto load = [&](const auto* ptr) { return load_group<kFull, Gs>(ptr, win, gr); };
     // Padded lanes (S < kStep) load mean = rstd = 0 and dy = 0: every sum stays 0 there.
     Vecs<A, Gs> mu{}, rs = load(a.rstd + tl.stats(t)), c1{}, c2;
-    swap_halves<T, kFull, Gs>(rs);  // to the lane order of T's windows (WinIO)
+    to_lanes<T, kFull, Gs>(rs);  // to the lane order of T's windows (WinIO)
     if constexpr (kLayer) {
       mu = load(a.mean + tl.stats(t));
-      swap_halves<T, kFull, Gs>(mu);
+      to_lanes<T, kFull, Gs>(mu);
       const auto s = blocked_row_sum<2 * K, V>(tl.C, 1, [&](int64_t j, int64_t, auto& acc) {
         auto g = load(dy + j * tl.S);
         const auto v = load(x + j * tl.S);
@@ -529,8 +578,8 @@ void bwd_tile(const BwdArgs<T>& a, const Tiles& tl, const Tiles::Unit& t,
         // In memory order: a channel's sums add its positions in the same order whatever
         // the lane order of the loads (so the same bits).
         auto gm = g, xh = v;
-        swap_halves<T, kFull, Gs>(gm);
-        swap_halves<T, kFull, Gs>(xh);
+        to_memory<T, kFull, Gs>(gm);
+        to_memory<T, kFull, Gs>(xh);
         if (masked) zero_dup<A, Gs>(gm, gr);
         if (dwp) {
           V s = gm[0] * xh[0];
