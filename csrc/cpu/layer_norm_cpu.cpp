@@ -196,7 +196,7 @@ void ln_fwd(const LnFwdParams& p, const Launch& l) {
     using A = acc_t<T>;
     EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, 0.0);
     EffectiveParam<A> bp(static_cast<const W*>(p.bias), p.N, 0.0);
-    with_keep<T>(p.N, [&](auto keep) {
+    with_keep<T>(p.N, 2, [&](auto keep) {  // the variance and the output pass
       ln_fwd_rows<T, decltype(keep)::value>(static_cast<const T*>(p.x), static_cast<T*>(p.y),
                                             static_cast<A*>(p.mean), static_cast<A*>(p.rstd),
                                             wp.get(), bp.get(), p.M, p.N, p.eps);

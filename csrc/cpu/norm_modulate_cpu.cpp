@@ -486,7 +486,8 @@ void norm_modulate_fwd(const NormModulateParams& p, const Launch&) {
       a.S = p.S;
       a.eps = p.eps;
       dispatch_kind(p.kind, [&](auto ln) {
-        with_keep<T>(p.N, [&](auto keep) {
+        // LayerNorm rereads a row for its variance and its output, RMSNorm for its output.
+        with_keep<T>(p.N, decltype(ln)::value ? 2 : 1, [&](auto keep) {
           mod_fwd<decltype(ln)::value, decltype(keep)::value>(a, p.M);
         });
       });

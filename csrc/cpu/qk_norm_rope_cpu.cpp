@@ -11,7 +11,7 @@
 //  - takes a position's rows in groups (row_group_stats.h's rows_rstd, as rms_norm's short
 //    rows): the rstd of every row of the group first, their reduction -> sqrt -> divide
 //    chains finished together, keeping each row converted to A for its output pass, which
-//    then converts nothing but its stores.
+//    then converts nothing but its stores (where with_keep keeps rows: row_stats.h).
 // So rstd is rms_norm's bit for bit (tests/test_qk_norm_rope.py checks this). The backward converts
 // cos/sin once per position too (Tables) and keeps du and vhat between its two passes.
 //
@@ -198,11 +198,13 @@ class FwdTables {
   std::vector<A> buf_;
 };
 
-// One output row from its values in A (xa), rstd r and the position's tables.
-template <bool IL, typename T, typename A>
-inline void fwd_row(const A* xa, const A* tc, const A* ts, A r, T* y, int64_t D) {
+// One output row from its values xa (in A where the row is kept, else the row itself), rstd r
+// and the position's tables.
+template <bool IL, typename X, typename T, typename A>
+inline void fwd_row(const X* xa, const A* tc, const A* ts, A r, T* y, int64_t D) {
   using IO = RowIO<T>;
   using AIO = RowIO<A>;
+  using XIO = RowIO<X>;
   using V = Vectorized<A>;
   constexpr int64_t S = IO::kStep;
   const V vr(r);
@@ -210,8 +212,8 @@ inline void fwd_row(const A* xa, const A* tc, const A* ts, A r, T* y, int64_t D)
     const int64_t h = D / 2;
     auto step = [&](int64_t j, int64_t n) {
       V a0, a1, b0, b1, c0, c1, s0, s1;
-      AIO::load_n(xa + j, n, a0, a1);
-      AIO::load_n(xa + h + j, n, b0, b1);
+      XIO::load_n(xa + j, n, a0, a1);
+      XIO::load_n(xa + h + j, n, b0, b1);
       a0 = a0 * vr;
       a1 = a1 * vr;
       b0 = b0 * vr;
@@ -229,7 +231,7 @@ inline void fwd_row(const A* xa, const A* tc, const A* ts, A r, T* y, int64_t D)
   } else {
     auto step = [&](int64_t j, int64_t n) {
       V a0, a1, c0, c1, s0, s1;
-      AIO::load_n(xa + j, n, a0, a1);
+      XIO::load_n(xa + j, n, a0, a1);
       a0 = a0 * vr;
       a1 = a1 * vr;
       AIO::load_n(tc + j, n, c0, c1);
@@ -255,10 +257,10 @@ struct FwdSide {
 };
 
 
-template <typename T, typename C, bool IL>
+// kKeep: bfloat16 / float16 rows converted to fp32 once (with_keep, row_stats.h).
+template <typename T, typename C, bool IL, bool kKeep>
 void fwd(const QkNormRopeFwdParams& p, const FwdSide<T>& q, const FwdSide<T>& k) {
   using A = acc_t<T>;
-  constexpr bool kKeep = !std::is_same_v<T, A>;  // fp32 / fp64 rows are read in place
   const int64_t D = p.D;
   const C* cos = static_cast<const C*>(p.cos);
   const C* sin = static_cast<const C*>(p.sin);
@@ -507,7 +509,10 @@ void qk_norm_rope_fwd(const QkNormRopeFwdParams& p, const Launch&) {
                            static_cast<A*>(p.k_rstd), p.Hk};
         if (p.P == 0 || p.D == 0) return;
         dispatch_interleaved(p.interleaved, [&](auto il) {
-          fwd<T, C, decltype(il)::value>(p, q, k);
+          // The output pass reads each element twice (as itself and as its partner).
+          with_keep<T>(p.D, 2, [&](auto keep) {
+            fwd<T, C, decltype(il)::value, decltype(keep)::value>(p, q, k);
+          });
         });
       });
     });

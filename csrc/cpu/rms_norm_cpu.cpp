@@ -224,7 +224,7 @@ void rms_fwd(const RmsFwdParams& p, const Launch& l) {
     using W = typename decltype(w_tag)::type;
     using A = acc_t<T>;
     EffectiveParam<A> wp(static_cast<const W*>(p.weight), p.N, p.offset);
-    with_keep<T>(p.N, [&](auto keep) {
+    with_keep<T>(p.N, 1, [&](auto keep) {  // the output pass
       rms_fwd_rows<T, decltype(keep)::value>(static_cast<const T*>(p.x), static_cast<T*>(p.y),
                                              static_cast<A*>(p.rstd), wp.get(), p.M, p.N, p.eps);
     });
