@@ -65,11 +65,14 @@ def snapshot() -> Optional[Tuple[int, int, int]]:
 
 def others_share(before, after) -> Optional[float]:
     """The share of our CPUs' time that other processes (and hypervisor steal) used between
-    two snapshots: 0.5 = half of the cores."""
+    two snapshots: 0.5 = half of the cores. The CPUs' counters and this process's own times
+    are ticks (1/100 s) sampled apart, so over a short window they can disagree by a tick per
+    CPU: that much is not counted as another process's (a 20 ms case on 2 cores spans ~4
+    ticks, and one stray tick read as 25% busy on an idle machine)."""
     if before is None or after is None or after[1] - before[1] <= 0:
         return None
     busy, total, own = (a - b for a, b in zip(after, before))
-    return min(1.0, max(0.0, (busy - own) / total))
+    return min(1.0, max(0.0, (busy - own - len(_cpus())) / total))
 
 
 def quantized(samples: Sequence[float], inner: int = 1, expected_s: float = 0.0,
