@@ -209,19 +209,12 @@ struct RowNorm {
       a = a - mean;
       c = c - mean;
     }
-    a = a * rstd;
-    c = c * rstd;
-    V wa, wb;
-    if (w) {
-      RowIO<float>::load_n(w + j, n, wa, wb);
-      a = a * wa;
-      c = c * wb;
-    }
-    if (b) {
-      RowIO<float>::load_n(b + j, n, wa, wb);
-      a = a + wa;
-      c = c + wb;
-    }
+    // The unquantized kernels' output rounding (affine_out: `* w + b` as one explicit FMA).
+    V wa(1.0f), wb(1.0f), ba(0.0f), bb(0.0f);
+    if (w) RowIO<float>::load_n(w + j, n, wa, wb);
+    if (b) RowIO<float>::load_n(b + j, n, ba, bb);
+    a = affine_out(a, rstd, w != nullptr, wa, b != nullptr, ba);
+    c = affine_out(c, rstd, w != nullptr, wb, b != nullptr, bb);
   }
 };
 
