@@ -111,6 +111,7 @@ struct Windows {
   // A lane's arithmetic does not depend on its group's size, so neither do its results.
   template <int G, typename F>
   void for_each_group(F&& f) const {
+    static_assert(G > 0 && (G & (G - 1)) == 0, "the remainder's groups are G's binary digits");
     const int64_t np = count / G + __builtin_popcountll(static_cast<uint64_t>(count % G));
     int64_t k = 0, p = 0;
     for (; k + G <= count; k += G) f(std::integral_constant<int, G>{}, group_at<G>(k), p++, np);

@@ -24,9 +24,6 @@
 
 namespace rmsnorm_ext::cpu {
 
-// Rows up to kGroupMaxN (row_stats.h) are grouped (longer rows are bandwidth-bound already and
-// their chain is a small part of their time).
-
 // Four accumulator vectors with named members: std::array<V, 4> (blocked_row_sum's) is
 // zeroed with memset and kept on the stack by GCC, where these stay in registers.
 template <typename V>

@@ -67,7 +67,9 @@ inline constexpr bool kKeepRowAsFloat = !std::is_same_v<T, acc_t<T>>;
 // floats), and a row this long no longer sits in L1/L2 between passes anyway.
 inline constexpr int64_t kKeepMaxN = 65536;
 
-// Rows up to this long are short: their statistics are taken in groups (row_group_stats.h).
+// Rows up to this long are short: their statistics are taken in groups (row_group_stats.h);
+// longer rows are bandwidth-bound already and their reduction chain is a small part of their
+// time.
 inline constexpr int64_t kGroupMaxN = 1024;
 
 // Whether a kernel that reads a row of N elements of T `rereads` more times after its first
